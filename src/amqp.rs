@@ -1,0 +1,157 @@
+//! RabbitMQ: connecting, the topology of CONTRACT section 1, and confirmed publishing.
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::{AmqpSettings, QueueType};
+use crate::error::{Error, Result};
+
+/// Routing key of heartbeats.
+pub const HEARTBEAT_ROUTING_KEY: &str = "agent.heartbeat";
+/// Binding keys of the command queue.
+pub const COMMAND_BINDINGS: [&str; 4] = ["session.#", "connection.#", "instruction.#", "stats.#"];
+/// Header naming why a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-acm-error";
+
+/// The names derived from `amqp.prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Topic exchange for commands and heartbeats.
+    pub command_exchange: String,
+    /// Topic exchange for events.
+    pub event_exchange: String,
+    /// Durable queue of heartbeats.
+    pub heartbeat_queue: String,
+    /// Durable (quorum by default) queue of commands.
+    pub command_queue: String,
+    /// Fanout exchange and durable queue of poison messages.
+    pub dead_letter: String,
+}
+
+impl Topology {
+    /// Names for a prefix.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            command_exchange: format!("{prefix}.commands"),
+            event_exchange: format!("{prefix}.events"),
+            heartbeat_queue: format!("{prefix}.heartbeats"),
+            command_queue: format!("{prefix}.commands"),
+            dead_letter: format!("{prefix}.dead-letter"),
+        }
+    }
+
+    /// Declares every exchange, queue and binding; idempotent, so a fresh broker needs no setup.
+    pub async fn declare(&self, ch: &Channel, settings: &AmqpSettings) -> Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.command_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.event_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.dead_letter.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await?;
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare(self.dead_letter.as_str().into(), durable_q, FieldTable::default()).await?;
+        ch.queue_bind(
+            self.dead_letter.as_str().into(),
+            self.dead_letter.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        let mut hb_args = FieldTable::default();
+        hb_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
+        ch.queue_declare(self.heartbeat_queue.as_str().into(), durable_q, hb_args).await?;
+        ch.queue_bind(
+            self.heartbeat_queue.as_str().into(),
+            self.command_exchange.as_str().into(),
+            HEARTBEAT_ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        let mut cmd_args = FieldTable::default();
+        cmd_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
+        if settings.command_queue_type == QueueType::Quorum {
+            cmd_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.command_delivery_limit as i64));
+        }
+        ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
+        for key in COMMAND_BINDINGS {
+            ch.queue_bind(
+                self.command_queue.as_str().into(),
+                self.command_exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every exchange and queue (tests and teardown).
+    pub async fn delete(&self, ch: &Channel) -> Result<()> {
+        for q in [&self.heartbeat_queue, &self.command_queue, &self.dead_letter] {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        for x in [&self.command_exchange, &self.event_exchange, &self.dead_letter] {
+            ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Messages ready in the heartbeat queue (how far behind the worker is).
+    pub async fn heartbeat_backlog(&self, ch: &Channel) -> Result<u64> {
+        let q = ch
+            .queue_declare(
+                self.heartbeat_queue.as_str().into(),
+                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(u64::from(q.message_count()))
+    }
+}
+
+/// Connects to the broker (`amqp://` or `amqps://`), naming the connection for the management UI.
+pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Opens a channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Publishes and waits for the broker's confirm; a nack is an error.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<()> {
+    let confirm = ch
+        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+        .await?
+        .await?;
+    if confirm.is_nack() {
+        return Err(Error::Nack(format!("{exchange}/{routing_key}")));
+    }
+    Ok(())
+}
+
+/// Properties of a persistent JSON message.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}

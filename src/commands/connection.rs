@@ -1,0 +1,159 @@
+//! `connection.open` and `connection.close`.
+
+use deadpool_postgres::Transaction;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{touch_session, Context, Outcome};
+use crate::db;
+use crate::domain::{CloseReason, Ident};
+use crate::error::{CommandError, Result};
+use crate::events::{write_outbox, EventBody};
+
+/// `connection.open`: a new active connection in an agent's session.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Open {
+    /// Owner; must own the session.
+    pub agent_id: Ident,
+    /// The session; must not be ended.
+    pub session_id: Ident,
+    /// Client-chosen id (idempotency key); a UUID is generated when absent.
+    #[serde(default)]
+    pub connection_id: Option<Ident>,
+    /// Defaults to `amqp`.
+    #[serde(default)]
+    pub connection_type: Option<Ident>,
+    /// Any JSON.
+    #[serde(default)]
+    pub client_info: Option<Value>,
+}
+
+/// `connection.close`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Close {
+    /// The connection to close.
+    pub connection_id: Ident,
+    /// Defaults to `client_disconnect`.
+    #[serde(default)]
+    pub reason: Option<CloseReason>,
+}
+
+/// Locks the session for an agent's change, refusing unknown, foreign and (if `reject_ended`) ended sessions.
+pub(crate) async fn lock_agent_session(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    agent_id: &str,
+    reject_ended: bool,
+) -> Result<std::result::Result<String, CommandError>> {
+    let Some(row) = tx
+        .query_opt(
+            "SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE",
+            &[&session_id],
+        )
+        .await?
+    else {
+        return Ok(Err(CommandError::NotFound(format!("no session {session_id}"))));
+    };
+    let owner: String = row.get(0);
+    let status: String = row.get(1);
+    if owner != agent_id {
+        return Ok(Err(CommandError::Forbidden(format!("session {session_id} belongs to another agent"))));
+    }
+    if reject_ended && status == "ended" {
+        return Ok(Err(CommandError::Conflict(format!("session {session_id} has ended"))));
+    }
+    Ok(Ok(status))
+}
+
+/// Opens the connection; the same id again in the same session is the same connection.
+pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
+    let sid = cmd.session_id.as_str();
+    let aid = cmd.agent_id.as_str();
+    if let Err(e) = lock_agent_session(tx, sid, aid, true).await? {
+        return Ok(Err(e));
+    }
+    let cid = cmd.connection_id.as_ref().map(|c| c.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
+    let ctype = cmd.connection_type.as_ref().map(|t| t.as_str()).unwrap_or("amqp");
+    let inserted = tx
+        .execute(
+            "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
+             created_at, last_heartbeat_at) VALUES ($1, $2, $3, $4, $5, now(), now()) \
+             ON CONFLICT (connection_id) DO NOTHING",
+            &[&cid, &sid, &aid, &ctype, &cmd.client_info],
+        )
+        .await?;
+    if inserted == 0 {
+        let row = tx
+            .query_one(
+                "SELECT session_id, agent_id, status::text FROM agent_connection WHERE connection_id = $1",
+                &[&cid],
+            )
+            .await?;
+        let same = row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid;
+        if same && row.get::<_, String>(2) == "active" {
+            return Ok(Ok(json!({ "connection_id": cid })));
+        }
+        return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
+    }
+    touch_session(tx, sid).await?;
+    let now = db::now(tx).await?;
+    write_outbox(
+        tx,
+        now,
+        vec![EventBody::ConnectionOpened {
+            connection_id: cid.clone(),
+            session_id: sid.to_string(),
+            agent_id: aid.to_string(),
+            connection_type: ctype.to_string(),
+            restored: false,
+        }],
+    )
+    .await?;
+    tracing::info!(connection_id = %cid, session_id = sid, agent_id = aid, "connection opened");
+    Ok(Ok(json!({ "connection_id": cid })))
+}
+
+/// Closes the connection: `{closed: false}` when there is no such connection; closing a closed one changes nothing.
+pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Result<Outcome> {
+    let cid = cmd.connection_id.as_str();
+    let Some(row) =
+        tx.query_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
+    else {
+        return Ok(Ok(json!({ "closed": false })));
+    };
+    let sid: String = row.get(0);
+    let aid: String = row.get(1);
+    if let Some(user) = ctx.required_user {
+        if user != aid {
+            return Ok(Err(CommandError::Unauthorized(format!("user_id does not own connection {cid}"))));
+        }
+    }
+    // Lock order everywhere: session, then its connections.
+    tx.query_opt("SELECT 1 FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&sid]).await?;
+    let reason = cmd.reason.unwrap_or_default().as_str();
+    let closed = tx
+        .execute(
+            "UPDATE agent_connection SET status = 'closed', close_reason = $2::text::close_reason, closed_at = now() \
+             WHERE connection_id = $1 AND status = 'active'",
+            &[&cid, &reason],
+        )
+        .await?;
+    touch_session(tx, &sid).await?;
+    if closed == 1 {
+        let now = db::now(tx).await?;
+        write_outbox(
+            tx,
+            now,
+            vec![EventBody::ConnectionClosed {
+                connection_id: cid.to_string(),
+                session_id: sid.clone(),
+                agent_id: aid.clone(),
+                reason: reason.to_string(),
+            }],
+        )
+        .await?;
+        tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason, "connection closed");
+    }
+    Ok(Ok(json!({ "closed": true })))
+}

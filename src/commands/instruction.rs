@@ -1,0 +1,273 @@
+//! `instruction.create`, `instruction.sent` and `instruction.ack`.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::connection::lock_agent_session;
+use super::{touch_session, Context, Outcome};
+use crate::domain::{double_option, AckStatus, Ident, Priority, Text, Timestamp};
+use crate::error::{CommandError, Result};
+use crate::events::{write_outbox, EventBody};
+
+/// Longest accepted `ttl_seconds`: ten years.
+pub const MAX_TTL_SECONDS: f64 = 315_360_000.0;
+/// Largest accepted `max_retries`.
+pub const MAX_RETRIES: u32 = 1000;
+
+/// `instruction.create`: a new `pending` instruction.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Create {
+    /// The session; must not be ended.
+    pub session_id: Ident,
+    /// Must own the session.
+    pub agent_id: Ident,
+    /// What the agent is asked to do.
+    pub instruction_type: Ident,
+    /// Any JSON (required, may be null).
+    pub payload: Value,
+    /// Client-chosen id (idempotency key); generated when absent.
+    #[serde(default)]
+    pub instruction_id: Option<Uuid>,
+    /// Caller's ordering.
+    #[serde(default)]
+    pub sequence_number: Option<i64>,
+    /// Defaults to `normal`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// Absent: use `ttl_seconds` or the default TTL; `null`: never expires.
+    #[serde(default, deserialize_with = "double_option")]
+    pub expires_at: Option<Option<Timestamp>>,
+    /// Deadline relative to now (database clock).
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// Defaults to `instructions.default_max_retries`.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Any JSON.
+    #[serde(default)]
+    pub instruction_metadata: Option<Value>,
+}
+
+impl Create {
+    /// Checks what the field types alone do not.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.expires_at.is_some() && self.ttl_seconds.is_some() {
+            return Err("field `ttl_seconds`: give either expires_at or ttl_seconds, not both".into());
+        }
+        if let Some(t) = self.ttl_seconds {
+            if !(t > 0.0 && t <= MAX_TTL_SECONDS) {
+                return Err(format!("field `ttl_seconds`: must be greater than 0 and at most {MAX_TTL_SECONDS}"));
+            }
+        }
+        if self.max_retries.is_some_and(|m| m > MAX_RETRIES) {
+            return Err(format!("field `max_retries`: must be at most {MAX_RETRIES}"));
+        }
+        Ok(())
+    }
+}
+
+/// `instruction.sent`: the backend delivered a pending instruction.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Sent {
+    /// The instruction.
+    pub instruction_id: Uuid,
+    /// Over which connection.
+    #[serde(default)]
+    pub connection_id: Option<Ident>,
+}
+
+/// `instruction.ack`: the agent acknowledges an instruction.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Ack {
+    /// The instruction.
+    pub instruction_id: Uuid,
+    /// Must own the instruction.
+    pub agent_id: Ident,
+    /// The instruction's session.
+    pub session_id: Ident,
+    /// What the agent did with it.
+    pub status: AckStatus,
+    /// Any JSON.
+    #[serde(default)]
+    pub result: Option<Value>,
+    /// Free text.
+    #[serde(default)]
+    pub error_message: Option<Text>,
+    /// Non-negative.
+    #[serde(default)]
+    pub processing_time_ms: Option<u32>,
+    /// When the agent processed it.
+    #[serde(default)]
+    pub processed_at: Option<Timestamp>,
+}
+
+/// Creates the instruction; the same id again for the same session and agent is the same instruction.
+pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Result<Outcome> {
+    let sid = cmd.session_id.as_str();
+    let aid = cmd.agent_id.as_str();
+    if let Err(e) = lock_agent_session(tx, sid, aid, true).await? {
+        return Ok(Err(e));
+    }
+    let id = cmd.instruction_id.unwrap_or_else(Uuid::new_v4);
+    let (absolute, ttl): (Option<DateTime<Utc>>, Option<f64>) = match (&cmd.expires_at, cmd.ttl_seconds) {
+        (Some(Some(t)), _) => (Some(t.0), None),
+        (Some(None), _) => (None, None),
+        (None, Some(ttl)) => (None, Some(ttl)),
+        (None, None) => (None, Some(ctx.settings.instructions.default_ttl_secs as f64)),
+    };
+    let priority = cmd.priority.unwrap_or_default();
+    let max_retries = cmd.max_retries.unwrap_or(ctx.settings.instructions.default_max_retries) as i32;
+    let row = tx
+        .query_opt(
+            "INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, \
+             sequence_number, priority, expires_at, max_retries, instruction_metadata, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::instruction_priority, \
+             coalesce($8, now() + $9::float8 * interval '1 second'), $10, $11, now()) \
+             ON CONFLICT (instruction_id) DO NOTHING RETURNING expires_at, now()",
+            &[
+                &id,
+                &sid,
+                &aid,
+                &cmd.instruction_type.as_str(),
+                &cmd.payload,
+                &cmd.sequence_number,
+                &priority.as_str(),
+                &absolute,
+                &ttl,
+                &max_retries,
+                &cmd.instruction_metadata,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        let row = tx
+            .query_one(
+                "SELECT session_id, agent_id, expires_at FROM agent_instruction WHERE instruction_id = $1",
+                &[&id],
+            )
+            .await?;
+        if row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid {
+            let expires_at: Option<DateTime<Utc>> = row.get(2);
+            return Ok(Ok(json!({ "instruction_id": id, "expires_at": expires_at })));
+        }
+        return Ok(Err(CommandError::Conflict(format!("instruction {id} already exists in another session"))));
+    };
+    let expires_at: Option<DateTime<Utc>> = row.get(0);
+    let now: DateTime<Utc> = row.get(1);
+    write_outbox(
+        tx,
+        now,
+        vec![EventBody::InstructionCreated {
+            instruction_id: id,
+            session_id: sid.to_string(),
+            agent_id: aid.to_string(),
+            instruction_type: cmd.instruction_type.to_string(),
+            payload: cmd.payload.clone(),
+            sequence_number: cmd.sequence_number,
+            priority: priority.as_str().to_string(),
+            expires_at,
+            max_retries,
+            instruction_metadata: cmd.instruction_metadata.clone(),
+        }],
+    )
+    .await?;
+    tracing::info!(instruction_id = %id, session_id = sid, agent_id = aid, "instruction created");
+    Ok(Ok(json!({ "instruction_id": id, "expires_at": expires_at })))
+}
+
+/// Marks a pending instruction sent; any other state is reported unchanged.
+pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
+    let cid = cmd.connection_id.as_ref().map(|c| c.as_str());
+    let updated = tx
+        .execute(
+            "UPDATE agent_instruction SET status = 'sent', sent_at = now(), connection_id = coalesce($2, connection_id) \
+             WHERE instruction_id = $1 AND status = 'pending'",
+            &[&cmd.instruction_id, &cid],
+        )
+        .await?;
+    if updated == 1 {
+        tracing::info!(instruction_id = %cmd.instruction_id, "instruction sent");
+        return Ok(Ok(json!({ "status": "sent" })));
+    }
+    match tx
+        .query_opt("SELECT status::text FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id])
+        .await?
+    {
+        Some(row) => Ok(Ok(json!({ "status": row.get::<_, String>(0) }))),
+        None => Ok(Err(CommandError::NotFound(format!("no instruction {}", cmd.instruction_id)))),
+    }
+}
+
+/// Records the acknowledgement; an open instruction becomes `acknowledged`, a late ack changes nothing else.
+pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
+    let sid = cmd.session_id.as_str();
+    let aid = cmd.agent_id.as_str();
+    if let Err(e) = lock_agent_session(tx, sid, aid, false).await? {
+        return Ok(Err(e));
+    }
+    let Some(row) = tx
+        .query_opt(
+            "SELECT session_id, agent_id, status::text FROM agent_instruction WHERE instruction_id = $1 FOR UPDATE",
+            &[&cmd.instruction_id],
+        )
+        .await?
+    else {
+        return Ok(Err(CommandError::NotFound(format!("no instruction {}", cmd.instruction_id))));
+    };
+    if row.get::<_, String>(0) != sid || row.get::<_, String>(1) != aid {
+        return Ok(Err(CommandError::Forbidden(format!(
+            "instruction {} belongs to another agent or session",
+            cmd.instruction_id
+        ))));
+    }
+    let mut status: String = row.get(2);
+    let accepted = status == "pending" || status == "sent";
+    if accepted {
+        let row = tx
+            .query_one(
+                "UPDATE agent_instruction SET status = 'acknowledged', acknowledged_at = now(), \
+                 ack_status = $2::text::ack_status WHERE instruction_id = $1 RETURNING acknowledged_at",
+                &[&cmd.instruction_id, &cmd.status.as_str()],
+            )
+            .await?;
+        let acknowledged_at: DateTime<Utc> = row.get(0);
+        status = "acknowledged".into();
+        write_outbox(
+            tx,
+            acknowledged_at,
+            vec![EventBody::InstructionAcknowledged {
+                instruction_id: cmd.instruction_id,
+                session_id: sid.to_string(),
+                agent_id: aid.to_string(),
+                ack_status: cmd.status.as_str().to_string(),
+                acknowledged_at,
+            }],
+        )
+        .await?;
+        tracing::info!(instruction_id = %cmd.instruction_id, session_id = sid, agent_id = aid, ack_status = cmd.status.as_str(), "instruction acknowledged");
+    } else {
+        tracing::info!(instruction_id = %cmd.instruction_id, agent_id = aid, status = %status, "late acknowledgement recorded, nothing changed");
+    }
+    tx.execute(
+        "INSERT INTO agent_instruction_acknowledgement (instruction_id, agent_id, session_id, status, result, \
+         error_message, processing_time_ms, processed_at, accepted, acknowledged_at) \
+         VALUES ($1, $2, $3, $4::text::ack_status, $5, $6, $7, $8, $9, now())",
+        &[
+            &cmd.instruction_id,
+            &aid,
+            &sid,
+            &cmd.status.as_str(),
+            &cmd.result,
+            &cmd.error_message.as_ref().map(|t| t.as_str()),
+            &cmd.processing_time_ms.map(i64::from),
+            &cmd.processed_at.map(|t| t.0),
+            &accepted,
+        ],
+    )
+    .await?;
+    touch_session(tx, sid).await?;
+    Ok(Ok(json!({ "status": status, "accepted": accepted })))
+}

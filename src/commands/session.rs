@@ -1,0 +1,150 @@
+//! `session.create` and `session.close`.
+
+use deadpool_postgres::Transaction;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::Outcome;
+use crate::db;
+use crate::domain::{Ident, Text};
+use crate::error::{CommandError, Result};
+use crate::events::{write_outbox, EventBody};
+
+/// `session.create`: a new active session.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Create {
+    /// Owner.
+    pub agent_id: Ident,
+    /// Client-chosen id (idempotency key); a UUID is generated when absent.
+    #[serde(default)]
+    pub session_id: Option<Ident>,
+    /// Associated acquisition.
+    #[serde(default)]
+    pub acquisition_uuid: Option<Text>,
+    /// Defaults to `Session-YYYYmmdd-HHMMSS` (UTC).
+    #[serde(default)]
+    pub name: Option<Text>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<Text>,
+    /// Any JSON object.
+    #[serde(default)]
+    pub experimental_parameters: Option<Map<String, Value>>,
+}
+
+/// `session.close`: end a session, close its connections, cancel its open instructions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Close {
+    /// The session to end.
+    pub session_id: Ident,
+}
+
+/// Creates the session; an existing id of the same agent is the same session (no second event).
+pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
+    let now = db::now(tx).await?;
+    let session_id = cmd.session_id.as_ref().map(|s| s.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
+    let name = match &cmd.name {
+        Some(n) => n.as_str().to_string(),
+        None => format!("Session-{}", now.format("%Y%m%d-%H%M%S")),
+    };
+    let acquisition = cmd.acquisition_uuid.as_ref().map(|t| t.as_str());
+    let description = cmd.description.as_ref().map(|t| t.as_str());
+    let params = cmd.experimental_parameters.clone().map(Value::Object);
+    let inserted = tx
+        .execute(
+            "INSERT INTO agent_session (session_id, agent_id, acquisition_uuid, name, description, \
+             experimental_parameters, created_at, last_activity_at) VALUES ($1, $2, $3, $4, $5, $6, now(), now()) \
+             ON CONFLICT (session_id) DO NOTHING",
+            &[&session_id, &cmd.agent_id.as_str(), &acquisition, &name, &description, &params],
+        )
+        .await?;
+    if inserted == 0 {
+        let row = tx.query_one("SELECT agent_id FROM agent_session WHERE session_id = $1", &[&session_id]).await?;
+        let owner: String = row.get(0);
+        if owner != cmd.agent_id.as_str() {
+            return Ok(Err(CommandError::Conflict(format!("session {session_id} exists for another agent"))));
+        }
+        return Ok(Ok(json!({ "session_id": session_id })));
+    }
+    write_outbox(
+        tx,
+        now,
+        vec![EventBody::SessionCreated {
+            session_id: session_id.clone(),
+            agent_id: cmd.agent_id.to_string(),
+            acquisition_uuid: acquisition.map(str::to_string),
+            name,
+        }],
+    )
+    .await?;
+    tracing::info!(session_id = %session_id, agent_id = %cmd.agent_id, "session created");
+    Ok(Ok(json!({ "session_id": session_id })))
+}
+
+/// Ends the session: `{closed: false}` when there is no such session, `{closed: true}` otherwise (again: no change).
+pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
+    let sid = cmd.session_id.as_str();
+    let Some(row) = tx
+        .query_opt("SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid])
+        .await?
+    else {
+        return Ok(Ok(json!({ "closed": false })));
+    };
+    let agent_id: String = row.get(0);
+    let status: String = row.get(1);
+    if status == "ended" {
+        return Ok(Ok(json!({ "closed": true })));
+    }
+    let now = db::now(tx).await?;
+    tx.execute("UPDATE agent_session SET status = 'ended', ended_at = now() WHERE session_id = $1", &[&sid]).await?;
+    let connections = tx
+        .query(
+            "UPDATE agent_connection SET status = 'closed', close_reason = 'session_closed', closed_at = now() \
+             WHERE session_id = $1 AND status = 'active' RETURNING connection_id, agent_id",
+            &[&sid],
+        )
+        .await?;
+    let instructions = tx
+        .query(
+            "UPDATE agent_instruction SET status = 'cancelled' \
+             WHERE session_id = $1 AND status IN ('pending', 'sent') RETURNING instruction_id, agent_id",
+            &[&sid],
+        )
+        .await?;
+    let mut events = Vec::with_capacity(connections.len() + instructions.len() + 1);
+    for c in &connections {
+        let connection_id: String = c.get(0);
+        tracing::info!(connection_id = %connection_id, session_id = sid, "connection closed: session_closed");
+        events.push(EventBody::ConnectionClosed {
+            connection_id,
+            session_id: sid.to_string(),
+            agent_id: c.get(1),
+            reason: "session_closed".into(),
+        });
+    }
+    for i in &instructions {
+        let instruction_id: Uuid = i.get(0);
+        tracing::info!(instruction_id = %instruction_id, session_id = sid, "instruction cancelled");
+        events.push(EventBody::InstructionCancelled {
+            instruction_id,
+            session_id: sid.to_string(),
+            agent_id: i.get(1),
+        });
+    }
+    events.push(EventBody::SessionClosed {
+        session_id: sid.to_string(),
+        agent_id: agent_id.clone(),
+        closed_connections: connections.len() as i64,
+        cancelled_instructions: instructions.len() as i64,
+    });
+    write_outbox(tx, now, events).await?;
+    tracing::info!(
+        session_id = sid,
+        agent_id = %agent_id,
+        closed_connections = connections.len(),
+        cancelled_instructions = instructions.len(),
+        "session ended"
+    );
+    Ok(Ok(json!({ "closed": true })))
+}

@@ -1,0 +1,448 @@
+//! Configuration: typed settings, layered with figment, validated once at start.
+//!
+//! Layers, lowest first: the built-in defaults of [`Settings::default`], `config/default.toml` (when present in the
+//! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_*` environment variables (nesting with
+//! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
+//! [`Settings::to_redacted_toml`] and never logged.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Path of the documented defaults file, relative to the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+/// Environment variable that names an extra configuration file.
+pub const CONFIG_FILE_ENV: &str = "ACM_CONFIG";
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// All settings of the service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// PostgreSQL settings.
+    pub database: DatabaseSettings,
+    /// RabbitMQ settings.
+    pub amqp: AmqpSettings,
+    /// Sweeper thresholds and intervals.
+    pub sweeper: SweeperSettings,
+    /// Instruction defaults.
+    pub instructions: InstructionSettings,
+    /// Outbox relay and retention.
+    pub outbox: OutboxSettings,
+    /// Message processing bounds.
+    pub worker: WorkerSettings,
+    /// Health and metrics endpoint.
+    pub http: HttpSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Message authorisation.
+    pub security: SecuritySettings,
+}
+
+/// `database.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Connection URL (or libpq key=value string).
+    pub url: String,
+    /// Maximum pooled connections.
+    pub pool_size: usize,
+    /// How long a pool checkout, a connect or a recycle may wait.
+    pub checkout_timeout_secs: u64,
+}
+
+/// `amqp.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://` or `amqps://`.
+    pub url: String,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Prefetch per consumer.
+    pub prefetch: u16,
+    /// Type of the command queue.
+    pub command_queue_type: QueueType,
+    /// Largest accepted message body in bytes.
+    pub max_message_bytes: usize,
+    /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
+    pub command_delivery_limit: u32,
+}
+
+/// The type of a queue.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, with delivery limits.
+    Quorum,
+    /// A classic durable queue.
+    Classic,
+}
+
+/// `sweeper.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweeperSettings {
+    /// Seconds between cycles; the first runs at start.
+    pub check_interval_secs: u64,
+    /// A connection without a heartbeat for this long is stale.
+    pub connection_stale_after_secs: u64,
+    /// A session without agent activity for this long is inactive.
+    pub session_inactive_after_secs: u64,
+    /// A retried instruction's new deadline is now plus this.
+    pub instruction_retry_window_secs: u64,
+    /// The brake needs at least this many stale candidates.
+    pub stale_brake_min_connections: u64,
+    /// ... and at least this share of the active connections.
+    pub stale_brake_ratio: f64,
+    /// A heartbeat queue deeper than this means the worker is behind: hold.
+    pub max_heartbeat_backlog: u64,
+    /// Longest hold in a row; after it the verdict stands.
+    pub stale_brake_max_hold_secs: u64,
+    /// Rows changed per statement.
+    pub batch_size: i64,
+}
+
+/// `instructions.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstructionSettings {
+    /// Deadline of an instruction created without `expires_at` or `ttl_seconds`.
+    pub default_ttl_secs: u64,
+    /// Retries of an instruction created without `max_retries`.
+    pub default_max_retries: u32,
+}
+
+/// `outbox.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxSettings {
+    /// Events published per relay transaction.
+    pub batch_size: i64,
+    /// How often the relay looks for events when no notification arrives.
+    pub poll_interval_ms: u64,
+    /// Published events (and processed-message records) are deleted after this long.
+    pub retention_secs: u64,
+}
+
+/// `worker.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Heartbeat deliveries applied in one transaction at most.
+    pub heartbeat_batch_size: usize,
+    /// Commands applied concurrently (each lane keeps the order of one session's commands).
+    pub command_lanes: usize,
+}
+
+/// `http.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable.
+    pub listen: String,
+}
+
+/// `log.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `security.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Agent messages must carry a broker-validated `user_id` equal to their `agent_id`.
+    pub require_user_id: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/agent_connections".into(),
+            pool_size: 16,
+            checkout_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "agent".into(),
+            prefetch: 1000,
+            command_queue_type: QueueType::Quorum,
+            max_message_bytes: 1_048_576,
+            command_delivery_limit: 20,
+        }
+    }
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        Self {
+            check_interval_secs: 30,
+            connection_stale_after_secs: 120,
+            session_inactive_after_secs: 3600,
+            instruction_retry_window_secs: 300,
+            stale_brake_min_connections: 20,
+            stale_brake_ratio: 0.5,
+            max_heartbeat_backlog: 10_000,
+            stale_brake_max_hold_secs: 600,
+            batch_size: 1000,
+        }
+    }
+}
+
+impl Default for InstructionSettings {
+    fn default() -> Self {
+        Self { default_ttl_secs: 300, default_max_retries: 3 }
+    }
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self { batch_size: 500, poll_interval_ms: 1000, retention_secs: 86_400 }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self { heartbeat_batch_size: 1000, command_lanes: 8 }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9090".into() }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text }
+    }
+}
+
+impl Settings {
+    /// Loads the layered configuration: defaults, `config/default.toml`, `file` (or `ACM_CONFIG`), `ACM_*`.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut figment =
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::file(DEFAULT_CONFIG_FILE));
+        if let Some(file) = &file {
+            if !file.is_file() {
+                return Err(ConfigError(format!("config file {}: no such file", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(env_provider());
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates settings from any figment (tests build their own).
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| ConfigError(one_line(&e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value that its type alone does not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.database.url.parse::<tokio_postgres::Config>().is_err() {
+            return bad("database.url", "not a valid PostgreSQL URL or key=value string");
+        }
+        if self.database.pool_size == 0 {
+            return bad("database.pool_size", "must be at least 1");
+        }
+        if self.database.checkout_timeout_secs == 0 {
+            return bad("database.checkout_timeout_secs", "must be at least 1");
+        }
+        match url::Url::parse(&self.amqp.url) {
+            Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
+            _ => return bad("amqp.url", "must be an amqp:// or amqps:// URL"),
+        }
+        let prefix_ok = !self.amqp.prefix.is_empty()
+            && self.amqp.prefix.len() <= 200
+            && self.amqp.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !prefix_ok {
+            return bad("amqp.prefix", "must be 1-200 characters of letters, digits, '-', '_', '.', ':'");
+        }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch", "must be at least 1");
+        }
+        if self.amqp.max_message_bytes == 0 {
+            return bad("amqp.max_message_bytes", "must be at least 1");
+        }
+        if self.amqp.command_delivery_limit == 0 {
+            return bad("amqp.command_delivery_limit", "must be at least 1");
+        }
+        let s = &self.sweeper;
+        for (key, v) in [
+            ("sweeper.check_interval_secs", s.check_interval_secs),
+            ("sweeper.connection_stale_after_secs", s.connection_stale_after_secs),
+            ("sweeper.session_inactive_after_secs", s.session_inactive_after_secs),
+            ("sweeper.instruction_retry_window_secs", s.instruction_retry_window_secs),
+            ("instructions.default_ttl_secs", self.instructions.default_ttl_secs),
+            ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if !(s.stale_brake_ratio > 0.0 && s.stale_brake_ratio <= 1.0) {
+            return bad("sweeper.stale_brake_ratio", "must be greater than 0 and at most 1");
+        }
+        if s.batch_size < 1 {
+            return bad("sweeper.batch_size", "must be at least 1");
+        }
+        if self.outbox.batch_size < 1 {
+            return bad("outbox.batch_size", "must be at least 1");
+        }
+        if self.worker.heartbeat_batch_size == 0 {
+            return bad("worker.heartbeat_batch_size", "must be at least 1");
+        }
+        if self.worker.command_lanes == 0 {
+            return bad("worker.command_lanes", "must be at least 1");
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with passwords replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.database.url = redact_url(&copy.database.url);
+        copy.amqp.url = redact_url(&copy.amqp.url);
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// `sweeper.check_interval_secs` as a duration.
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_secs(self.sweeper.check_interval_secs)
+    }
+}
+
+/// `ACM_*` variables, nested with `__`, without `ACM_CONFIG` (which names a file, not a key).
+fn env_provider() -> Env {
+    Env::prefixed("ACM_").filter(|k| !k.as_str().eq_ignore_ascii_case("config")).split("__")
+}
+
+/// Formats a figment error as one line: key, problem, source.
+fn one_line(e: &figment::Error) -> String {
+    let mut parts = Vec::new();
+    for err in e.clone() {
+        let key = if err.path.is_empty() { "configuration".to_string() } else { err.path.join(".") };
+        let source = err
+            .metadata
+            .as_ref()
+            .map(|m| match &err.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                Some(src) => format!(" (from {} {src})", m.name),
+                None => format!(" (from {})", m.name),
+            })
+            .unwrap_or_default();
+        parts.push(format!("{key}: {}{source}", err.kind));
+    }
+    parts.join("; ").replace('\n', " ")
+}
+
+/// Replaces the password of a URL (or a libpq `password=` pair) with `***`.
+pub fn redact_url(raw: &str) -> String {
+    if let Ok(mut u) = url::Url::parse(raw) {
+        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
+            return u.to_string();
+        }
+        return raw.to_string();
+    }
+    // libpq key=value form.
+    raw.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(s: &str) -> Result<Settings, ConfigError> {
+        Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(s)))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_contract() {
+        let s = Settings::default();
+        s.validate().unwrap();
+        assert_eq!(s.database.pool_size, 16);
+        assert_eq!(s.amqp.prefix, "agent");
+        assert_eq!(s.amqp.prefetch, 1000);
+        assert_eq!(s.amqp.command_queue_type, QueueType::Quorum);
+        assert_eq!(s.sweeper.check_interval_secs, 30);
+        assert_eq!(s.sweeper.connection_stale_after_secs, 120);
+        assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
+        assert_eq!(s.http.listen, "127.0.0.1:9090");
+        assert_eq!(s.amqp.max_message_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn the_repo_defaults_file_equals_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+        let from_file: Settings = Figment::from(Toml::file(path)).extract().unwrap();
+        assert_eq!(from_file, Settings::default());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_on_one_line() {
+        let e = from_toml("[database]\npool_size = \"many\"").unwrap_err().to_string();
+        assert!(e.contains("database.pool_size"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = from_toml("[amqp]\ncommand_queue_type = \"stream\"").unwrap_err().to_string();
+        assert!(e.contains("amqp.command_queue_type"), "{e}");
+        let e = from_toml("[sweeper]\nstale_brake_ratio = 1.5").unwrap_err().to_string();
+        assert!(e.contains("sweeper.stale_brake_ratio"), "{e}");
+        let e = from_toml("[amqp]\nurl = \"http://x\"").unwrap_err().to_string();
+        assert!(e.contains("amqp.url"), "{e}");
+        let e = from_toml("[amqp]\nnope = 1").unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("host=h user=u password=secret"), "host=h user=u password=***");
+        let mut s = Settings::default();
+        s.database.url = "postgres://acm:hunter2@db/acm".into();
+        assert!(!s.to_redacted_toml().contains("hunter2"));
+        assert!(!s.to_redacted_toml().contains("guest:guest"));
+    }
+}

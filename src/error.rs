@@ -1,0 +1,111 @@
+//! Error types: [`Error`] for infrastructure failures (classified as transient or poison), [`CommandError`] for a
+//! command the service understood but refuses (it becomes an error reply, never a dead-letter).
+
+use crate::config::ConfigError;
+
+/// A failure while doing work: database, pool, broker, configuration or migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A statement or connection failed.
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// No pooled connection could be had in time, or one could not be made.
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The broker refused or lost the connection or channel.
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker negatively acknowledged a publish.
+    #[error("broker refused to confirm a publish to {0}")]
+    Nack(String),
+    /// A consumer or channel ended, or the broker refused an acknowledgement (the channel was reset).
+    #[error("broker connection lost: {0}")]
+    Disconnected(String),
+    /// No answer in time (client requests).
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Applying migrations failed.
+    #[error("migration: {0}")]
+    Migration(String),
+    /// A command refused with input the caller gave (library calls).
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The work was interrupted by shutdown.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Error {
+    /// Why the database rejected a value of the message itself (SQLSTATE classes 22 and 23), if it did.
+    ///
+    /// Such a message can never succeed, so it is poison; every other failure is retried.
+    pub fn poison_reason(&self) -> Option<String> {
+        if let Error::Db(e) = self {
+            if let Some(db) = e.as_db_error() {
+                let class = &db.code().code()[..2];
+                if class == "22" || class == "23" {
+                    return Some(format!("rejected by the database: {}", db.message()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether retrying the same work later may succeed (connection loss, timeouts, deadlocks, serialization).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Db(_) => self.poison_reason().is_none(),
+            Error::Pool(_) | Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) | Error::Timeout(_) => true,
+            Error::Config(_) | Error::Migration(_) | Error::Command(_) | Error::Shutdown => false,
+        }
+    }
+}
+
+/// Library result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A command refused for a reason the sender can act on; it becomes the reply's `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// Malformed or contradictory input.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// No such session, instruction or connection.
+    #[error("not_found: {0}")]
+    NotFound(String),
+    /// The command contradicts the current state (an ended session, an id taken by another object).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The object belongs to another agent.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// `security.require_user_id` is on and the AMQP `user_id` is not the agent: the message is dead-lettered.
+    #[error("forbidden: {0}")]
+    Unauthorized(String),
+}
+
+impl CommandError {
+    /// The reply's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::Invalid(_) => "invalid",
+            CommandError::NotFound(_) => "not_found",
+            CommandError::Conflict(_) => "conflict",
+            CommandError::Forbidden(_) | CommandError::Unauthorized(_) => "forbidden",
+        }
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        match self {
+            CommandError::Invalid(m)
+            | CommandError::NotFound(m)
+            | CommandError::Conflict(m)
+            | CommandError::Forbidden(m)
+            | CommandError::Unauthorized(m) => m,
+        }
+    }
+}

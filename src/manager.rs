@@ -1,0 +1,192 @@
+//! [`AgentConnectionManager`]: the library API of the Python service it replaces (`../shared/SEED.md`), plus the
+//! process-wide instance of `get_connection_manager`, `start_connection_manager` and `stop_connection_manager`.
+
+use std::sync::{Arc, OnceLock};
+
+use deadpool_postgres::Pool;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{self, session, stats::ConnectionStats, Command, Meta};
+use crate::config::Settings;
+use crate::db;
+use crate::domain::{Ident, Text};
+use crate::error::{CommandError, Error, Result};
+use crate::metrics::Metrics;
+use crate::retry::retry_transient;
+use crate::sweeper::{BacklogProbe, SweepReport, Sweeper};
+use crate::worker::{Health, Worker};
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Manages agent connections, health monitoring and the instruction lifecycle.
+///
+/// `start` runs the worker (consumers, sweeper every `sweeper.check_interval_secs`, outbox relay) in the
+/// background; `stop` shuts it down gracefully. The other methods work whether or not it is started.
+pub struct AgentConnectionManager {
+    settings: Arc<Settings>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    running: Mutex<Option<Running>>,
+}
+
+impl AgentConnectionManager {
+    /// A manager for these settings. Makes no connection until used.
+    pub fn new(settings: Settings) -> Result<Self> {
+        settings.validate()?;
+        let pool = db::build_pool(&settings.database)?;
+        Ok(Self::with_pool(settings, pool))
+    }
+
+    /// A manager on an existing pool (the seed's `db_engine`).
+    pub fn with_pool(settings: Settings, pool: Pool) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            pool,
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The database pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The health flags.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Whether the worker is running.
+    pub async fn is_running(&self) -> bool {
+        self.running.lock().await.is_some()
+    }
+
+    /// Applies the migrations (creating the database if needed), then starts the background worker.
+    /// Starting a started manager does nothing.
+    pub async fn start(&self) -> Result<()> {
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            return Ok(());
+        }
+        let shutdown = CancellationToken::new();
+        let url = self.settings.database.url.clone();
+        retry_transient("applying migrations", &shutdown, || db::migrate(&url)).await?;
+        let worker = Worker {
+            pool: self.pool.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+        };
+        let task = tokio::spawn(worker.run(shutdown.clone()));
+        tracing::info!(prefix = %self.settings.amqp.prefix, "connection manager started");
+        *running = Some(Running { shutdown, task });
+        Ok(())
+    }
+
+    /// Stops the worker gracefully: consumers finish and acknowledge what they hold, the relay flushes.
+    pub async fn stop(&self) -> Result<()> {
+        let Some(Running { shutdown, task }) = self.running.lock().await.take() else {
+            return Ok(());
+        };
+        shutdown.cancel();
+        let result = task.await.unwrap_or_else(|e| Err(Error::Disconnected(format!("worker task failed: {e}"))));
+        tracing::info!("connection manager stopped");
+        result
+    }
+
+    /// Current connection and session statistics, from one snapshot.
+    pub async fn get_connection_stats(&self) -> Result<ConnectionStats> {
+        let client = self.pool.get().await?;
+        commands::stats::get(&client).await
+    }
+
+    /// Creates an active session for `agent_id` and returns its id (the `agent.session.created` event is written
+    /// in the same transaction). `name` defaults to `Session-YYYYmmdd-HHMMSS` (UTC).
+    pub async fn create_session(
+        &self,
+        agent_id: &str,
+        acquisition_uuid: Option<&str>,
+        name: Option<&str>,
+        description: Option<&str>,
+        experimental_parameters: Option<Map<String, Value>>,
+    ) -> Result<String> {
+        let text = |field: &str, v: Option<&str>| -> Result<Option<Text>> {
+            v.map(|s| {
+                serde_json::from_value::<Text>(Value::String(s.to_string()))
+                    .map_err(|e| Error::Command(CommandError::Invalid(format!("{field}: {e}"))))
+            })
+            .transpose()
+        };
+        let cmd = Command::SessionCreate(session::Create {
+            agent_id: Ident::parse(agent_id).map_err(|e| CommandError::Invalid(format!("agent_id: {e}")))?,
+            session_id: None,
+            acquisition_uuid: text("acquisition_uuid", acquisition_uuid)?,
+            name: text("name", name)?,
+            description: text("description", description)?,
+            experimental_parameters,
+        });
+        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
+        Ok(outcome["session_id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Ends a session: its active connections are closed (`session_closed`) and its open instructions cancelled.
+    /// Returns `false` when there is no such session; closing an ended session again returns `true`.
+    pub async fn close_session(&self, session_id: &str) -> Result<bool> {
+        let Ok(session_id) = Ident::parse(session_id) else {
+            return Ok(false);
+        };
+        let cmd = Command::SessionClose(session::Close { session_id });
+        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
+        Ok(outcome["closed"].as_bool().unwrap_or(false))
+    }
+
+    /// Runs one sweeper cycle now (without the broker's backlog figure unless `probe` has a channel).
+    pub async fn sweep_once(&self, probe: BacklogProbe) -> Result<SweepReport> {
+        Sweeper::new(self.pool.clone(), self.settings.clone(), probe, self.metrics.clone()).run_once().await
+    }
+}
+
+static GLOBAL: OnceLock<AgentConnectionManager> = OnceLock::new();
+
+/// The process-wide manager, configured from the layered configuration on first use.
+pub fn get_connection_manager() -> Result<&'static AgentConnectionManager> {
+    if let Some(m) = GLOBAL.get() {
+        return Ok(m);
+    }
+    let manager = AgentConnectionManager::new(Settings::load(None)?)?;
+    Ok(GLOBAL.get_or_init(|| manager))
+}
+
+/// Starts the process-wide manager.
+pub async fn start_connection_manager() -> Result<&'static AgentConnectionManager> {
+    let m = get_connection_manager()?;
+    m.start().await?;
+    Ok(m)
+}
+
+/// Stops the process-wide manager, if it was started.
+pub async fn stop_connection_manager() -> Result<()> {
+    match GLOBAL.get() {
+        Some(m) => m.stop().await,
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,141 @@
+//! Prometheus metrics: counters and histograms updated where the work happens, gauges refreshed at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `type` and `outcome` of a consumed message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// Message type (`unknown` when unparsable).
+    pub r#type: String,
+    /// `ok`, `error` (an error reply), `rejected` (heartbeat that changed nothing), `dead_lettered`.
+    pub outcome: String,
+}
+
+/// A single `reason` or `task` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    /// The reason or task.
+    pub name: String,
+}
+
+/// Every metric of the service.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Messages consumed by type and outcome.
+    pub messages: Family<MessageLabels, Counter>,
+    /// Messages dead-lettered by reason.
+    pub dead_lettered: Family<NameLabel, Counter>,
+    /// Heartbeat deliveries per batch.
+    pub heartbeat_batch_size: Histogram,
+    /// Duration of database transactions applying messages.
+    pub db_transaction_seconds: Histogram,
+    /// Rows changed by each sweeper task.
+    pub sweeper_changes: Family<NameLabel, Counter>,
+    /// Duration of each sweeper task.
+    pub sweeper_seconds: Family<NameLabel, Histogram>,
+    /// Cycles in which the stale brake held.
+    pub brake_holds: Counter,
+    /// Events published and confirmed.
+    pub events_published: Counter,
+    /// Publish-to-confirm latency of outbox batches.
+    pub publish_confirm_seconds: Histogram,
+    /// Unpublished outbox rows.
+    pub outbox_backlog: Gauge,
+    /// Age of the oldest unpublished outbox row.
+    pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Pool: maximum size.
+    pub pool_size: Gauge,
+    /// Pool: idle connections.
+    pub pool_available: Gauge,
+    /// Pool: tasks waiting for a connection.
+    pub pool_waiting: Gauge,
+    /// Active connections.
+    pub active_connections: Gauge,
+    /// Active sessions.
+    pub active_sessions: Gauge,
+    /// Pending instructions.
+    pub pending_instructions: Gauge,
+    /// Sent instructions.
+    pub sent_instructions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `acm_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("acm");
+        let m = Metrics {
+            messages: Family::default(),
+            dead_lettered: Family::default(),
+            heartbeat_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            db_transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            sweeper_changes: Family::default(),
+            sweeper_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            brake_holds: Counter::default(),
+            events_published: Counter::default(),
+            publish_confirm_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            outbox_backlog: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            pool_size: Gauge::default(),
+            pool_available: Gauge::default(),
+            pool_waiting: Gauge::default(),
+            active_connections: Gauge::default(),
+            active_sessions: Gauge::default(),
+            pending_instructions: Gauge::default(),
+            sent_instructions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("messages_consumed", "Messages consumed by type and outcome", m.messages.clone());
+        registry.register("messages_dead_lettered", "Messages dead-lettered by reason", m.dead_lettered.clone());
+        registry.register("heartbeat_batch_size", "Heartbeat deliveries per batch", m.heartbeat_batch_size.clone());
+        registry.register(
+            "db_transaction_seconds",
+            "Duration of transactions applying messages",
+            m.db_transaction_seconds.clone(),
+        );
+        registry.register("sweeper_changes", "Rows changed by sweeper task", m.sweeper_changes.clone());
+        registry.register("sweeper_task_seconds", "Duration of sweeper tasks", m.sweeper_seconds.clone());
+        registry.register("sweeper_brake_holds", "Sweeper cycles held by the stale brake", m.brake_holds.clone());
+        registry.register("events_published", "Events published and confirmed", m.events_published.clone());
+        registry.register(
+            "publish_confirm_seconds",
+            "Publish-to-confirm latency of outbox batches",
+            m.publish_confirm_seconds.clone(),
+        );
+        registry.register("outbox_backlog", "Unpublished outbox events", m.outbox_backlog.clone());
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished event",
+            m.outbox_oldest_age_seconds.clone(),
+        );
+        registry.register("db_pool_size", "Database pool maximum size", m.pool_size.clone());
+        registry.register("db_pool_available", "Idle pooled database connections", m.pool_available.clone());
+        registry.register("db_pool_waiting", "Tasks waiting for a database connection", m.pool_waiting.clone());
+        registry.register("active_connections", "Active agent connections", m.active_connections.clone());
+        registry.register("active_sessions", "Active agent sessions", m.active_sessions.clone());
+        registry.register("pending_instructions", "Pending instructions", m.pending_instructions.clone());
+        registry.register("sent_instructions", "Sent instructions", m.sent_instructions.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a consumed message.
+    pub fn message(&self, ty: &str, outcome: &str) {
+        self.messages.get_or_create(&MessageLabels { r#type: ty.into(), outcome: outcome.into() }).inc();
+    }
+
+    /// Counts a dead-lettered message.
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_lettered.get_or_create(&NameLabel { name: reason.into() }).inc();
+    }
+}

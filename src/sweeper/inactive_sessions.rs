@@ -1,0 +1,68 @@
+//! Marks active sessions without agent activity for `session_inactive_after_secs` as inactive.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::{claim_task, secs};
+use crate::config::SweeperSettings;
+use crate::db;
+use crate::error::Result;
+use crate::events::{write_outbox, EventBody};
+
+/// Task name (its `sweeper_state` row).
+pub const TASK: &str = "inactive_sessions";
+/// Default `session_inactive_after_secs`.
+pub const INACTIVE_AFTER_DEFAULT: Duration = Duration::from_secs(3600);
+
+/// What this task needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// No activity for this long: inactive.
+    pub inactive_after: Duration,
+    /// Rows per statement.
+    pub batch_size: i64,
+}
+
+impl From<&SweeperSettings> for Config {
+    fn from(s: &SweeperSettings) -> Self {
+        Self { inactive_after: secs(s.session_inactive_after_secs), batch_size: s.batch_size }
+    }
+}
+
+const MARK_BATCH: &str = "WITH due AS ( \
+        SELECT session_id FROM agent_session \
+        WHERE status = 'active' AND last_activity_at < now() - $1::float8 * interval '1 second' \
+        ORDER BY last_activity_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE agent_session s SET status = 'inactive' \
+     FROM due WHERE s.session_id = due.session_id AND s.status = 'active' \
+       AND s.last_activity_at < now() - $1::float8 * interval '1 second' \
+     RETURNING s.session_id, s.agent_id, s.last_activity_at";
+
+/// Runs once; `None` when another worker is running this task. Returns the sessions marked.
+pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !claim_task(&tx, TASK).await? {
+        return Ok(None);
+    }
+    let now = db::now(&tx).await?;
+    let mut total = 0u64;
+    loop {
+        let rows = tx.query(MARK_BATCH, &[&cfg.inactive_after.as_secs_f64(), &cfg.batch_size]).await?;
+        let n = rows.len();
+        let mut events = Vec::with_capacity(n);
+        for r in rows {
+            let session_id: String = r.get(0);
+            tracing::info!(session_id = %session_id, "session inactive");
+            events.push(EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) });
+        }
+        write_outbox(&tx, now, events).await?;
+        total += n as u64;
+        if (n as i64) < cfg.batch_size {
+            break;
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(total))
+}

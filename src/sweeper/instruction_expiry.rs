@@ -1,0 +1,115 @@
+//! Expires or retries `pending`/`sent` instructions past their deadline (CONTRACT section 9): with retries left,
+//! `retry_count` + 1, back to `pending`, deadline now + retry window, `retry` event; otherwise `expired` (final),
+//! `retry_count` unchanged, `expired` event.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use super::{claim_task, secs};
+use crate::config::SweeperSettings;
+use crate::db;
+use crate::error::Result;
+use crate::events::{write_outbox, EventBody};
+
+/// Task name (its `sweeper_state` row).
+pub const TASK: &str = "instruction_expiry";
+/// Default `instruction_retry_window_secs`.
+pub const RETRY_WINDOW_DEFAULT: Duration = Duration::from_secs(300);
+
+/// What this task needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A retried instruction's new deadline is now plus this.
+    pub retry_window: Duration,
+    /// Rows per statement.
+    pub batch_size: i64,
+}
+
+impl From<&SweeperSettings> for Config {
+    fn from(s: &SweeperSettings) -> Self {
+        Self { retry_window: secs(s.instruction_retry_window_secs), batch_size: s.batch_size }
+    }
+}
+
+/// What a run changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Instructions given another try.
+    pub retried: u64,
+    /// Instructions expired for good.
+    pub expired: u64,
+}
+
+const EXPIRE_BATCH: &str = "WITH due AS ( \
+        SELECT instruction_id, expires_at AS previous FROM agent_instruction \
+        WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now() \
+        ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE agent_instruction i SET \
+        status = CASE WHEN i.retry_count >= i.max_retries THEN 'expired'::instruction_status \
+                      ELSE 'pending'::instruction_status END, \
+        retry_count = CASE WHEN i.retry_count >= i.max_retries THEN i.retry_count ELSE i.retry_count + 1 END, \
+        expires_at = CASE WHEN i.retry_count >= i.max_retries THEN i.expires_at \
+                          ELSE now() + $1::float8 * interval '1 second' END \
+     FROM due WHERE i.instruction_id = due.instruction_id \
+       AND i.status IN ('pending', 'sent') AND i.expires_at <= now() \
+     RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority::text, \
+       i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous";
+
+/// Runs once; `None` when another worker is running this task.
+pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !claim_task(&tx, TASK).await? {
+        return Ok(None);
+    }
+    let now = db::now(&tx).await?;
+    let mut report = Report::default();
+    loop {
+        let rows = tx.query(EXPIRE_BATCH, &[&cfg.retry_window.as_secs_f64(), &cfg.batch_size]).await?;
+        let n = rows.len();
+        let mut events = Vec::with_capacity(n);
+        for r in rows {
+            let instruction_id: Uuid = r.get(0);
+            let status: String = r.get(6);
+            let retry_count: i32 = r.get(7);
+            let max_retries: i32 = r.get(8);
+            let expires_at: DateTime<Utc> = r.get(9);
+            if status == "expired" {
+                report.expired += 1;
+                tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction expired");
+                events.push(EventBody::InstructionExpired {
+                    instruction_id,
+                    session_id: r.get(1),
+                    agent_id: r.get(2),
+                    expires_at,
+                    retry_count,
+                    max_retries,
+                });
+            } else {
+                report.retried += 1;
+                tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction retried");
+                events.push(EventBody::InstructionRetry {
+                    instruction_id,
+                    session_id: r.get(1),
+                    agent_id: r.get(2),
+                    instruction_type: r.get(3),
+                    payload: r.get(4),
+                    priority: r.get(5),
+                    retry_count,
+                    max_retries,
+                    expires_at,
+                    previous_expires_at: r.get(10),
+                });
+            }
+        }
+        write_outbox(&tx, now, events).await?;
+        if (n as i64) < cfg.batch_size {
+            break;
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(report))
+}

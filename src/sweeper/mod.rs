@@ -1,0 +1,191 @@
+//! The sweeper: small periodic tasks, each with named defaults and a `run_once` that reports what it changed.
+//!
+//! Every task runs in one transaction that first claims its row in `sweeper_state` with `FOR UPDATE SKIP LOCKED`,
+//! so with several workers one of them runs a given task at a time and the others skip it. Inside, rows are changed
+//! in bounded batches claimed with `FOR UPDATE SKIP LOCKED` and re-checked in the `UPDATE` that changes them, and
+//! each batch writes its events to the outbox in the same transaction.
+
+pub mod inactive_sessions;
+pub mod instruction_expiry;
+pub mod retention;
+pub mod stale_connections;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Pool, Transaction};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Topology;
+use crate::config::Settings;
+use crate::error::Result;
+use crate::metrics::{Metrics, NameLabel};
+
+/// Reads the heartbeat queue depth through the worker's current broker channel, when there is one.
+#[derive(Clone, Default)]
+pub struct BacklogProbe {
+    channel: Arc<Mutex<Option<(lapin::Channel, Topology)>>>,
+}
+
+impl BacklogProbe {
+    /// Uses this channel from now on (`None`: the broker is unreachable).
+    pub async fn set(&self, channel: Option<(lapin::Channel, Topology)>) {
+        *self.channel.lock().await = channel;
+    }
+
+    /// Messages waiting in the heartbeat queue, or `None` when it cannot be read.
+    pub async fn depth(&self) -> Option<u64> {
+        let guard = self.channel.lock().await;
+        let (ch, topology) = guard.as_ref()?;
+        match topology.heartbeat_backlog(ch).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the heartbeat queue depth");
+                None
+            }
+        }
+    }
+}
+
+/// What one sweeper cycle changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SweepReport {
+    /// Active connections closed as `stale_connection`.
+    pub stale_connections: u64,
+    /// Set when the brake held this cycle.
+    pub held: Option<stale_connections::Held>,
+    /// Active sessions marked inactive.
+    pub inactive_sessions: u64,
+    /// Instructions given another try.
+    pub instructions_retried: u64,
+    /// Instructions expired for good.
+    pub instructions_expired: u64,
+    /// Published events deleted after the retention period.
+    pub events_pruned: u64,
+    /// Idempotency records deleted after the retention period.
+    pub processed_messages_pruned: u64,
+    /// Tasks skipped because another worker was running them.
+    pub skipped_tasks: Vec<String>,
+}
+
+/// Claims a task's row for this transaction; `false` when another worker holds it.
+pub(crate) async fn claim_task(tx: &Transaction<'_>, task: &str) -> Result<bool> {
+    let row = tx.query_opt("SELECT task FROM sweeper_state WHERE task = $1 FOR UPDATE SKIP LOCKED", &[&task]).await?;
+    if row.is_some() {
+        tx.execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
+    }
+    Ok(row.is_some())
+}
+
+/// The sweeper of one worker.
+#[derive(Clone)]
+pub struct Sweeper {
+    pool: Pool,
+    settings: Arc<Settings>,
+    probe: BacklogProbe,
+    metrics: Arc<Metrics>,
+}
+
+impl Sweeper {
+    /// A sweeper on this pool, reading the heartbeat backlog through `probe`.
+    pub fn new(pool: Pool, settings: Arc<Settings>, probe: BacklogProbe, metrics: Arc<Metrics>) -> Self {
+        Self { pool, settings, probe, metrics }
+    }
+
+    fn observe(&self, task: &str, started: Instant, changed: u64) {
+        let label = NameLabel { name: task.into() };
+        self.metrics.sweeper_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+        self.metrics.sweeper_changes.get_or_create(&label).inc_by(changed);
+    }
+
+    /// Runs every task once.
+    pub async fn run_once(&self) -> Result<SweepReport> {
+        let s = &self.settings;
+        let mut report = SweepReport::default();
+
+        let t = Instant::now();
+        let backlog = self.probe.depth().await;
+        let stale =
+            stale_connections::run_once(&self.pool, &stale_connections::Config::from(&s.sweeper), backlog).await?;
+        match stale {
+            None => report.skipped_tasks.push(stale_connections::TASK.into()),
+            Some(r) => {
+                report.stale_connections = r.closed;
+                if r.held.is_some() {
+                    self.metrics.brake_holds.inc();
+                }
+                report.held = r.held;
+            }
+        }
+        self.observe(stale_connections::TASK, t, report.stale_connections);
+
+        let t = Instant::now();
+        match inactive_sessions::run_once(&self.pool, &inactive_sessions::Config::from(&s.sweeper)).await? {
+            None => report.skipped_tasks.push(inactive_sessions::TASK.into()),
+            Some(n) => report.inactive_sessions = n,
+        }
+        self.observe(inactive_sessions::TASK, t, report.inactive_sessions);
+
+        let t = Instant::now();
+        match instruction_expiry::run_once(&self.pool, &instruction_expiry::Config::from(&s.sweeper)).await? {
+            None => report.skipped_tasks.push(instruction_expiry::TASK.into()),
+            Some(r) => {
+                report.instructions_retried = r.retried;
+                report.instructions_expired = r.expired;
+            }
+        }
+        self.observe(instruction_expiry::TASK, t, report.instructions_retried + report.instructions_expired);
+
+        let t = Instant::now();
+        match retention::run_once(&self.pool, &retention::Config::from(&**s)).await? {
+            None => report.skipped_tasks.push(retention::TASK.into()),
+            Some(r) => {
+                report.events_pruned = r.events;
+                report.processed_messages_pruned = r.processed_messages;
+            }
+        }
+        self.observe(retention::TASK, t, report.events_pruned + report.processed_messages_pruned);
+        Ok(report)
+    }
+
+    /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
+    /// next one runs on schedule.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.check_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once().await {
+                Ok(r) => {
+                    let changed = r.stale_connections
+                        + r.inactive_sessions
+                        + r.instructions_retried
+                        + r.instructions_expired
+                        + r.events_pruned;
+                    if changed > 0 || r.held.is_some() {
+                        tracing::info!(
+                            stale_connections = r.stale_connections,
+                            inactive_sessions = r.inactive_sessions,
+                            instructions_retried = r.instructions_retried,
+                            instructions_expired = r.instructions_expired,
+                            events_pruned = r.events_pruned,
+                            held = r.held.is_some(),
+                            "sweeper cycle"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "sweeper cycle failed; the next runs on schedule"),
+            }
+        }
+    }
+}
+
+/// Seconds as a `Duration`, for configs built from settings.
+pub(crate) fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}

@@ -1,0 +1,70 @@
+//! Deletes published events and idempotency records older than `outbox.retention_secs`, in bounded batches.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::{claim_task, secs};
+use crate::config::Settings;
+use crate::error::Result;
+
+/// Task name (its `sweeper_state` row).
+pub const TASK: &str = "retention";
+/// Default `outbox.retention_secs`: one day.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(86_400);
+
+/// What this task needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Keep published events and idempotency records this long.
+    pub retention: Duration,
+    /// Rows per statement.
+    pub batch_size: i64,
+}
+
+impl From<&Settings> for Config {
+    fn from(s: &Settings) -> Self {
+        Self { retention: secs(s.outbox.retention_secs), batch_size: s.sweeper.batch_size }
+    }
+}
+
+/// What a run deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Published events.
+    pub events: u64,
+    /// Idempotency records.
+    pub processed_messages: u64,
+}
+
+const PRUNE_EVENTS: &str = "DELETE FROM event_outbox WHERE id IN ( \
+     SELECT id FROM event_outbox WHERE published_at IS NOT NULL \
+       AND published_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
+const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (message_type, message_id) IN ( \
+     SELECT message_type, message_id FROM processed_message \
+     WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
+
+/// Runs once; `None` when another worker is running this task.
+pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !claim_task(&tx, TASK).await? {
+        return Ok(None);
+    }
+    let keep = cfg.retention.as_secs_f64();
+    let mut report = Report::default();
+    for (sql, total) in [(PRUNE_EVENTS, &mut report.events), (PRUNE_PROCESSED, &mut report.processed_messages)] {
+        loop {
+            let n = tx.execute(sql, &[&keep, &cfg.batch_size]).await?;
+            *total += n;
+            if (n as i64) < cfg.batch_size {
+                break;
+            }
+        }
+    }
+    tx.commit().await?;
+    if report.events + report.processed_messages > 0 {
+        tracing::info!(events = report.events, processed_messages = report.processed_messages, "retention pruned");
+    }
+    Ok(Some(report))
+}

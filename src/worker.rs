@@ -1,0 +1,160 @@
+//! The worker: wires the consumers, the sweeper and the outbox relay, and keeps them connected to the broker.
+//!
+//! The sweeper and the outbox listener need only the database and run for the worker's whole life. The consumers
+//! and the relay live in a broker session: when the connection or a channel is lost, the session ends (deliveries of
+//! the dead channel are never acknowledged on another), and a new one is made after an exponential backoff with
+//! jitter, re-declaring the topology. On shutdown the consumers stop taking deliveries and finish the ones they
+//! hold, then the relay flushes the outbox, then the connection is closed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, Topology};
+use crate::config::Settings;
+use crate::consumer::{self, Shared};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::relay;
+use crate::retry::Backoff;
+use crate::sweeper::{BacklogProbe, Sweeper};
+
+/// Liveness of the parts `/readyz` reports on.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// A broker session is up.
+    pub broker_connected: AtomicBool,
+    /// Both consumers are consuming.
+    pub consumers_running: AtomicBool,
+}
+
+impl Health {
+    fn set(&self, broker: bool, consumers: bool) {
+        self.broker_connected.store(broker, Ordering::Relaxed);
+        self.consumers_running.store(consumers, Ordering::Relaxed);
+    }
+}
+
+/// Everything the worker needs.
+#[derive(Clone)]
+pub struct Worker {
+    /// Database pool.
+    pub pool: Pool,
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health flags.
+    pub health: Arc<Health>,
+}
+
+impl Worker {
+    /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let probe = BacklogProbe::default();
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(relay::listen(self.settings.database.url.clone(), wake.clone(), shutdown.clone()));
+        let sweeper = Sweeper::new(self.pool.clone(), self.settings.clone(), probe.clone(), self.metrics.clone());
+        let sweeper = tokio::spawn(sweeper.run(shutdown.clone()));
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            match self.session(&probe, &wake, &shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.health.set(false, false);
+                    probe.set(None).await;
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Backoff::default();
+                    }
+                    tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "broker session ended; reconnecting");
+                    if !backoff.wait(&shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sweeper.await;
+        let _ = listener.await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn session(&self, probe: &BacklogProbe, wake: &Arc<Notify>, shutdown: &CancellationToken) -> Result<()> {
+        let s = &self.settings;
+        let topology = Topology::new(&s.amqp.prefix);
+        let conn = amqp::connect(&s.amqp.url, "agent-connection-manager").await?;
+        let setup = conn.create_channel().await?;
+        topology.declare(&setup, &s.amqp).await?;
+        let publisher = amqp::confirm_channel(&conn).await?;
+        let relay_channel = amqp::confirm_channel(&conn).await?;
+        let heartbeat_channel = conn.create_channel().await?;
+        let command_channel = conn.create_channel().await?;
+        probe.set(Some((setup, topology.clone()))).await;
+        tracing::info!(prefix = %s.amqp.prefix, "connected to the broker; topology declared");
+
+        let shared = Arc::new(Shared {
+            pool: self.pool.clone(),
+            settings: self.settings.clone(),
+            topology: topology.clone(),
+            publisher,
+            metrics: self.metrics.clone(),
+        });
+        let stop_consumers = shutdown.child_token();
+        let stop_relay = CancellationToken::new();
+        let mut consumers = JoinSet::new();
+        consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
+        let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
+            pool: self.pool.clone(),
+            channel: relay_channel,
+            exchange: topology.event_exchange.clone(),
+            batch: s.outbox.batch_size,
+            poll: Duration::from_millis(s.outbox.poll_interval_ms),
+            wake: wake.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: stop_relay.clone(),
+        }));
+        self.health.set(true, true);
+
+        let flatten = |r: std::result::Result<Result<()>, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| Err(Error::Disconnected(format!("task failed: {e}"))))
+        };
+        let mut failure: Option<Error> = None;
+        let mut relay_done = false;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            Some(done) = consumers.join_next() => {
+                failure = Some(flatten(done).err().unwrap_or_else(|| Error::Disconnected("a consumer stopped".into())));
+            }
+            done = &mut relay => {
+                relay_done = true;
+                failure = Some(flatten(done).err().unwrap_or_else(|| Error::Disconnected("the relay stopped".into())));
+            }
+        }
+        stop_consumers.cancel();
+        while let Some(done) = consumers.join_next().await {
+            if let Err(e) = flatten(done) {
+                failure.get_or_insert(e);
+            }
+        }
+        self.health.set(failure.is_none(), false);
+        stop_relay.cancel();
+        if !relay_done {
+            if let Err(e) = flatten(relay.await) {
+                failure.get_or_insert(e);
+            }
+        }
+        probe.set(None).await;
+        let _ = conn.close(200, "shutting down".into()).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
