@@ -1,0 +1,249 @@
+//! Test helpers: each test gets its own database (random name, migrations applied) and its own AMQP prefix, talks
+//! to the real PostgreSQL and RabbitMQ, and removes both at the end.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_connection_manager::amqp::Topology;
+use agent_connection_manager::client::{reply_result, Client, Subscription};
+use agent_connection_manager::config::Settings;
+use agent_connection_manager::sweeper::{BacklogProbe, SweepReport};
+use agent_connection_manager::{db, AgentConnectionManager};
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+
+/// Base URL of the test PostgreSQL server (a database name is appended).
+pub fn pg_base() -> String {
+    std::env::var("ACM_TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The test broker.
+pub fn amqp_url() -> String {
+    std::env::var("ACM_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A random lowercase suffix.
+pub fn random_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// Settings for an isolated test: own database, own prefix, no HTTP, a sweeper that runs only at start.
+pub fn test_settings() -> Settings {
+    let suffix = random_suffix();
+    let mut s = Settings::default();
+    s.database.url = format!("{}/acm_test_{suffix}", pg_base());
+    s.database.pool_size = 8;
+    s.amqp.url = amqp_url();
+    s.amqp.prefix = format!("acm-test-{suffix}");
+    s.http.listen = String::new();
+    s.sweeper.check_interval_secs = 3600;
+    s.outbox.poll_interval_ms = 200;
+    s
+}
+
+/// Polls `f` until it returns `Some`, for at most `timeout`; panics with `what` otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One isolated worker with a client.
+pub struct TestApp {
+    pub settings: Settings,
+    pub manager: Arc<AgentConnectionManager>,
+    pub client: Client,
+    pub events: Subscription,
+    pub db: tokio_postgres::Client,
+}
+
+impl TestApp {
+    /// A started worker with default test settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A started worker with adjusted settings.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let app = Self::unstarted_with(adjust).await;
+        app.manager.start().await.expect("worker starts");
+        eventually("the worker's consumers to run", Duration::from_secs(20), || async {
+            app.manager.health().consumers_running.load(std::sync::atomic::Ordering::Relaxed).then_some(())
+        })
+        .await;
+        app
+    }
+
+    /// Database migrated, topology declared, events subscribed, worker not started.
+    pub async fn unstarted_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = test_settings();
+        adjust(&mut settings);
+        db::migrate(&settings.database.url).await.expect("migrations apply");
+        let manager = Arc::new(AgentConnectionManager::new(settings.clone()).expect("manager"));
+        let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.expect("client connects");
+        let (conn, setup) = amqp_channel(&settings).await;
+        Topology::new(&settings.amqp.prefix).declare(&setup, &settings.amqp).await.expect("topology declares");
+        let _ = conn.close(200, "done".into()).await;
+        let events = client.subscribe("#").await.expect("subscribe to events");
+        let (db, conn) = tokio_postgres::connect(&settings.database.url, NoTls).await.expect("database connects");
+        tokio::spawn(conn);
+        Self { settings, manager, client, events, db }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.settings.amqp.prefix)
+    }
+
+    /// Sends a command and returns its reply.
+    pub async fn request(&self, body: Value) -> Value {
+        self.client.request(&body, None, Duration::from_secs(20)).await.expect("a reply")
+    }
+
+    /// Sends a command and returns its `result`, failing the test on an error reply.
+    pub async fn ok(&self, body: Value) -> Value {
+        let reply = self.request(body.clone()).await;
+        reply_result(&reply).unwrap_or_else(|e| panic!("{body} was refused: {e:?}"))
+    }
+
+    /// Sends a command and returns its error code.
+    pub async fn refused(&self, body: Value) -> String {
+        let reply = self.request(body.clone()).await;
+        match reply_result(&reply) {
+            Ok(r) => panic!("{body} was accepted: {r}"),
+            Err(e) => e.code,
+        }
+    }
+
+    /// Creates a session for `agent` and returns its id.
+    pub async fn session(&self, agent: &str) -> String {
+        let r = self.ok(json!({"type": "session.create", "agent_id": agent})).await;
+        r["session_id"].as_str().expect("session_id").to_string()
+    }
+
+    /// Runs one sweeper cycle.
+    pub async fn sweep(&self) -> SweepReport {
+        self.manager.sweep_once(BacklogProbe::default()).await.expect("sweep runs")
+    }
+
+    /// Waits for the next event of `event_type` (other events are skipped).
+    pub async fn next_event(&mut self, event_type: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some((id, v)) = self.events.next_raw(Duration::from_millis(500)).await {
+                if v["event_type"] == event_type {
+                    assert_eq!(id.as_deref(), v["event_id"].as_str(), "message_id is the event_id");
+                    return v;
+                }
+            }
+        }
+        panic!("no {event_type} event within 20s");
+    }
+
+    /// Collects events until `n` of `event_type` arrived (or fails), returning those.
+    pub async fn events_of(&mut self, event_type: &str, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            out.push(self.next_event(event_type).await);
+        }
+        out
+    }
+
+    /// Events published so far, waiting until the outbox is empty (all relayed) and `quiet` passed with no event.
+    pub async fn drain_events(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            match self.events.next_raw(quiet).await {
+                Some((_, v)) => out.push(v),
+                None => {
+                    if self.unpublished().await == 0 {
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Outbox rows not yet published.
+    pub async fn unpublished(&self) -> i64 {
+        self.db.query_one("SELECT count(*) FROM event_outbox WHERE published_at IS NULL", &[]).await.unwrap().get(0)
+    }
+
+    /// One value from a query.
+    pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
+        self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    }
+
+    /// Stops the worker and removes the database and the broker objects.
+    pub async fn cleanup(self) {
+        let _ = self.manager.stop().await;
+        let settings = self.settings.clone();
+        drop(self.db);
+        self.client.close().await;
+        cleanup(&settings).await;
+    }
+}
+
+/// A connection and a channel on the test broker (keep both alive while using the channel).
+pub async fn amqp_channel(settings: &Settings) -> (lapin::Connection, lapin::Channel) {
+    let conn = agent_connection_manager::amqp::connect(&settings.amqp.url, "acm tests").await.expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Drops the test database and deletes the test topology.
+pub async fn cleanup(settings: &Settings) {
+    let (conn, ch) = amqp_channel(settings).await;
+    let _ = Topology::new(&settings.amqp.prefix).delete(&ch).await;
+    let _ = conn.close(200, "done".into()).await;
+    let name = settings.database.url.rsplit('/').next().unwrap_or_default().to_string();
+    if let Ok((admin, conn)) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls).await {
+        tokio::spawn(conn);
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+    }
+}
+
+/// Messages in the dead-letter queue, with their `x-acm-error` headers, waiting until `n` are there.
+pub async fn dead_letters(settings: &Settings, n: usize) -> Vec<(String, Vec<u8>)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let (_conn, ch) = amqp_channel(settings).await;
+    let queue = Topology::new(&settings.amqp.prefix).dead_letter;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < n {
+        match ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.expect("basic.get") {
+            Some(m) => {
+                let reason = m
+                    .delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("x-acm-error").cloned())
+                    .map(|v| match v {
+                        lapin::types::AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                m.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                out.push((reason, m.delivery.data.clone()));
+            }
+            None => {
+                assert!(Instant::now() < deadline, "only {} of {n} dead letters arrived: {out:?}", out.len());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    out
+}
