@@ -1,0 +1,210 @@
+//! Heartbeats: batching, monotonic time, opening unknown connections, restoring stale ones, rejections.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_connection_manager::commands::heartbeat::{apply_batch, Heartbeat};
+use common::{eventually, TestApp};
+use serde_json::json;
+
+fn hb(agent: &str, session: &str, connection: &str) -> Heartbeat {
+    serde_json::from_value(json!({"agent_id": agent, "session_id": session, "connection_id": connection})).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_coalesced_per_connection() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    let batch: Vec<Heartbeat> = (0..30).map(|i| hb("a1", &sid, &format!("c{}", i % 3))).collect();
+    let report = apply_batch(app.manager.pool(), &batch).await.unwrap();
+    assert_eq!(report.received, 30);
+    assert_eq!(report.applied, 3, "30 heartbeats for 3 connections are 3 writes");
+    assert_eq!(report.opened, 3);
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_connection WHERE status = 'active'").await, 3);
+    let report = apply_batch(app.manager.pool(), &batch).await.unwrap();
+    assert_eq!((report.applied, report.opened), (3, 0));
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_heartbeats_are_applied_in_few_batches_and_acknowledged() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    for i in 0..500 {
+        app.client.heartbeat("a1", &sid, &format!("c{}", i % 10)).await.unwrap();
+    }
+    app.manager.start().await.unwrap();
+    eventually("10 connections opened", Duration::from_secs(20), || async {
+        (app.scalar::<i64>("SELECT count(*) FROM agent_connection").await == 10).then_some(())
+    })
+    .await;
+    let (_c, ch) = common::amqp_channel(&app.settings).await;
+    eventually("the heartbeat queue drained and acknowledged", Duration::from_secs(20), || async {
+        let q = ch
+            .queue_declare(
+                app.topology().heartbeat_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        (q.message_count() == 0).then_some(())
+    })
+    .await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
+    let batches: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch size histogram");
+    assert!(batches < 500.0 / 2.0, "500 queued heartbeats took {batches} batches");
+    let opened: i64 =
+        app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.opened'").await;
+    assert_eq!(opened, 10);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_never_moves_backwards() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
+    // A later batch (another worker's) committed first: its time is ahead of ours.
+    app.db
+        .execute(
+            "UPDATE agent_connection SET last_heartbeat_at = now() + interval '1 hour' WHERE connection_id = 'c1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    app.db
+        .execute("UPDATE agent_session SET last_activity_at = now() + interval '1 hour' WHERE session_id = $1", &[&sid])
+        .await
+        .unwrap();
+    let late: Heartbeat = serde_json::from_value(json!({"agent_id": "a1", "session_id": sid, "connection_id": "c1",
+        "sent_at": "2020-01-01T00:00:00Z"}))
+    .unwrap();
+    apply_batch(app.manager.pool(), &[late]).await.unwrap();
+    let ahead: bool = app
+        .scalar(
+            "SELECT last_heartbeat_at > now() + interval '59 minutes' FROM agent_connection WHERE connection_id = 'c1'",
+        )
+        .await;
+    assert!(ahead, "last_heartbeat_at kept the later time");
+    let ahead: bool = app
+        .scalar(&format!(
+            "SELECT last_activity_at > now() + interval '59 minutes' FROM agent_session WHERE session_id = '{sid}'"
+        ))
+        .await;
+    assert!(ahead, "last_activity_at kept the later time");
+    // And a normal heartbeat moves time forward.
+    app.db.execute("UPDATE agent_connection SET last_heartbeat_at = now() - interval '1 hour'", &[]).await.unwrap();
+    apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
+    let fresh: bool = app.scalar("SELECT last_heartbeat_at > now() - interval '1 minute' FROM agent_connection").await;
+    assert!(fresh);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_open_restore_and_reactivate_through_the_broker() {
+    let mut app = TestApp::start().await;
+    let sid = app.session("a1").await;
+    app.client.heartbeat("a1", &sid, "c1").await.unwrap();
+    let e = app.next_event("agent.connection.opened").await;
+    assert_eq!(e["connection_id"], "c1");
+    assert_eq!(e["restored"], false);
+    assert_eq!(e["connection_type"], "amqp");
+
+    // Stale: closed by the sweeper, restored by the next heartbeat.
+    app.db
+        .execute(
+            "UPDATE agent_connection SET last_heartbeat_at = now() - interval '10 minutes' WHERE connection_id = 'c1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.sweep().await.stale_connections, 1);
+    let e = app.next_event("agent.connection.stale").await;
+    assert_eq!(e["connection_id"], "c1");
+    app.client.heartbeat("a1", &sid, "c1").await.unwrap();
+    let e = app.next_event("agent.connection.opened").await;
+    assert_eq!(e["restored"], true);
+    let row = app
+        .db
+        .query_one("SELECT status::text, close_reason IS NULL, closed_at IS NULL FROM agent_connection WHERE connection_id = 'c1'", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)), ("active".into(), true, true));
+
+    // Inactive: made active again.
+    app.db
+        .execute("UPDATE agent_session SET status = 'inactive', last_activity_at = now() - interval '2 hours' WHERE session_id = $1", &[&sid])
+        .await
+        .unwrap();
+    app.client.heartbeat("a1", &sid, "c1").await.unwrap();
+    eventually("the session to be active again", Duration::from_secs(20), || async {
+        let s: String = app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
+        (s == "active").then_some(())
+    })
+    .await;
+
+    // A client-closed connection is not reopened by a heartbeat.
+    app.ok(json!({"type": "connection.close", "connection_id": "c1"})).await;
+    app.client.heartbeat("a1", &sid, "c1").await.unwrap();
+    app.client.heartbeat("a1", &sid, "marker").await.unwrap();
+    eventually("the marker heartbeat", Duration::from_secs(20), || async {
+        (app.scalar::<i64>("SELECT count(*) FROM agent_connection WHERE connection_id = 'marker'").await == 1)
+            .then_some(())
+    })
+    .await;
+    let s: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'c1'").await;
+    assert_eq!(s, "closed");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_for_ended_or_foreign_sessions_change_nothing() {
+    let app = TestApp::start().await;
+    let mine = app.session("a1").await;
+    let ended = app.session("a1").await;
+    app.ok(json!({"type": "session.close", "session_id": ended})).await;
+    app.client.heartbeat("a1", &ended, "c-ended").await.unwrap();
+    app.client.heartbeat("intruder", &mine, "c-foreign").await.unwrap();
+    app.client.heartbeat("a1", "no-such-session", "c-unknown").await.unwrap();
+    // Another agent cannot move a1's connection through its own session either.
+    app.client.heartbeat("a1", &mine, "c-mine").await.unwrap();
+    let theirs = app.session("a2").await;
+    app.client.heartbeat("a2", &theirs, "c-mine").await.unwrap();
+    app.client.heartbeat("a1", &mine, "marker").await.unwrap();
+    eventually("the marker heartbeat", Duration::from_secs(20), || async {
+        (app.scalar::<i64>("SELECT count(*) FROM agent_connection WHERE connection_id = 'marker'").await == 1)
+            .then_some(())
+    })
+    .await;
+    let ids: Vec<String> = app
+        .db
+        .query("SELECT connection_id FROM agent_connection ORDER BY connection_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, ["c-mine", "marker"]);
+    let owner: String = app.scalar("SELECT session_id FROM agent_connection WHERE connection_id = 'c-mine'").await;
+    assert_eq!(owner, mine);
+    let status: String =
+        app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{ended}'")).await;
+    assert_eq!(status, "ended");
+    let dead: i64 = app.scalar("SELECT count(*) FROM agent_session WHERE status = 'ended'").await;
+    assert_eq!(dead, 1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("acm_messages_consumed_total{type=\"agent.heartbeat\",outcome=\"rejected\"} 4")),
+        "4 rejected heartbeats counted:\n{text}"
+    );
+    app.cleanup().await;
+}
