@@ -175,7 +175,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
         }
         Cmd::Sweep { .. } => {
             db::migrate(&settings.database.url).await?;
-            let probe = BacklogProbe::default();
+            let probe = BacklogProbe::broker();
             let topology = amqp::Topology::new(&settings.amqp.prefix);
             let conn = match tokio::time::timeout(
                 Duration::from_secs(5),
@@ -191,7 +191,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
                     Err(_) => None,
                 },
                 _ => {
-                    tracing::warn!("broker unreachable: the heartbeat backlog is not part of this cycle's brake");
+                    tracing::warn!("broker unreachable: stale connections are not judged this cycle");
                     None
                 }
             };

@@ -56,7 +56,7 @@ pub struct Worker {
 impl Worker {
     /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let probe = BacklogProbe::default();
+        let probe = BacklogProbe::broker();
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(relay::listen(self.settings.database.url.clone(), wake.clone(), shutdown.clone()));
         let sweeper = Sweeper::new(self.pool.clone(), self.settings.clone(), probe.clone(), self.metrics.clone());

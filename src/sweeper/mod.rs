@@ -23,27 +23,58 @@ use crate::config::Settings;
 use crate::error::Result;
 use crate::metrics::{Metrics, NameLabel};
 
-/// Reads the heartbeat queue depth through the worker's current broker channel, when there is one.
+/// Reads the heartbeat queue depth for the stale brake.
+///
+/// A probe made with [`BacklogProbe::broker`] reads it through the worker's current broker channel; while there is
+/// none (the broker is unreachable, so agents cannot be heard either) the stale task is skipped rather than trusting
+/// a verdict the worker cannot check. The default probe ignores the backlog (library calls and tests that drive the
+/// sweeper without a broker).
 #[derive(Clone, Default)]
 pub struct BacklogProbe {
-    channel: Arc<Mutex<Option<(lapin::Channel, Topology)>>>,
+    broker: Option<Arc<Mutex<Option<ProbeChannel>>>>,
+}
+
+/// A channel and the names to ask it about.
+pub type ProbeChannel = (lapin::Channel, Topology);
+
+/// What a probe says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Not measured, by choice.
+    Ignored,
+    /// Messages waiting in the heartbeat queue.
+    Depth(u64),
+    /// The broker cannot be asked now.
+    Unavailable,
 }
 
 impl BacklogProbe {
-    /// Uses this channel from now on (`None`: the broker is unreachable).
-    pub async fn set(&self, channel: Option<(lapin::Channel, Topology)>) {
-        *self.channel.lock().await = channel;
+    /// A probe that reads the queue through a channel set with [`BacklogProbe::set`].
+    pub fn broker() -> Self {
+        Self { broker: Some(Arc::default()) }
     }
 
-    /// Messages waiting in the heartbeat queue, or `None` when it cannot be read.
-    pub async fn depth(&self) -> Option<u64> {
-        let guard = self.channel.lock().await;
-        let (ch, topology) = guard.as_ref()?;
+    /// Uses this channel from now on (`None`: the broker is unreachable).
+    pub async fn set(&self, channel: Option<(lapin::Channel, Topology)>) {
+        if let Some(b) = &self.broker {
+            *b.lock().await = channel;
+        }
+    }
+
+    /// The heartbeat backlog.
+    pub async fn depth(&self) -> Backlog {
+        let Some(b) = &self.broker else {
+            return Backlog::Ignored;
+        };
+        let guard = b.lock().await;
+        let Some((ch, topology)) = guard.as_ref() else {
+            return Backlog::Unavailable;
+        };
         match topology.heartbeat_backlog(ch).await {
-            Ok(n) => Some(n),
+            Ok(n) => Backlog::Depth(n),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the heartbeat queue depth");
-                None
+                Backlog::Unavailable
             }
         }
     }
@@ -106,9 +137,15 @@ impl Sweeper {
         let mut report = SweepReport::default();
 
         let t = Instant::now();
-        let backlog = self.probe.depth().await;
-        let stale =
-            stale_connections::run_once(&self.pool, &stale_connections::Config::from(&s.sweeper), backlog).await?;
+        let cfg = stale_connections::Config::from(&s.sweeper);
+        let stale = match self.probe.depth().await {
+            Backlog::Unavailable => {
+                tracing::warn!("broker unreachable: stale connections are not judged this cycle");
+                None
+            }
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &cfg, None).await?,
+            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &cfg, Some(n)).await?,
+        };
         match stale {
             None => report.skipped_tasks.push(stale_connections::TASK.into()),
             Some(r) => {
