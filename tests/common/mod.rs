@@ -240,7 +240,12 @@ pub async fn dead_letters(settings: &Settings, n: usize) -> Vec<(String, Vec<u8>
                 out.push((reason, m.delivery.data.clone()));
             }
             None => {
-                assert!(Instant::now() < deadline, "only {} of {n} dead letters arrived: {out:?}", out.len());
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} dead letters arrived: {:?}",
+                    out.len(),
+                    out.iter().map(|(r, _)| r).collect::<Vec<_>>()
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
