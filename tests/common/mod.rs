@@ -138,6 +138,11 @@ impl TestApp {
         self.manager.sweep_once(BacklogProbe::default()).await.expect("sweep runs")
     }
 
+    /// Runs one sweeper cycle of another manager on the same database.
+    pub async fn sweep_with(&self, manager: &AgentConnectionManager) -> SweepReport {
+        manager.sweep_once(BacklogProbe::default()).await.expect("sweep runs")
+    }
+
     /// Waits for the next event of `event_type` (other events are skipped).
     pub async fn next_event(&mut self, event_type: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,144 @@
+//! Several sweepers and relays (and whole workers) on one database: each transition once, each event once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_connection_manager::amqp::connect;
+use agent_connection_manager::metrics::Metrics;
+use agent_connection_manager::relay::relay_once;
+use agent_connection_manager::AgentConnectionManager;
+use common::{eventually, TestApp};
+use serde_json::{json, Value};
+
+const INSTRUCTIONS: i64 = 2000;
+const STALE: i64 = 500;
+
+async fn seed(app: &TestApp) {
+    app.db
+        .batch_execute(&format!(
+            "INSERT INTO agent_session (session_id, agent_id, name) VALUES ('s1', 'a1', 'seed');
+             INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, expires_at, max_retries)
+               SELECT gen_random_uuid(), 's1', 'a1', 't', to_jsonb(g), now() - interval '1 minute', 1
+               FROM generate_series(1, {INSTRUCTIONS}) g;
+             INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, last_heartbeat_at)
+               SELECT 'c' || g, 's1', 'a1', 'amqp', now() - interval '1 hour' FROM generate_series(1, {STALE}) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Collects every event until none arrives for a while, keyed by event_id.
+async fn collect(app: &mut TestApp) -> HashMap<String, (usize, Value)> {
+    let mut seen: HashMap<String, (usize, Value)> = HashMap::new();
+    for v in app.drain_events(Duration::from_millis(1500)).await {
+        let id = v["event_id"].as_str().unwrap().to_string();
+        seen.entry(id).or_insert((0, v.clone())).0 += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sweepers_and_two_relays_emit_each_event_once() {
+    let mut app = TestApp::unstarted_with(|s| {
+        s.sweeper.stale_brake_min_connections = 1_000_000;
+        s.sweeper.batch_size = 100;
+    })
+    .await;
+    seed(&app).await;
+    let other = AgentConnectionManager::with_pool(app.settings.clone(), app.manager.pool().clone());
+    let (a, b) = tokio::join!(app.sweep_with(&app.manager), app.sweep_with(&other));
+    let retried = a.instructions_retried + b.instructions_retried;
+    let stale = a.stale_connections + b.stale_connections;
+    assert_eq!(retried as i64, INSTRUCTIONS, "every due instruction retried once: {a:?} {b:?}");
+    assert_eq!(stale as i64, STALE);
+    // Both again at once: nothing is due any more.
+    let (a, b) = tokio::join!(app.sweep_with(&app.manager), app.sweep_with(&other));
+    assert_eq!(a.instructions_retried + b.instructions_retried + a.stale_connections + b.stale_connections, 0);
+    let retry_count: i64 =
+        app.scalar("SELECT count(*) FROM agent_instruction WHERE retry_count = 1 AND status = 'pending'").await;
+    assert_eq!(retry_count, INSTRUCTIONS);
+
+    // Two relays drain the outbox at once.
+    let relay = |pool: deadpool_postgres::Pool, url: String, exchange: String| async move {
+        let conn = connect(&url, "relay test").await.unwrap();
+        let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.unwrap();
+        let metrics = Metrics::new();
+        let mut total = 0;
+        loop {
+            let n = relay_once(&pool, &ch, &exchange, 50, &metrics).await.unwrap();
+            if n == 0 {
+                break total;
+            }
+            total += n;
+        }
+    };
+    let ex = app.topology().event_exchange;
+    let (r1, r2) = tokio::join!(
+        tokio::spawn(relay(app.manager.pool().clone(), app.settings.amqp.url.clone(), ex.clone())),
+        tokio::spawn(relay(app.manager.pool().clone(), app.settings.amqp.url.clone(), ex.clone()))
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!((r1 + r2) as i64, INSTRUCTIONS + STALE, "relays published {r1} + {r2}");
+    assert_eq!(app.unpublished().await, 0);
+    let seen = collect(&mut app).await;
+    assert_eq!(seen.len() as i64, INSTRUCTIONS + STALE);
+    assert!(seen.values().all(|(n, _)| *n == 1), "an event was published twice");
+    let mut per_instruction: HashMap<String, usize> = HashMap::new();
+    for (_, v) in seen.values() {
+        if v["event_type"] == "agent.instruction.retry" {
+            *per_instruction.entry(v["instruction_id"].as_str().unwrap().into()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_instruction.len() as i64, INSTRUCTIONS);
+    assert!(per_instruction.values().all(|n| *n == 1));
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_decide_each_transition_once() {
+    let mut app = TestApp::start_with(|s| {
+        s.sweeper.check_interval_secs = 1;
+        s.sweeper.instruction_retry_window_secs = 1;
+        s.worker.command_lanes = 2;
+    })
+    .await;
+    let second = Arc::new(AgentConnectionManager::new(app.settings.clone()).unwrap());
+    second.start().await.unwrap();
+    let n = 100;
+    let sid = app.session("a1").await;
+    for i in 0..n {
+        app.client
+            .send(
+                &json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t",
+                        "payload": i, "ttl_seconds": 1, "max_retries": 2}),
+                Some(&format!("create-{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    eventually("every instruction expired", Duration::from_secs(60), || async {
+        let expired: i64 = app.scalar("SELECT count(*) FROM agent_instruction WHERE status = 'expired'").await;
+        (expired == n).then_some(())
+    })
+    .await;
+    let seen = collect(&mut app).await;
+    assert!(seen.values().all(|(c, _)| *c == 1), "an event was published twice");
+    let mut by_decision: HashMap<(String, String, i64), usize> = HashMap::new();
+    for (_, v) in seen.values() {
+        let ty = v["event_type"].as_str().unwrap().to_string();
+        if ty.starts_with("agent.instruction.") {
+            let key = (ty, v["instruction_id"].as_str().unwrap().to_string(), v["retry_count"].as_i64().unwrap_or(-1));
+            *by_decision.entry(key).or_default() += 1;
+        }
+    }
+    assert!(by_decision.values().all(|c| *c == 1), "a decision was made twice");
+    let count = |ty: &str| by_decision.keys().filter(|k| k.0 == ty).count() as i64;
+    assert_eq!(count("agent.instruction.created"), n);
+    assert_eq!(count("agent.instruction.retry"), 2 * n);
+    assert_eq!(count("agent.instruction.expired"), n);
+    second.stop().await.unwrap();
+    app.cleanup().await;
+}

@@ -1,0 +1,185 @@
+//! End to end: the real binary, started with `run`, driven only through RabbitMQ as a client would, stopped with
+//! SIGTERM. Also the other CLI commands.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_connection_manager::client::{reply_result, Client};
+use common::{cleanup, eventually, test_settings};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_the_whole_lifecycle_and_stops_on_sigterm() {
+    let settings = test_settings();
+    let port = free_port();
+    let env = |c: &mut Command| {
+        c.env("ACM_DATABASE__URL", &settings.database.url)
+            .env("ACM_AMQP__URL", &settings.amqp.url)
+            .env("ACM_AMQP__PREFIX", &settings.amqp.prefix)
+            .env("ACM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ACM_SWEEPER__CHECK_INTERVAL_SECS", "1")
+            .env("ACM_SWEEPER__INSTRUCTION_RETRY_WINDOW_SECS", "1")
+            .env_remove("ACM_CONFIG")
+            .env_remove("RUST_LOG");
+    };
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        env(&mut c);
+        c.args(args).output().expect("the binary runs")
+    };
+
+    // migrate: twice at once, both succeed.
+    let mut a = Command::new(BIN);
+    env(&mut a);
+    let mut b = Command::new(BIN);
+    env(&mut b);
+    let (a, b) = (a.arg("migrate").spawn().unwrap(), b.arg("migrate").spawn().unwrap());
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+
+    let mut run = Command::new(BIN);
+    env(&mut run);
+    let mut child = run.arg("run").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("/readyz to answer 200", Duration::from_secs(30), || async {
+        matches!(http_get(port, "/readyz").await, Some((200, _))).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+
+    let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.unwrap();
+    let mut events = client.subscribe("agent.#").await.unwrap();
+    let t = Duration::from_secs(20);
+    let r = client.request(&json!({"type": "session.create", "agent_id": "e2e"}), None, t).await.unwrap();
+    let sid = reply_result(&r).unwrap()["session_id"].as_str().unwrap().to_string();
+    client.heartbeat("e2e", &sid, "e2e-conn").await.unwrap();
+    let r = client
+        .request(
+            &json!({"type": "instruction.create", "agent_id": "e2e", "session_id": sid, "instruction_type": "t",
+                    "payload": {"a": 1}, "ttl_seconds": 1, "max_retries": 1}),
+            None,
+            t,
+        )
+        .await
+        .unwrap();
+    let expiring = reply_result(&r).unwrap()["instruction_id"].as_str().unwrap().to_string();
+    let r = client
+        .request(&json!({"type": "instruction.create", "agent_id": "e2e", "session_id": sid, "instruction_type": "t", "payload": 2}), None, t)
+        .await
+        .unwrap();
+    let acked = reply_result(&r).unwrap()["instruction_id"].as_str().unwrap().to_string();
+    let r = client
+        .request(&json!({"type": "instruction.ack", "agent_id": "e2e", "session_id": sid, "instruction_id": acked, "status": "processed"}), None, t)
+        .await
+        .unwrap();
+    assert_eq!(reply_result(&r).unwrap()["accepted"], true);
+
+    let mut want = vec![
+        ("agent.session.created", String::new()),
+        ("agent.connection.opened", String::new()),
+        ("agent.instruction.created", expiring.clone()),
+        ("agent.instruction.acknowledged", acked.clone()),
+        ("agent.instruction.retry", expiring.clone()),
+        ("agent.instruction.expired", expiring.clone()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !want.is_empty() && Instant::now() < deadline {
+        if let Some(e) = events.next(Duration::from_millis(500)).await {
+            let v = serde_json::to_value(&e).unwrap();
+            want.retain(|(ty, id)| !(v["event_type"] == *ty && (id.is_empty() || v["instruction_id"] == id.as_str())));
+        }
+    }
+    assert!(want.is_empty(), "events never seen: {want:?}");
+
+    let (status, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("acm_messages_consumed_total"), "{metrics}");
+    assert!(metrics.contains("acm_active_sessions 1"), "{metrics}");
+
+    let out = cli(&["stats"]);
+    assert!(out.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["active_sessions"], 1);
+    assert_eq!(stats["active_connections"], 1);
+
+    let out = cli(&["session", "create", "--agent-id", "cli-agent", "--parameters", r#"{"kv": 300}"#]);
+    assert!(out.status.success());
+    let cli_sid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(cli(&["session", "close", &cli_sid]).status.success());
+    assert_eq!(cli(&["session", "close", "no-such-session"]).status.code(), Some(1));
+    let out = cli(&["sweep", "--once"]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("stale_connections").is_some(), "{report}");
+
+    // SIGTERM: graceful, exit 0, within a few seconds.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the worker did not exit within 15 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut log = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(log.contains("shutdown requested"), "{log}");
+    assert!(!log.contains("guest:guest"), "a secret reached the log");
+    client.close().await;
+    cleanup(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_is_layered_validated_and_redacted() {
+    let dir = std::env::temp_dir().join(format!("acm-config-{}", common::random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("extra.toml");
+    std::fs::write(&file, "[amqp]\nprefix = \"from-file\"\nurl = \"amqp://user:s3cret@broker:5672/%2f\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "config"])
+        .env_remove("ACM_AMQP__PREFIX")
+        .env("ACM_SWEEPER__CHECK_INTERVAL_SECS", "7")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("prefix = \"from-file\""), "{text}");
+    assert!(text.contains("check_interval_secs = 7"), "the environment wins: {text}");
+    assert!(!text.contains("s3cret"), "a secret was printed: {text}");
+    assert!(text.contains("user:***@broker"), "{text}");
+
+    let out = Command::new(BIN).arg("config").env("ACM_DATABASE__POOL_SIZE", "lots").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("database.pool_size"), "{err}");
+    assert!(!err.contains("panicked"));
+
+    let out = Command::new(BIN).args(["--config", "/nonexistent.toml", "config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
