@@ -373,6 +373,12 @@ fn one_line(e: &figment::Error) -> String {
 }
 
 /// Replaces the password of a URL (or a libpq `password=` pair) with `***`.
+///
+/// ```
+/// use agent_connection_manager::config::redact_url;
+/// assert_eq!(redact_url("amqp://guest:guest@host/%2f"), "amqp://guest:***@host/%2f");
+/// assert_eq!(redact_url("host=db password=secret"), "host=db password=***");
+/// ```
 pub fn redact_url(raw: &str) -> String {
     if let Ok(mut u) = url::Url::parse(raw) {
         if u.password().is_some() && u.set_password(Some("***")).is_ok() {

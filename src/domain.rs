@@ -105,6 +105,12 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 /// Instruction priority, ordered `low` < `normal` < `high` < `critical`.
+///
+/// ```
+/// use agent_connection_manager::domain::Priority;
+/// let p: Priority = serde_json::from_str("\"critical\"").unwrap();
+/// assert!(p > Priority::High && Priority::Low < Priority::default());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {

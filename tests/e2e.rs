@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_connection_manager::client::{reply_result, Client};
-use common::{cleanup, eventually, test_settings};
+use common::{eventually, test_settings};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,6 +32,7 @@ async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_the_whole_lifecycle_and_stops_on_sigterm() {
     let settings = test_settings();
+    let _guard = common::CleanupGuard::new(&settings);
     let port = free_port();
     let env = |c: &mut Command| {
         c.env("ACM_DATABASE__URL", &settings.database.url)
@@ -150,7 +151,6 @@ async fn the_binary_runs_the_whole_lifecycle_and_stops_on_sigterm() {
     assert!(log.contains("shutdown requested"), "{log}");
     assert!(!log.contains("guest:guest"), "a secret reached the log");
     client.close().await;
-    cleanup(&settings).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,37 @@ pub struct TestApp {
     pub client: Client,
     pub events: Subscription,
     pub db: tokio_postgres::Client,
+    guard: CleanupGuard,
+}
+
+/// Removes a test's database and broker objects even when the test fails before `cleanup`.
+pub struct CleanupGuard {
+    settings: Option<Settings>,
+}
+
+impl CleanupGuard {
+    pub fn new(settings: &Settings) -> Self {
+        Self { settings: Some(settings.clone()) }
+    }
+
+    fn disarm(&mut self) {
+        self.settings = None;
+    }
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        if let Some(settings) = self.settings.take() {
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    rt.block_on(async {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), cleanup(&settings)).await;
+                    });
+                }
+            })
+            .join();
+        }
+    }
 }
 
 impl TestApp {
@@ -100,7 +131,8 @@ impl TestApp {
         let events = client.subscribe("#").await.expect("subscribe to events");
         let (db, conn) = tokio_postgres::connect(&settings.database.url, NoTls).await.expect("database connects");
         tokio::spawn(conn);
-        Self { settings, manager, client, events, db }
+        let guard = CleanupGuard::new(&settings);
+        Self { settings, manager, client, events, db, guard }
     }
 
     pub fn topology(&self) -> Topology {
@@ -192,7 +224,8 @@ impl TestApp {
     }
 
     /// Stops the worker and removes the database and the broker objects.
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
+        self.guard.disarm();
         let _ = self.manager.stop().await;
         let settings = self.settings.clone();
         drop(self.db);
