@@ -4,6 +4,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY sql sql
+COPY benches benches
 RUN cargo build --release --locked --bin agent-connection-manager
 
 FROM debian:bookworm-slim
