@@ -9,9 +9,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const MAX_ID_BYTES: usize = 255;
 
 /// An agent, session or connection id: 1 to 255 bytes, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Ident(String);
+pub struct Ident(#[schemars(length(min = 1, max = 255))] String);
 
 impl Ident {
     /// Parses an id, saying what is wrong with it.
@@ -49,9 +49,9 @@ impl<'de> Deserialize<'de> for Ident {
 }
 
 /// Free text stored as given (name, description, error message): no NUL, at most 64 KiB.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Text(String);
+pub struct Text(#[schemars(length(max = 65536))] String);
 
 impl Text {
     /// The text.
@@ -78,9 +78,9 @@ impl<'de> Deserialize<'de> for Text {
 }
 
 /// An instant read from RFC 3339 text; one without an offset is taken as UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Timestamp(pub DateTime<Utc>);
+pub struct Timestamp(#[schemars(with = "String")] pub DateTime<Utc>);
 
 impl Timestamp {
     /// Parses RFC 3339, or an ISO 8601 date-time without offset (read as UTC).
@@ -105,13 +105,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 /// Instruction priority, ordered `low` < `normal` < `high` < `critical`.
-///
-/// ```
-/// use agent_connection_manager::domain::Priority;
-/// let p: Priority = serde_json::from_str("\"critical\"").unwrap();
-/// assert!(p > Priority::High && Priority::Low < Priority::default());
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Lowest.
@@ -127,6 +121,13 @@ pub enum Priority {
 
 impl Priority {
     /// The database enum label.
+    ///
+    /// ```
+    /// use agent_connection_manager::domain::Priority;
+    /// let p: Priority = serde_json::from_str("\"critical\"").unwrap();
+    /// assert!(p > Priority::High && Priority::Low < Priority::default());
+    /// assert_eq!(p.as_str(), "critical");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Priority::Low => "low",
@@ -138,7 +139,7 @@ impl Priority {
 }
 
 /// What an agent says of an instruction it acknowledges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AckStatus {
     /// Received, not yet processed.
@@ -164,7 +165,7 @@ impl AckStatus {
 }
 
 /// Why a connection was closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseReason {
     /// The agent (or backend) closed it.

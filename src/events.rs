@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::error::Result;
 
 /// One event: common fields plus the type-specific body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Event {
     /// Unique id; also the AMQP `message_id` of the published message.
     pub event_id: Uuid,
@@ -24,7 +24,7 @@ pub struct Event {
 }
 
 /// The body of each event type; `event_type` is the tag and the routing key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "event_type")]
 pub enum EventBody {
     /// A session was created.

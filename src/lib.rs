@@ -27,5 +27,6 @@ pub use manager::{get_connection_manager, start_connection_manager, stop_connect
 pub mod cli;
 pub mod client;
 pub mod http;
+pub mod schema;
 pub mod simulate;
 pub mod telemetry;

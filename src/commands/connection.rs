@@ -2,9 +2,10 @@
 
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
+use super::replies::{result, Closed, ConnectionOpened};
 use super::{touch_session, Context, Outcome};
 use crate::db;
 use crate::domain::{CloseReason, Ident};
@@ -12,7 +13,7 @@ use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
 /// `connection.open`: a new active connection in an agent's session.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Open {
     /// Owner; must own the session.
     pub agent_id: Ident,
@@ -30,7 +31,7 @@ pub struct Open {
 }
 
 /// `connection.close`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Close {
     /// The connection to close.
     pub connection_id: Ident,
@@ -92,7 +93,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
             .await?;
         let same = row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid;
         if same && row.get::<_, String>(2) == "active" {
-            return Ok(Ok(json!({ "connection_id": cid })));
+            return Ok(Ok(result(ConnectionOpened { connection_id: cid })));
         }
         return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
     }
@@ -111,7 +112,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
     )
     .await?;
     tracing::info!(connection_id = %cid, session_id = sid, agent_id = aid, "connection opened");
-    Ok(Ok(json!({ "connection_id": cid })))
+    Ok(Ok(result(ConnectionOpened { connection_id: cid })))
 }
 
 /// Closes the connection: `{closed: false}` when there is no such connection; closing a closed one changes nothing.
@@ -120,7 +121,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
     let Some(row) =
         tx.query_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
     else {
-        return Ok(Ok(json!({ "closed": false })));
+        return Ok(Ok(result(Closed { closed: false })));
     };
     let sid: String = row.get(0);
     let aid: String = row.get(1);
@@ -155,5 +156,5 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
         .await?;
         tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason, "connection closed");
     }
-    Ok(Ok(json!({ "closed": true })))
+    Ok(Ok(result(Closed { closed: true })))
 }

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
 
 /// `agent.heartbeat`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Heartbeat {
     /// The agent.
     pub agent_id: Ident,

@@ -3,10 +3,11 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::connection::lock_agent_session;
+use super::replies::{result, AckResult, InstructionCreated, InstructionStatus};
 use super::{touch_session, Context, Outcome};
 use crate::domain::{double_option, AckStatus, Ident, Priority, Text, Timestamp};
 use crate::error::{CommandError, Result};
@@ -18,7 +19,7 @@ pub const MAX_TTL_SECONDS: f64 = 315_360_000.0;
 pub const MAX_RETRIES: u32 = 1000;
 
 /// `instruction.create`: a new `pending` instruction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Create {
     /// The session; must not be ended.
     pub session_id: Ident,
@@ -70,7 +71,7 @@ impl Create {
 }
 
 /// `instruction.sent`: the backend delivered a pending instruction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Sent {
     /// The instruction.
     pub instruction_id: Uuid,
@@ -80,7 +81,7 @@ pub struct Sent {
 }
 
 /// `instruction.ack`: the agent acknowledges an instruction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Ack {
     /// The instruction.
     pub instruction_id: Uuid,
@@ -151,7 +152,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
             .await?;
         if row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid {
             let expires_at: Option<DateTime<Utc>> = row.get(2);
-            return Ok(Ok(json!({ "instruction_id": id, "expires_at": expires_at })));
+            return Ok(Ok(result(InstructionCreated { instruction_id: id, expires_at })));
         }
         return Ok(Err(CommandError::Conflict(format!("instruction {id} already exists in another session"))));
     };
@@ -175,7 +176,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
     )
     .await?;
     tracing::info!(instruction_id = %id, session_id = sid, agent_id = aid, "instruction created");
-    Ok(Ok(json!({ "instruction_id": id, "expires_at": expires_at })))
+    Ok(Ok(result(InstructionCreated { instruction_id: id, expires_at })))
 }
 
 /// Marks a pending instruction sent; any other state is reported unchanged.
@@ -190,13 +191,13 @@ pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
         .await?;
     if updated == 1 {
         tracing::info!(instruction_id = %cmd.instruction_id, "instruction sent");
-        return Ok(Ok(json!({ "status": "sent" })));
+        return Ok(Ok(result(InstructionStatus { status: "sent".into() })));
     }
     match tx
         .query_opt("SELECT status::text FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id])
         .await?
     {
-        Some(row) => Ok(Ok(json!({ "status": row.get::<_, String>(0) }))),
+        Some(row) => Ok(Ok(result(InstructionStatus { status: row.get(0) }))),
         None => Ok(Err(CommandError::NotFound(format!("no instruction {}", cmd.instruction_id)))),
     }
 }
@@ -269,5 +270,5 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
     )
     .await?;
     touch_session(tx, sid).await?;
-    Ok(Ok(json!({ "status": status, "accepted": accepted })))
+    Ok(Ok(result(AckResult { status, accepted })))
 }

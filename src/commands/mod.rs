@@ -8,6 +8,7 @@
 pub mod connection;
 pub mod heartbeat;
 pub mod instruction;
+pub mod replies;
 pub mod session;
 pub mod stats;
 

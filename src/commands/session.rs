@@ -2,9 +2,10 @@
 
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::replies::{result, Closed, SessionCreated};
 use super::Outcome;
 use crate::db;
 use crate::domain::{Ident, Text};
@@ -12,7 +13,7 @@ use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
 /// `session.create`: a new active session.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Create {
     /// Owner.
     pub agent_id: Ident,
@@ -34,7 +35,7 @@ pub struct Create {
 }
 
 /// `session.close`: end a session, close its connections, cancel its open instructions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Close {
     /// The session to end.
     pub session_id: Ident,
@@ -65,7 +66,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
         if owner != cmd.agent_id.as_str() {
             return Ok(Err(CommandError::Conflict(format!("session {session_id} exists for another agent"))));
         }
-        return Ok(Ok(json!({ "session_id": session_id })));
+        return Ok(Ok(result(SessionCreated { session_id })));
     }
     write_outbox(
         tx,
@@ -79,7 +80,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
     )
     .await?;
     tracing::info!(session_id = %session_id, agent_id = %cmd.agent_id, "session created");
-    Ok(Ok(json!({ "session_id": session_id })))
+    Ok(Ok(result(SessionCreated { session_id })))
 }
 
 /// Ends the session: `{closed: false}` when there is no such session, `{closed: true}` otherwise (again: no change).
@@ -89,12 +90,12 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
         .query_opt("SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid])
         .await?
     else {
-        return Ok(Ok(json!({ "closed": false })));
+        return Ok(Ok(result(Closed { closed: false })));
     };
     let agent_id: String = row.get(0);
     let status: String = row.get(1);
     if status == "ended" {
-        return Ok(Ok(json!({ "closed": true })));
+        return Ok(Ok(result(Closed { closed: true })));
     }
     let now = db::now(tx).await?;
     tx.execute("UPDATE agent_session SET status = 'ended', ended_at = now() WHERE session_id = $1", &[&sid]).await?;
@@ -146,5 +147,5 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
         cancelled_instructions = instructions.len(),
         "session ended"
     );
-    Ok(Ok(json!({ "closed": true })))
+    Ok(Ok(result(Closed { closed: true })))
 }
