@@ -121,7 +121,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
     match command {
         Cmd::Run => run(settings).await,
         Cmd::Migrate => {
-            db::migrate(&settings.database.url).await?;
+            db::migrate(&settings.database).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
@@ -130,7 +130,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Stats { watch } => {
-            db::migrate(&settings.database.url).await?;
+            db::migrate(&settings.database).await?;
             let m = AgentConnectionManager::new(settings)?;
             loop {
                 let s = m.get_connection_stats().await?;
@@ -154,7 +154,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
                     }
                 },
             };
-            db::migrate(&settings.database.url).await?;
+            db::migrate(&settings.database).await?;
             let m = AgentConnectionManager::new(settings)?;
             let id = m
                 .create_session(&agent_id, acquisition_uuid.as_deref(), name.as_deref(), description.as_deref(), params)
@@ -163,7 +163,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Session(SessionCmd::Close { session_id }) => {
-            db::migrate(&settings.database.url).await?;
+            db::migrate(&settings.database).await?;
             let m = AgentConnectionManager::new(settings)?;
             if m.close_session(&session_id).await? {
                 println!("closed");
@@ -174,7 +174,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             }
         }
         Cmd::Sweep { .. } => {
-            db::migrate(&settings.database.url).await?;
+            db::migrate(&settings.database).await?;
             let probe = BacklogProbe::broker();
             let topology = amqp::Topology::new(&settings.amqp.prefix);
             let conn = match tokio::time::timeout(

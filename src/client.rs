@@ -28,6 +28,7 @@ pub struct Client {
     reply_queue: String,
     pending: Pending,
     dispatcher: JoinHandle<()>,
+    user_id: Option<String>,
 }
 
 /// An error reply of the worker.
@@ -88,7 +89,14 @@ impl Client {
                 }
             }
         });
-        Ok(Self { conn, channel, topology: Topology::new(prefix), reply_queue, pending, dispatcher })
+        Ok(Self { conn, channel, topology: Topology::new(prefix), reply_queue, pending, dispatcher, user_id: None })
+    }
+
+    /// Sets the AMQP `user_id` on every message from now on (the broker checks it is the connection's user; the
+    /// worker, with `security.require_user_id`, that it is the message's `agent_id`).
+    pub fn with_user_id(mut self, user_id: &str) -> Self {
+        self.user_id = Some(user_id.to_string());
+        self
     }
 
     /// The names this client publishes to.
@@ -97,7 +105,10 @@ impl Client {
     }
 
     /// Publishes raw bytes to the command exchange (confirmed by the broker).
-    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], props: BasicProperties) -> Result<()> {
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], mut props: BasicProperties) -> Result<()> {
+        if let Some(u) = &self.user_id {
+            props = props.with_user_id(ShortString::from(u.clone()));
+        }
         publish_confirmed(&self.channel, &self.topology.command_exchange, routing_key, body, props).await
     }
 

@@ -57,6 +57,10 @@ pub struct DatabaseSettings {
     pub pool_size: usize,
     /// How long a pool checkout, a connect or a recycle may wait.
     pub checkout_timeout_secs: u64,
+    /// Extra CA certificate (PEM) trusted for `sslmode=require`; empty for the system roots only.
+    pub tls_ca_file: String,
+    /// With `sslmode=require`, encrypt without verifying the server certificate (self-signed development servers).
+    pub tls_accept_invalid_certs: bool,
 }
 
 /// `amqp.*`
@@ -183,6 +187,8 @@ impl Default for DatabaseSettings {
             url: "postgres://postgres@127.0.0.1:5432/agent_connections".into(),
             pool_size: 16,
             checkout_timeout_secs: 5,
+            tls_ca_file: String::new(),
+            tls_accept_invalid_certs: false,
         }
     }
 }

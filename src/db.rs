@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use postgres_native_tls::MakeTlsConnector;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::DatabaseSettings;
@@ -16,14 +18,39 @@ mod embedded {
 /// Key of the session-level advisory lock that serialises concurrent `migrate` runs.
 const MIGRATION_LOCK_KEY: i64 = 0x0061_636d_5f6d_6967; // "acm_mig"
 
+fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
+    url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()).into())
+}
+
+/// The TLS connector for `sslmode=require` (`None` otherwise: the connection is plain).
+///
+/// The server certificate is verified against the system roots plus `database.tls_ca_file`, unless
+/// `database.tls_accept_invalid_certs` is set (libpq's own `require` does not verify either).
+pub fn tls(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Result<Option<MakeTlsConnector>> {
+    if config.get_ssl_mode() != SslMode::Require {
+        return Ok(None);
+    }
+    let bad = |key: &str, e: String| crate::error::Error::Config(crate::config::ConfigError(format!("{key}: {e}")));
+    let mut builder = native_tls::TlsConnector::builder();
+    if !settings.tls_ca_file.is_empty() {
+        let pem = std::fs::read(&settings.tls_ca_file).map_err(|e| bad("database.tls_ca_file", e.to_string()))?;
+        let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| bad("database.tls_ca_file", e.to_string()))?;
+        builder.add_root_certificate(cert);
+    }
+    builder.danger_accept_invalid_certs(settings.tls_accept_invalid_certs);
+    let connector = builder.build().map_err(|e| bad("database.url", format!("cannot set up TLS: {e}")))?;
+    Ok(Some(MakeTlsConnector::new(connector)))
+}
+
 /// Builds the pool. No connection is made until the first checkout; every checkout, connect and recycle is bounded
 /// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out.
 pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
-    let pg: tokio_postgres::Config = settings
-        .url
-        .parse()
-        .map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()))?;
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pg = pg_config(&settings.url)?;
+    let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match tls(settings, &pg)? {
+        Some(tls) => Manager::from_config(pg, tls, mc),
+        None => Manager::from_config(pg, NoTls, mc),
+    };
     let timeout = Some(Duration::from_secs(settings.checkout_timeout_secs));
     Pool::builder(manager)
         .max_size(settings.pool_size)
@@ -35,32 +62,45 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
         .map_err(|e| crate::config::ConfigError(format!("database.pool_size: {e}")).into())
 }
 
-/// Opens one connection outside the pool, driving it on a task of its own.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "direct database connection ended");
+/// Opens one connection outside the pool (to `dbname` instead of the configured database when given), driving it
+/// on a task of its own.
+pub async fn connect(settings: &DatabaseSettings, dbname: Option<&str>) -> Result<Client> {
+    let mut config = pg_config(&settings.url)?;
+    if let Some(name) = dbname {
+        config.dbname(name);
+    }
+    match tls(settings, &config)? {
+        Some(tls) => {
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(drive(connection));
+            Ok(client)
         }
-    });
-    Ok(client)
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(drive(connection));
+            Ok(client)
+        }
+    }
 }
 
-/// Creates the database named in `url` when it does not exist. Safe when several processes race to do it.
-pub async fn ensure_database(url: &str) -> Result<()> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()))?;
+async fn drive<F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "direct database connection ended");
+    }
+}
+
+/// Creates the configured database when it does not exist. Safe when several processes race to do it.
+pub async fn ensure_database(settings: &DatabaseSettings) -> Result<()> {
+    let config = pg_config(&settings.url)?;
     let Some(name) = config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
-    match connect(&config).await {
+    match connect(settings, None).await {
         Ok(_) => return Ok(()),
         Err(Error::Db(e)) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => return Err(e),
     }
-    let mut admin = config.clone();
-    admin.dbname("postgres");
-    let client = connect(&admin).await?;
+    let client = connect(settings, Some("postgres")).await?;
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&format!("CREATE DATABASE {quoted}")).await {
         Ok(()) => {
@@ -81,11 +121,9 @@ pub async fn ensure_database(url: &str) -> Result<()> {
 ///
 /// A session-level advisory lock serialises concurrent runs, so two processes starting at once apply each migration
 /// once and both succeed.
-pub async fn migrate(url: &str) -> Result<()> {
-    ensure_database(url).await?;
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()))?;
-    let mut client = connect(&config).await?;
+pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
+    ensure_database(settings).await?;
+    let mut client = connect(settings, None).await?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;

@@ -7,7 +7,7 @@ use crate::config::ConfigError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A statement or connection failed.
-    #[error("database: {0}")]
+    #[error("database: {}", with_causes(.0))]
     Db(#[from] tokio_postgres::Error),
     /// No pooled connection could be had in time, or one could not be made.
     #[error("database pool: {0}")]
@@ -36,6 +36,21 @@ pub enum Error {
     /// The work was interrupted by shutdown.
     #[error("shutting down")]
     Shutdown,
+}
+
+/// An error and its causes on one line (tokio-postgres keeps the detail, such as a TLS reason, in the source).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl Error {

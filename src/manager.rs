@@ -88,8 +88,7 @@ impl AgentConnectionManager {
             return Ok(());
         }
         let shutdown = CancellationToken::new();
-        let url = self.settings.database.url.clone();
-        retry_transient("applying migrations", &shutdown, || db::migrate(&url)).await?;
+        retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
         let worker = Worker {
             pool: self.pool.clone(),
             settings: self.settings.clone(),

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::amqp::json_properties;
+use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
@@ -149,10 +150,10 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
 }
 
 /// Listens for `acm_outbox` notifications on a dedicated connection and wakes the relay; reconnects with backoff.
-pub async fn listen(url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn listen(settings: DatabaseSettings, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
-        match listen_once(&url, &wake, &shutdown).await {
+        match listen_once(&settings, &wake, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox listener lost its database connection; reconnecting");
@@ -165,11 +166,35 @@ pub async fn listen(url: String, wake: Arc<Notify>, shutdown: CancellationToken)
     }
 }
 
-async fn listen_once(url: &str, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()))?;
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+async fn listen_once(settings: &DatabaseSettings, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
+    let config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()))?;
+    match crate::db::tls(settings, &config)? {
+        Some(tls) => {
+            let (client, mut connection) = config.connect(tls).await?;
+            let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            notifications(client, messages, wake, shutdown).await
+        }
+        None => {
+            let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+            let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            notifications(client, messages, wake, shutdown).await
+        }
+    }
+}
+
+async fn notifications<S>(
+    client: tokio_postgres::Client,
+    messages: S,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<()>
+where
+    S: futures_util::Stream<Item = std::result::Result<AsyncMessage, tokio_postgres::Error>>,
+{
+    tokio::pin!(messages);
     let listen = client.batch_execute("LISTEN acm_outbox");
     tokio::pin!(listen);
     let mut listening = false;

@@ -58,7 +58,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let probe = BacklogProbe::broker();
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(relay::listen(self.settings.database.url.clone(), wake.clone(), shutdown.clone()));
+        let listener = tokio::spawn(relay::listen(self.settings.database.clone(), wake.clone(), shutdown.clone()));
         let sweeper = Sweeper::new(self.pool.clone(), self.settings.clone(), probe.clone(), self.metrics.clone());
         let sweeper = tokio::spawn(sweeper.run(shutdown.clone()));
         let mut backoff = Backoff::default();

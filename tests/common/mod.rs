@@ -122,15 +122,14 @@ impl TestApp {
     pub async fn unstarted_with(adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = test_settings();
         adjust(&mut settings);
-        db::migrate(&settings.database.url).await.expect("migrations apply");
+        db::migrate(&settings.database).await.expect("migrations apply");
         let manager = Arc::new(AgentConnectionManager::new(settings.clone()).expect("manager"));
         let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.expect("client connects");
         let (conn, setup) = amqp_channel(&settings).await;
         Topology::new(&settings.amqp.prefix).declare(&setup, &settings.amqp).await.expect("topology declares");
         let _ = conn.close(200, "done".into()).await;
         let events = client.subscribe("#").await.expect("subscribe to events");
-        let (db, conn) = tokio_postgres::connect(&settings.database.url, NoTls).await.expect("database connects");
-        tokio::spawn(conn);
+        let db = db::connect(&settings.database, None).await.expect("database connects");
         let guard = CleanupGuard::new(&settings);
         Self { settings, manager, client, events, db, guard }
     }
@@ -246,7 +245,9 @@ pub async fn cleanup(settings: &Settings) {
     let (conn, ch) = amqp_channel(settings).await;
     let _ = Topology::new(&settings.amqp.prefix).delete(&ch).await;
     let _ = conn.close(200, "done".into()).await;
-    let name = settings.database.url.rsplit('/').next().unwrap_or_default().to_string();
+    let name =
+        settings.database.url.parse::<tokio_postgres::Config>().ok().and_then(|c| c.get_dbname().map(str::to_string));
+    let Some(name) = name else { return };
     if let Ok((admin, conn)) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls).await {
         tokio::spawn(conn);
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;

@@ -1,0 +1,157 @@
+//! Security: `security.require_user_id` with real RabbitMQ users, TLS to PostgreSQL, parameterized SQL.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use agent_connection_manager::client::Client;
+use agent_connection_manager::{db, Settings};
+use common::{dead_letters, eventually, random_suffix, TestApp};
+use serde_json::json;
+
+/// A RabbitMQ user that exists for the test's lifetime.
+struct BrokerUser {
+    name: String,
+    password: String,
+}
+
+impl BrokerUser {
+    fn create(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", random_suffix());
+        let password = random_suffix();
+        let ok = |args: &[&str]| {
+            let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ok(&["add_user", &name, &password]);
+        ok(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        Self { name, password }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.name]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_held_to_their_broker_identity() {
+    let app = TestApp::start_with(|s| s.security.require_user_id = true).await;
+    let alice = BrokerUser::create("agent-alice");
+    let bob = BrokerUser::create("agent-bob");
+    let prefix = &app.settings.amqp.prefix;
+    let as_alice = Client::connect(&alice.url(), prefix).await.unwrap().with_user_id(&alice.name);
+    let as_bob = Client::connect(&bob.url(), prefix).await.unwrap().with_user_id(&bob.name);
+
+    // The backend (no user_id) creates sessions; backend commands are not agent messages.
+    let sa = app.session(&alice.name).await;
+    let sb = app.session(&bob.name).await;
+    as_bob.heartbeat(&bob.name, &sb, "bob-conn").await.unwrap();
+    as_alice.heartbeat(&alice.name, &sa, "alice-conn").await.unwrap();
+    eventually("both agents' own heartbeats applied", Duration::from_secs(20), || async {
+        (app.scalar::<i64>("SELECT count(*) FROM agent_connection WHERE status = 'active'").await == 2).then_some(())
+    })
+    .await;
+    let i = app
+        .ok(json!({"type": "instruction.create", "agent_id": bob.name, "session_id": sb, "instruction_type": "t", "payload": 1}))
+        .await;
+
+    // Alice, honestly identified, claims to be Bob: dead-lettered as forbidden, nothing of Bob's moves.
+    as_alice.heartbeat(&bob.name, &sb, "bob-conn-2").await.unwrap();
+    as_alice
+        .send(
+            &json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": bob.name,
+                      "session_id": sb, "status": "processed"}),
+            None,
+        )
+        .await
+        .unwrap();
+    as_alice.send(&json!({"type": "connection.close", "connection_id": "bob-conn"}), None).await.unwrap();
+    as_alice.send(&json!({"type": "connection.open", "agent_id": bob.name, "session_id": sb}), None).await.unwrap();
+    // A message without user_id claiming an agent is forbidden too.
+    app.client.heartbeat(&alice.name, &sa, "anonymous").await.unwrap();
+    let letters = dead_letters(&app.settings, 5).await;
+    assert!(
+        letters.iter().all(|(r, _)| r.starts_with("forbidden")),
+        "{:?}",
+        letters.iter().map(|l| &l.0).collect::<Vec<_>>()
+    );
+    let s: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'bob-conn'").await;
+    assert_eq!(s, "active");
+    let s: String = app.scalar("SELECT status::text FROM agent_instruction").await;
+    assert_eq!(s, "pending");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_connection").await, 2);
+
+    // Bob acts on his own instruction and connection.
+    as_bob
+        .send(
+            &json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": bob.name,
+                      "session_id": sb, "status": "processed"}),
+            None,
+        )
+        .await
+        .unwrap();
+    as_bob.send(&json!({"type": "connection.close", "connection_id": "bob-conn"}), None).await.unwrap();
+    eventually("Bob's own commands applied", Duration::from_secs(20), || async {
+        let i: String = app.scalar("SELECT status::text FROM agent_instruction").await;
+        let c: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'bob-conn'").await;
+        (i == "acknowledged" && c == "closed").then_some(())
+    })
+    .await;
+
+    // Alice cannot even claim Bob's user_id: the broker refuses the publish.
+    let spoof = Client::connect(&alice.url(), prefix).await.unwrap().with_user_id(&bob.name);
+    assert!(spoof.heartbeat(&bob.name, &sb, "spoofed").await.is_err(), "the broker accepted a forged user_id");
+    for c in [as_alice, as_bob] {
+        c.close().await;
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls() {
+    let tls = |s: &mut Settings| {
+        s.database.url.push_str("?sslmode=require");
+        s.database.tls_accept_invalid_certs = true; // the machine's server uses a self-signed certificate
+    };
+    let app = TestApp::start_with(tls).await;
+    let sid = app.session("tls-agent").await;
+    assert!(!sid.is_empty());
+    let client = app.manager.pool().get().await.unwrap();
+    let ssl: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(ssl, "the pooled connection is encrypted");
+    drop(client);
+    // Verifying the self-signed certificate fails, with a clear error rather than a plain-text fallback.
+    let mut strict = app.settings.clone();
+    strict.database.tls_accept_invalid_certs = false;
+    let Err(err) = db::connect(&strict.database, None).await else {
+        panic!("an unverifiable certificate was accepted");
+    };
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    app.cleanup().await;
+}
+
+#[test]
+fn sql_is_never_built_from_input() {
+    // Every statement takes its values as parameters: no format! into SQL in the code paths that handle messages.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for dir in ["commands", "sweeper"] {
+        for entry in std::fs::read_dir(src.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let l = line.trim();
+                let builds_sql =
+                    l.contains("format!(") && ["SELECT", "UPDATE", "INSERT", "DELETE"].iter().any(|k| l.contains(k));
+                assert!(!builds_sql, "{}:{}: SQL built with format!: {l}", path.display(), n + 1);
+            }
+        }
+    }
+}
