@@ -183,3 +183,48 @@ async fn config_is_layered_validated_and_redacted() {
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_a_missing_broker_and_logs_are_json() {
+    let settings = test_settings();
+    let _guard = common::CleanupGuard::new(&settings);
+    let (port, dead_broker) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .env("ACM_DATABASE__URL", &settings.database.url)
+        .env("ACM_AMQP__URL", format!("amqp://guest:guest@127.0.0.1:{dead_broker}/%2f"))
+        .env("ACM_AMQP__PREFIX", &settings.amqp.prefix)
+        .env("ACM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("ACM_LOG__FORMAT", "json")
+        .env_remove("ACM_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, body) =
+        eventually("/readyz to answer", Duration::from_secs(30), || async { http_get(port, "/readyz").await }).await;
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["reason"].as_str().unwrap().contains("broker not connected"), "{v}");
+    assert_eq!(v["checks"]["database"], true);
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200), "alive while not ready");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit within 15 s of SIGTERM while the broker is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut log = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(!lines.is_empty());
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["message"].is_string()), "{log}");
+    assert!(
+        lines.iter().any(|l| l["message"] == "broker session ended; reconnecting" && l["attempt"].is_number()),
+        "reconnect attempts are logged with their number: {log}"
+    );
+    assert!(!log.contains("guest:guest"), "a secret reached the log");
+}

@@ -1,0 +1,73 @@
+//! Interoperability: a Python backend and agent (pika) drive the real binary and validate every reply and event
+//! against the JSON Schemas in `schema/`. The Python environment (pika, jsonschema) is a virtual environment in
+//! `target/interop-venv`, made here when missing (`.ci/run` makes it before the tests).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{test_settings, CleanupGuard};
+
+fn venv_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("ACM_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/interop-venv");
+    let python = venv.join("bin/python");
+    let ready = |p: &Path| {
+        Command::new(p).args(["-c", "import pika, jsonschema"]).status().map(|s| s.success()).unwrap_or(false)
+    };
+    if !ready(&python) {
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success());
+        assert_eq!(ok.ok(), Some(true), "python3 -m venv failed");
+        let ok = Command::new(venv.join("bin/pip")).args(["install", "-q", "pika", "jsonschema"]).status();
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "pip install pika jsonschema failed");
+    }
+    assert!(ready(&python), "the interop venv has no pika/jsonschema");
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_backend_and_agent_work_against_the_binary() {
+    let python = venv_python();
+    let settings = test_settings();
+    let _guard = CleanupGuard::new(&settings);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agent-connection-manager"))
+        .arg("run")
+        .env("ACM_DATABASE__URL", &settings.database.url)
+        .env("ACM_AMQP__URL", &settings.amqp.url)
+        .env("ACM_AMQP__PREFIX", &settings.amqp.prefix)
+        .env("ACM_HTTP__LISTEN", "")
+        .env("ACM_SWEEPER__CHECK_INTERVAL_SECS", "1")
+        .env("ACM_SWEEPER__INSTRUCTION_RETRY_WINDOW_SECS", "1")
+        .env_remove("ACM_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The worker declares the topology; wait for the event exchange before the script binds to it.
+    let events = format!("{}.events", settings.amqp.prefix);
+    common::eventually("the worker to declare its topology", Duration::from_secs(30), || async {
+        let (_conn, ch) = common::amqp_channel(&settings).await;
+        let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+        ch.exchange_declare(events.as_str().into(), lapin::ExchangeKind::Topic, passive, Default::default()).await.ok()
+    })
+    .await;
+    let started = Instant::now();
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/interop.py"))
+        .env("ACM_AMQP_URL", &settings.amqp.url)
+        .env("ACM_PREFIX", &settings.amqp.prefix)
+        .env("ACM_SCHEMA_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("schema"))
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "interop.py failed after {:?}:\n{stdout}\n{stderr}", started.elapsed());
+    assert!(stdout.contains("interop ok"), "{stdout}");
+}
