@@ -132,9 +132,31 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
         Cmd::Stats { watch } => {
             db::migrate(&settings.database).await?;
             let m = AgentConnectionManager::new(settings)?;
+            use std::io::{IsTerminal, Write};
+            let terminal = watch.is_some() && std::io::stdout().is_terminal();
             loop {
                 let s = m.get_connection_stats().await?;
-                println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                let text = if terminal {
+                    // A refreshing view: clear the screen, then one line per figure.
+                    format!(
+                        "\x1b[2J\x1b[H{}  (every {}s, Ctrl-C to stop)\n\n  active connections   {:>10}\n  active sessions      {:>10}\n  inactive sessions    {:>10}\n  pending instructions {:>10}\n  sent instructions    {:>10}\n  total pending        {:>10}\n",
+                        s.timestamp.to_rfc3339(),
+                        watch.unwrap_or_default(),
+                        s.active_connections,
+                        s.active_sessions,
+                        s.inactive_sessions,
+                        s.pending_instructions,
+                        s.sent_instructions,
+                        s.total_instructions_pending
+                    )
+                } else {
+                    format!("{}\n", serde_json::to_string(&s).unwrap_or_default())
+                };
+                let mut out = std::io::stdout().lock();
+                if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+                    break; // the reader went away (e.g. `| head`)
+                }
+                drop(out);
                 let Some(secs) = watch else { break };
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,

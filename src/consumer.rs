@@ -191,6 +191,7 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
         }
     }
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    let _ = channel.close(200, "consumer stopped".into()).await;
     Ok(())
 }
 
@@ -308,6 +309,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
         }
     };
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    let _ = channel.close(200, "consumer stopped".into()).await;
     drop(senders);
     let mut first_err = result.err();
     while let Some(done) = set.join_next().await {

@@ -32,6 +32,7 @@ use crate::metrics::{Metrics, NameLabel};
 #[derive(Clone, Default)]
 pub struct BacklogProbe {
     broker: Option<Arc<Mutex<Option<ProbeChannel>>>>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// A channel and the names to ask it about.
@@ -51,13 +52,29 @@ pub enum Backlog {
 impl BacklogProbe {
     /// A probe that reads the queue through a channel set with [`BacklogProbe::set`].
     pub fn broker() -> Self {
-        Self { broker: Some(Arc::default()) }
+        Self { broker: Some(Arc::default()), changed: Arc::default() }
     }
 
     /// Uses this channel from now on (`None`: the broker is unreachable).
     pub async fn set(&self, channel: Option<(lapin::Channel, Topology)>) {
         if let Some(b) = &self.broker {
             *b.lock().await = channel;
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until the probe can be read (a broker probe has a channel), for at most `limit`.
+    pub async fn wait_ready(&self, limit: Duration) {
+        let Some(b) = &self.broker else { return };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            if b.lock().await.is_some() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -190,6 +207,11 @@ impl Sweeper {
     /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
     /// next one runs on schedule.
     pub async fn run(self, shutdown: CancellationToken) {
+        // The first cycle runs at start, once the broker can be asked for the heartbeat backlog (or 10 s passed).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.probe.wait_ready(Duration::from_secs(10)) => {}
+        }
         let mut tick = tokio::time::interval(self.settings.check_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
