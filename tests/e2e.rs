@@ -133,6 +133,41 @@ async fn the_binary_runs_the_whole_lifecycle_and_stops_on_sigterm() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report.get("stale_connections").is_some(), "{report}");
 
+    // stats --watch refreshes until stopped (not a terminal: one JSON line per refresh).
+    let mut w = Command::new(BIN);
+    env(&mut w);
+    let mut watch = w.args(["stats", "--watch", "1"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, BufReader};
+        BufReader::new(&mut stdout).lines().take(2).collect::<std::io::Result<Vec<String>>>()
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(15), lines).await.expect("two refreshes within 15 s");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    for l in lines.unwrap().unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert!(v["timestamp"].is_string(), "{l}");
+    }
+
+    // simulate: a small fleet against this worker, a summary line a second and a final table.
+    let out = cli(&[
+        "simulate",
+        "--agents",
+        "3",
+        "--duration",
+        "3",
+        "--heartbeat-interval",
+        "0.5",
+        "--instruction-interval",
+        "0.5",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "simulate failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().filter(|l| l.starts_with("t=")).count() >= 2, "live summary lines: {text}");
+    assert!(text.contains("agent.session.created"), "final table: {text}");
+    assert!(text.contains("stats: "), "{text}");
+
     // SIGTERM: graceful, exit 0, within a few seconds.
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());

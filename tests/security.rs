@@ -16,17 +16,26 @@ struct BrokerUser {
     password: String,
 }
 
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl BrokerUser {
     fn create(prefix: &str) -> Self {
+        Self::with_permissions(prefix, [".*", ".*", ".*"])
+    }
+
+    fn with_permissions(prefix: &str, [configure, write, read]: [&str; 3]) -> Self {
         let name = format!("{prefix}-{}", random_suffix());
         let password = random_suffix();
-        let ok = |args: &[&str]| {
-            let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-            assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ok(&["add_user", &name, &password]);
-        ok(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        rabbitmqctl(&["add_user", &name, &password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, configure, write, read]);
         Self { name, password }
+    }
+
+    fn topic_permissions(&self, exchange: &str, write: &str) {
+        rabbitmqctl(&["set_topic_permissions", "-p", "/", &self.name, exchange, write, "^$"]);
     }
 
     fn url(&self) -> String {
@@ -112,6 +121,74 @@ async fn agents_are_held_to_their_broker_identity() {
         c.close().await;
     }
     app.cleanup().await;
+}
+
+/// The permissions README.md documents, for this test's prefix: each role can do its job and no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_least_privilege_permissions_work() {
+    let mut settings = common::test_settings();
+    let p = settings.amqp.prefix.replace('.', "\\.");
+    let worker = BrokerUser::with_permissions(
+        "acm-worker",
+        [&format!("^{p}\\..*"), &format!("^({p}\\..*|amq\\.default)$"), &format!("^{p}\\..*")],
+    );
+    let client_perms = [
+        "^amq\\.gen-.*".to_string(),
+        format!("^({p}\\.commands|amq\\.gen-.*)$"),
+        format!("^({p}\\.events|amq\\.gen-.*)$"),
+    ];
+    let client_perms = [client_perms[0].as_str(), client_perms[1].as_str(), client_perms[2].as_str()];
+    let agent = BrokerUser::with_permissions("agent", client_perms);
+    agent.topic_permissions(
+        &format!("{}.commands", settings.amqp.prefix),
+        "^(agent\\.heartbeat|instruction\\.ack|connection\\..*)$",
+    );
+    let backend = BrokerUser::with_permissions("backend", client_perms);
+    backend.topic_permissions(
+        &format!("{}.commands", settings.amqp.prefix),
+        "^(session\\..*|instruction\\.(create|sent)|connection\\.close|stats\\.get)$",
+    );
+    settings.amqp.url = worker.url();
+    settings.security.require_user_id = true;
+    let _guard = common::CleanupGuard::new(&settings);
+    db::migrate(&settings.database).await.unwrap();
+    let manager = agent_connection_manager::AgentConnectionManager::new(settings.clone()).unwrap();
+    manager.start().await.unwrap();
+    eventually("the worker to run as its least-privileged user", Duration::from_secs(20), || async {
+        manager.health().consumers_running.load(std::sync::atomic::Ordering::Relaxed).then_some(())
+    })
+    .await;
+    let prefix = &settings.amqp.prefix;
+    let as_backend = Client::connect(&backend.url(), prefix).await.unwrap();
+    let mut events = as_backend.subscribe("agent.instruction.#").await.unwrap();
+    let t = Duration::from_secs(20);
+    let reply = as_backend.request(&json!({"type": "session.create", "agent_id": agent.name}), None, t).await.unwrap();
+    let sid = reply["result"]["session_id"].as_str().expect("the backend creates sessions").to_string();
+    let reply = as_backend
+        .request(&json!({"type": "instruction.create", "agent_id": agent.name, "session_id": sid, "instruction_type": "t", "payload": 1}), None, t)
+        .await
+        .unwrap();
+    let iid = reply["result"]["instruction_id"].as_str().expect("the backend creates instructions").to_string();
+    let as_agent = Client::connect(&agent.url(), prefix).await.unwrap().with_user_id(&agent.name);
+    as_agent.heartbeat(&agent.name, &sid, "perm-conn").await.unwrap();
+    let reply = as_agent
+        .request(&json!({"type": "instruction.ack", "agent_id": agent.name, "session_id": sid, "instruction_id": iid, "status": "processed"}), None, t)
+        .await
+        .unwrap();
+    assert_eq!(reply["result"]["accepted"], true, "{reply}");
+    let created = events.next(t).await.expect("the backend reads events");
+    assert_eq!(serde_json::to_value(&created).unwrap()["event_type"], "agent.instruction.created");
+    // An agent may not send backend commands: the broker itself refuses the routing key.
+    assert!(
+        as_agent.send(&json!({"type": "session.create", "agent_id": agent.name}), None).await.is_err(),
+        "an agent published session.create"
+    );
+    let stats = manager.get_connection_stats().await.unwrap();
+    assert_eq!(stats.active_connections, 1);
+    for c in [as_agent, as_backend] {
+        c.close().await;
+    }
+    manager.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
