@@ -23,6 +23,8 @@ CREATE TABLE agent_session (
 );
 -- Inactive sweep and the active-session count: only active rows can become due.
 CREATE INDEX agent_session_active_activity ON agent_session (last_activity_at) WHERE status = 'active';
+-- The inactive-session count of the stats.
+CREATE INDEX agent_session_inactive ON agent_session (session_id) WHERE status = 'inactive';
 CREATE INDEX agent_session_agent ON agent_session (agent_id);
 
 CREATE TABLE agent_connection (
