@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{claim_task, secs};
+use super::{claim_task, in_batches, secs};
 use crate::config::SweeperSettings;
-use crate::db;
 use crate::error::Result;
-use crate::events::{write_outbox, EventBody};
+use crate::events::EventBody;
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "inactive_sessions";
@@ -46,23 +45,12 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
     if !claim_task(&tx, TASK).await? {
         return Ok(None);
     }
-    let now = db::now(&tx).await?;
-    let mut total = 0u64;
-    loop {
-        let rows = tx.query(MARK_BATCH, &[&cfg.inactive_after.as_secs_f64(), &cfg.batch_size]).await?;
-        let n = rows.len();
-        let mut events = Vec::with_capacity(n);
-        for r in rows {
-            let session_id: String = r.get(0);
-            tracing::info!(session_id = %session_id, "session inactive");
-            events.push(EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) });
-        }
-        write_outbox(&tx, now, events).await?;
-        total += n as u64;
-        if (n as i64) < cfg.batch_size {
-            break;
-        }
-    }
+    let total = in_batches(&tx, MARK_BATCH, cfg.inactive_after.as_secs_f64(), cfg.batch_size, |r| {
+        let session_id: String = r.get(0);
+        tracing::info!(session_id = %session_id, "session inactive");
+        EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) }
+    })
+    .await?;
     tx.commit().await?;
     Ok(Some(total))
 }

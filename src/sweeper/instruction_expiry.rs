@@ -8,11 +8,10 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{claim_task, secs};
+use super::{claim_task, in_batches, secs};
 use crate::config::SweeperSettings;
-use crate::db;
 use crate::error::Result;
-use crate::events::{write_outbox, EventBody};
+use crate::events::EventBody;
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "instruction_expiry";
@@ -65,51 +64,42 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
     if !claim_task(&tx, TASK).await? {
         return Ok(None);
     }
-    let now = db::now(&tx).await?;
     let mut report = Report::default();
-    loop {
-        let rows = tx.query(EXPIRE_BATCH, &[&cfg.retry_window.as_secs_f64(), &cfg.batch_size]).await?;
-        let n = rows.len();
-        let mut events = Vec::with_capacity(n);
-        for r in rows {
-            let instruction_id: Uuid = r.get(0);
-            let status: String = r.get(6);
-            let retry_count: i32 = r.get(7);
-            let max_retries: i32 = r.get(8);
-            let expires_at: DateTime<Utc> = r.get(9);
-            if status == "expired" {
-                report.expired += 1;
-                tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction expired");
-                events.push(EventBody::InstructionExpired {
-                    instruction_id,
-                    session_id: r.get(1),
-                    agent_id: r.get(2),
-                    expires_at,
-                    retry_count,
-                    max_retries,
-                });
-            } else {
-                report.retried += 1;
-                tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction retried");
-                events.push(EventBody::InstructionRetry {
-                    instruction_id,
-                    session_id: r.get(1),
-                    agent_id: r.get(2),
-                    instruction_type: r.get(3),
-                    payload: r.get(4),
-                    priority: r.get(5),
-                    retry_count,
-                    max_retries,
-                    expires_at,
-                    previous_expires_at: r.get(10),
-                });
+    in_batches(&tx, EXPIRE_BATCH, cfg.retry_window.as_secs_f64(), cfg.batch_size, |r| {
+        let instruction_id: Uuid = r.get(0);
+        let status: String = r.get(6);
+        let retry_count: i32 = r.get(7);
+        let max_retries: i32 = r.get(8);
+        let expires_at: DateTime<Utc> = r.get(9);
+        if status == "expired" {
+            report.expired += 1;
+            tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction expired");
+            EventBody::InstructionExpired {
+                instruction_id,
+                session_id: r.get(1),
+                agent_id: r.get(2),
+                expires_at,
+                retry_count,
+                max_retries,
+            }
+        } else {
+            report.retried += 1;
+            tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction retried");
+            EventBody::InstructionRetry {
+                instruction_id,
+                session_id: r.get(1),
+                agent_id: r.get(2),
+                instruction_type: r.get(3),
+                payload: r.get(4),
+                priority: r.get(5),
+                retry_count,
+                max_retries,
+                expires_at,
+                previous_expires_at: r.get(10),
             }
         }
-        write_outbox(&tx, now, events).await?;
-        if (n as i64) < cfg.batch_size {
-            break;
-        }
-    }
+    })
+    .await?;
     tx.commit().await?;
     Ok(Some(report))
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::Topology;
 use crate::config::Settings;
 use crate::error::Result;
+use crate::events::{write_outbox, EventBody};
 use crate::metrics::{Metrics, NameLabel};
 
 /// Reads the heartbeat queue depth for the stale brake.
@@ -116,6 +117,29 @@ pub struct SweepReport {
     pub processed_messages_pruned: u64,
     /// Tasks skipped because another worker was running them.
     pub skipped_tasks: Vec<String>,
+}
+
+/// Runs a batch statement (its last two parameters are bound here: `batch_size` is the last) until a batch comes
+/// back short, turning each returned row into an event written to the outbox in the same transaction.
+/// Returns the rows changed.
+pub(crate) async fn in_batches(
+    tx: &Transaction<'_>,
+    sql: &str,
+    param: f64,
+    batch_size: i64,
+    mut event: impl FnMut(&tokio_postgres::Row) -> EventBody,
+) -> Result<u64> {
+    let now = crate::db::now(tx).await?;
+    let mut total = 0u64;
+    loop {
+        let rows = tx.query(sql, &[&param, &batch_size]).await?;
+        let n = rows.len();
+        write_outbox(tx, now, rows.iter().map(&mut event).collect()).await?;
+        total += n as u64;
+        if (n as i64) < batch_size {
+            return Ok(total);
+        }
+    }
 }
 
 /// Claims a task's row for this transaction; `false` when another worker holds it.

@@ -8,9 +8,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
-use super::{claim_task, secs};
+use super::{claim_task, in_batches, secs};
 use crate::config::SweeperSettings;
-use crate::db;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
 
@@ -135,28 +134,13 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
     tx.execute("UPDATE sweeper_state SET held_since = NULL WHERE task = $1", &[&TASK]).await?;
-    let now = db::now(&tx).await?;
-    loop {
-        let rows = tx.query(CLOSE_BATCH, &[&stale_secs, &cfg.batch_size]).await?;
-        let n = rows.len();
-        let mut events = Vec::with_capacity(n);
-        for r in rows {
-            let connection_id: String = r.get(0);
-            let session_id: String = r.get(1);
-            tracing::info!(connection_id = %connection_id, session_id = %session_id, "connection closed: stale_connection");
-            events.push(EventBody::ConnectionStale {
-                connection_id,
-                session_id,
-                agent_id: r.get(2),
-                last_heartbeat_at: r.get(3),
-            });
-        }
-        write_outbox(&tx, now, events).await?;
-        report.closed += n as u64;
-        if (n as i64) < cfg.batch_size {
-            break;
-        }
-    }
+    report.closed = in_batches(&tx, CLOSE_BATCH, stale_secs, cfg.batch_size, |r| {
+        let connection_id: String = r.get(0);
+        let session_id: String = r.get(1);
+        tracing::info!(connection_id = %connection_id, session_id = %session_id, "connection closed: stale_connection");
+        EventBody::ConnectionStale { connection_id, session_id, agent_id: r.get(2), last_heartbeat_at: r.get(3) }
+    })
+    .await?;
     tx.commit().await?;
     Ok(Some(report))
 }
