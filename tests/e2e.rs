@@ -114,7 +114,27 @@ async fn the_binary_runs_the_whole_lifecycle_and_stops_on_sigterm() {
 
     let (status, metrics) = http_get(port, "/metrics").await.unwrap();
     assert_eq!(status, 200);
-    assert!(metrics.contains("acm_messages_consumed_total"), "{metrics}");
+    for name in [
+        "acm_messages_consumed_total",
+        "acm_heartbeat_batch_size",
+        "acm_db_transaction_seconds",
+        "acm_sweeper_changes_total",
+        "acm_sweeper_task_seconds",
+        "acm_sweeper_brake_holds_total",
+        "acm_events_published_total",
+        "acm_publish_confirm_seconds",
+        "acm_outbox_backlog",
+        "acm_outbox_oldest_age_seconds",
+        "acm_db_pool_size",
+        "acm_db_pool_available",
+        "acm_db_pool_waiting",
+        "acm_active_connections",
+        "acm_pending_instructions",
+        "acm_sent_instructions",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+    assert!(metrics.contains(r#"acm_messages_consumed_total{type="session.create",outcome="ok"}"#), "{metrics}");
     assert!(metrics.contains("acm_active_sessions 1"), "{metrics}");
 
     let out = cli(&["stats"]);
