@@ -355,9 +355,19 @@ impl Settings {
     }
 }
 
-/// `ACM_*` variables, nested with `__`, without `ACM_CONFIG` (which names a file, not a key).
+/// The configuration sections; `ACM_<SECTION>__<KEY>` variables configure them.
+pub const SECTIONS: [&str; 9] =
+    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security"];
+
+/// `ACM_<SECTION>__<KEY>` variables. Other `ACM_*` variables (`ACM_CONFIG`, which names a file, and variables of
+/// other tools) are not configuration keys; an unknown key inside a known section is still an error.
 fn env_provider() -> Env {
-    Env::prefixed("ACM_").filter(|k| !k.as_str().eq_ignore_ascii_case("config")).split("__")
+    Env::prefixed("ACM_")
+        .filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            SECTIONS.iter().any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
+        })
+        .split("__")
 }
 
 /// Formats a figment error as one line: key, problem, source.
@@ -445,6 +455,26 @@ mod tests {
         assert!(e.contains("amqp.url"), "{e}");
         let e = from_toml("[amqp]\nnope = 1").unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn only_section_variables_are_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ACM_DATABASE__POOL_SIZE", "3");
+            jail.set_env("ACM_TEST_PG_BASE", "postgres://elsewhere");
+            jail.set_env("ACM_CONFIG", "/nonexistent-but-not-read-here.toml");
+            let s =
+                Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
+                    .map_err(|e| e.to_string())?;
+            assert_eq!(s.database.pool_size, 3);
+            jail.set_env("ACM_DATABASE__POOL_SIZ", "3");
+            let e =
+                Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains("pool_siz"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -295,7 +295,8 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
                     let parsed = Command::parse(&d.data, s.amqp.max_message_bytes);
-                    let key = parsed.as_ref().map(Command::order_key).unwrap_or_default();
+                    // Poison has no order to keep: spread it over the lanes instead of queueing it behind one.
+                    let key = parsed.as_ref().map(Command::order_key).unwrap_or_else(|_| d.delivery_tag.to_string());
                     let mut h = DefaultHasher::new();
                     key.hash(&mut h);
                     let lane = (h.finish() % lanes as u64) as usize;
@@ -308,8 +309,9 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             }
         }
     };
+    // Stop taking deliveries, then let every lane finish (apply, reply, acknowledge) what it already holds; only
+    // then close the channel.
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    let _ = channel.close(200, "consumer stopped".into()).await;
     drop(senders);
     let mut first_err = result.err();
     while let Some(done) = set.join_next().await {
@@ -318,6 +320,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             first_err = Some(e);
         }
     }
+    let _ = channel.close(200, "consumer stopped".into()).await;
     first_err.map_or(Ok(()), Err)
 }
 
