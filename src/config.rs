@@ -458,6 +458,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
     fn only_section_variables_are_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ACM_DATABASE__POOL_SIZE", "3");

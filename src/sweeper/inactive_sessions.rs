@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{claim_task, in_batches, secs};
+use super::{claim_task, in_batches, mark_run, secs};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -51,6 +51,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
         EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) }
     })
     .await?;
+    mark_run(&tx, TASK, total).await?;
     tx.commit().await?;
     Ok(Some(total))
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{claim_task, in_batches, secs};
+use super::{claim_task, in_batches, mark_run, secs};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -100,6 +100,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
         }
     })
     .await?;
+    mark_run(&tx, TASK, report.retried + report.expired).await?;
     tx.commit().await?;
     Ok(Some(report))
 }

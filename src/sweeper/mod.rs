@@ -142,13 +142,22 @@ pub(crate) async fn in_batches(
     }
 }
 
-/// Claims a task's row for this transaction; `false` when another worker holds it.
+/// Claims a task for this transaction with a transaction-level advisory lock; `false` when another worker holds it.
+///
+/// An advisory lock writes nothing, so a cycle that finds nothing due is read-only and commits without waiting for
+/// the disk.
 pub(crate) async fn claim_task(tx: &Transaction<'_>, task: &str) -> Result<bool> {
-    let row = tx.query_opt("SELECT task FROM sweeper_state WHERE task = $1 FOR UPDATE SKIP LOCKED", &[&task]).await?;
-    if row.is_some() {
+    let row =
+        tx.query_one("SELECT pg_try_advisory_xact_lock(hashtextextended('acm.sweeper.' || $1, 0))", &[&task]).await?;
+    Ok(row.get(0))
+}
+
+/// Records in `sweeper_state.last_run_at` that a task changed something in this transaction.
+pub(crate) async fn mark_run(tx: &Transaction<'_>, task: &str, changed: u64) -> Result<()> {
+    if changed > 0 {
         tx.execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
     }
-    Ok(row.is_some())
+    Ok(())
 }
 
 /// The sweeper of one worker.

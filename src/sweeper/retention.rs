@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{claim_task, secs};
+use super::{claim_task, mark_run, secs};
 use crate::config::Settings;
 use crate::error::Result;
 
@@ -62,6 +62,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
             }
         }
     }
+    mark_run(&tx, TASK, report.events + report.processed_messages).await?;
     tx.commit().await?;
     if report.events + report.processed_messages > 0 {
         tracing::info!(events = report.events, processed_messages = report.processed_messages, "retention pruned");

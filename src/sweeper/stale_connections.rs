@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
-use super::{claim_task, in_batches, secs};
+use super::{claim_task, in_batches, mark_run, secs};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
@@ -85,6 +85,7 @@ pub fn brake_reason(cfg: &Config, candidates: i64, active: i64, backlog: Option<
 
 const COUNT_CANDIDATES: &str = "SELECT count(*) FROM agent_connection \
      WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
+const RELEASE_HOLD: &str = "UPDATE sweeper_state SET held_since = NULL WHERE task = $1 AND held_since IS NOT NULL";
 const COUNT_ACTIVE: &str = "SELECT count(*) FROM agent_connection WHERE status = 'active'";
 const CLOSE_BATCH: &str = "WITH due AS ( \
         SELECT connection_id FROM agent_connection \
@@ -106,7 +107,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
     let candidates: i64 = tx.query_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
     let mut report = Report::default();
     if candidates == 0 {
-        tx.execute("UPDATE sweeper_state SET held_since = NULL WHERE task = $1", &[&TASK]).await?;
+        tx.execute(RELEASE_HOLD, &[&TASK]).await?;
         tx.commit().await?;
         return Ok(Some(report));
     }
@@ -133,7 +134,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
         }
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
-    tx.execute("UPDATE sweeper_state SET held_since = NULL WHERE task = $1", &[&TASK]).await?;
+    tx.execute(RELEASE_HOLD, &[&TASK]).await?;
     report.closed = in_batches(&tx, CLOSE_BATCH, stale_secs, cfg.batch_size, |r| {
         let connection_id: String = r.get(0);
         let session_id: String = r.get(1);
@@ -141,6 +142,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
         EventBody::ConnectionStale { connection_id, session_id, agent_id: r.get(2), last_heartbeat_at: r.get(3) }
     })
     .await?;
+    mark_run(&tx, TASK, report.closed).await?;
     tx.commit().await?;
     Ok(Some(report))
 }
