@@ -1292,117 +1292,21 @@ async fn seed_big(db: &tokio_postgres::Client, o: &Opts) -> Res<()> {
     Ok(())
 }
 
-/// The sweeper's and the stats query's SQL, copied from the constants of src/sweeper/*.rs, src/commands/stats.rs
-/// and src/relay.rs (keep in sync), with the default parameters inlined.
+/// The sweeper's, the stats' and the relay's SQL (the library's own constants), with the default parameters inlined.
 fn explained_queries() -> Vec<(&'static str, String)> {
+    use agent_connection_manager::sweeper::{inactive_sessions, instruction_expiry, retention, stale_connections};
     let q = |sql: &str, p1: &str, p2: &str| sql.replace("$1", p1).replace("$2", p2);
     vec![
-        (
-            "claim_task",
-            q("SELECT pg_try_advisory_xact_lock(hashtextextended('acm.sweeper.' || $1, 0))", "'stale_connections'", ""),
-        ),
-        (
-            "stale: COUNT_CANDIDATES",
-            q(
-                "SELECT count(*) FROM agent_connection \
-                 WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second'",
-                "120",
-                "",
-            ),
-        ),
-        ("stale: COUNT_ACTIVE", "SELECT count(*) FROM agent_connection WHERE status = 'active'".to_string()),
-        (
-            "stale: CLOSE_BATCH",
-            q(
-                "WITH due AS ( \
-                    SELECT connection_id FROM agent_connection \
-                    WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second' \
-                    ORDER BY last_heartbeat_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE agent_connection c SET status = 'closed', close_reason = 'stale_connection', closed_at = now() \
-                 FROM due WHERE c.connection_id = due.connection_id AND c.status = 'active' \
-                   AND c.last_heartbeat_at < now() - $1::float8 * interval '1 second' \
-                 RETURNING c.connection_id, c.session_id, c.agent_id, c.last_heartbeat_at",
-                "120",
-                "1000",
-            ),
-        ),
-        (
-            "inactive: MARK_BATCH",
-            q(
-                "WITH due AS ( \
-                    SELECT session_id FROM agent_session \
-                    WHERE status = 'active' AND last_activity_at < now() - $1::float8 * interval '1 second' \
-                    ORDER BY last_activity_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE agent_session s SET status = 'inactive' \
-                 FROM due WHERE s.session_id = due.session_id AND s.status = 'active' \
-                   AND s.last_activity_at < now() - $1::float8 * interval '1 second' \
-                 RETURNING s.session_id, s.agent_id, s.last_activity_at",
-                "3600",
-                "1000",
-            ),
-        ),
-        (
-            "expiry: EXPIRE_BATCH",
-            q(
-                "WITH due AS ( \
-                    SELECT instruction_id, expires_at AS previous FROM agent_instruction \
-                    WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now() \
-                    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE agent_instruction i SET \
-                    status = CASE WHEN i.retry_count >= i.max_retries THEN 'expired'::instruction_status \
-                                  ELSE 'pending'::instruction_status END, \
-                    retry_count = CASE WHEN i.retry_count >= i.max_retries THEN i.retry_count \
-                                       ELSE i.retry_count + 1 END, \
-                    expires_at = CASE WHEN i.retry_count >= i.max_retries THEN i.expires_at \
-                                      ELSE now() + $1::float8 * interval '1 second' END \
-                 FROM due WHERE i.instruction_id = due.instruction_id \
-                   AND i.status IN ('pending', 'sent') AND i.expires_at <= now() \
-                 RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, \
-                   i.priority::text, i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous",
-                "300",
-                "1000",
-            ),
-        ),
-        (
-            "retention: PRUNE_EVENTS",
-            q(
-                "DELETE FROM event_outbox WHERE id IN ( \
-                 SELECT id FROM event_outbox WHERE published_at IS NOT NULL \
-                   AND published_at < now() - $1::float8 * interval '1 second' LIMIT $2)",
-                "86400",
-                "1000",
-            ),
-        ),
-        (
-            "retention: PRUNE_PROCESSED",
-            q(
-                "DELETE FROM processed_message WHERE (message_type, message_id) IN ( \
-                 SELECT message_type, message_id FROM processed_message \
-                 WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)",
-                "86400",
-                "1000",
-            ),
-        ),
-        (
-            "stats: STATS",
-            "SELECT \
-                (SELECT count(*) FROM agent_connection WHERE status = 'active'), \
-                (SELECT count(*) FROM agent_session WHERE status = 'active'), \
-                (SELECT count(*) FROM agent_session WHERE status = 'inactive'), \
-                (SELECT count(*) FROM agent_instruction WHERE status = 'pending'), \
-                (SELECT count(*) FROM agent_instruction WHERE status = 'sent'), \
-                now()"
-                .to_string(),
-        ),
-        (
-            "relay: CLAIM",
-            q(
-                "SELECT id, event_id, event_type, payload FROM event_outbox WHERE published_at IS NULL \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                "500",
-                "",
-            ),
-        ),
+        ("claim_task", q(agent_connection_manager::sweeper::CLAIM_TASK, "'stale_connections'", "")),
+        ("stale: COUNT_CANDIDATES", q(stale_connections::COUNT_CANDIDATES, "120", "")),
+        ("stale: COUNT_ACTIVE", stale_connections::COUNT_ACTIVE.to_string()),
+        ("stale: CLOSE_BATCH", q(stale_connections::CLOSE_BATCH, "120", "1000")),
+        ("inactive: MARK_BATCH", q(inactive_sessions::MARK_BATCH, "3600", "1000")),
+        ("expiry: EXPIRE_BATCH", q(instruction_expiry::EXPIRE_BATCH, "300", "1000")),
+        ("retention: PRUNE_EVENTS", q(retention::PRUNE_EVENTS, "86400", "1000")),
+        ("retention: PRUNE_PROCESSED", q(retention::PRUNE_PROCESSED, "86400", "1000")),
+        ("stats: STATS", agent_connection_manager::commands::stats::STATS.to_string()),
+        ("relay: CLAIM", q(agent_connection_manager::relay::CLAIM, "500", "")),
     ]
 }
 

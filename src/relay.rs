@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 
-const CLAIM: &str = "SELECT id, event_id, event_type, payload FROM event_outbox WHERE published_at IS NULL \
+/// Claims up to $1 unpublished events, skipping those another relay holds.
+pub const CLAIM: &str = "SELECT id, event_id, event_type, payload FROM event_outbox WHERE published_at IS NULL \
      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 const MARK: &str = "UPDATE event_outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL";
 

@@ -24,7 +24,8 @@ pub struct ConnectionStats {
     pub timestamp: DateTime<Utc>,
 }
 
-const STATS: &str = "SELECT \
+/// The statistics, in one statement (one snapshot).
+pub const STATS: &str = "SELECT \
     (SELECT count(*) FROM agent_connection WHERE status = 'active'), \
     (SELECT count(*) FROM agent_session WHERE status = 'active'), \
     (SELECT count(*) FROM agent_session WHERE status = 'inactive'), \

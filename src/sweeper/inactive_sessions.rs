@@ -29,7 +29,8 @@ impl From<&SweeperSettings> for Config {
     }
 }
 
-const MARK_BATCH: &str = "WITH due AS ( \
+/// Marks up to $2 sessions without activity for $1 seconds inactive, re-checked in the update.
+pub const MARK_BATCH: &str = "WITH due AS ( \
         SELECT session_id FROM agent_session \
         WHERE status = 'active' AND last_activity_at < now() - $1::float8 * interval '1 second' \
         ORDER BY last_activity_at LIMIT $2 FOR UPDATE SKIP LOCKED) \

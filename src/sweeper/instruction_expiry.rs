@@ -42,7 +42,8 @@ pub struct Report {
     pub expired: u64,
 }
 
-const EXPIRE_BATCH: &str = "WITH due AS ( \
+/// Retries or expires up to $2 due instructions; a retry's new deadline is now + $1 seconds.
+pub const EXPIRE_BATCH: &str = "WITH due AS ( \
         SELECT instruction_id, expires_at AS previous FROM agent_instruction \
         WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now() \
         ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \

@@ -142,13 +142,15 @@ pub(crate) async fn in_batches(
     }
 }
 
+/// Takes the advisory lock of task $1 for the transaction; `false` when another worker holds it.
+pub const CLAIM_TASK: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('acm.sweeper.' || $1, 0))";
+
 /// Claims a task for this transaction with a transaction-level advisory lock; `false` when another worker holds it.
 ///
 /// An advisory lock writes nothing, so a cycle that finds nothing due is read-only and commits without waiting for
 /// the disk.
 pub(crate) async fn claim_task(tx: &Transaction<'_>, task: &str) -> Result<bool> {
-    let row =
-        tx.query_one("SELECT pg_try_advisory_xact_lock(hashtextextended('acm.sweeper.' || $1, 0))", &[&task]).await?;
+    let row = tx.query_one(CLAIM_TASK, &[&task]).await?;
     Ok(row.get(0))
 }
 

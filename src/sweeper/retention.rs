@@ -37,10 +37,12 @@ pub struct Report {
     pub processed_messages: u64,
 }
 
-const PRUNE_EVENTS: &str = "DELETE FROM event_outbox WHERE id IN ( \
+/// Deletes up to $2 events published more than $1 seconds ago.
+pub const PRUNE_EVENTS: &str = "DELETE FROM event_outbox WHERE id IN ( \
      SELECT id FROM event_outbox WHERE published_at IS NOT NULL \
        AND published_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
-const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (message_type, message_id) IN ( \
+/// Deletes up to $2 idempotency records older than $1 seconds.
+pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (message_type, message_id) IN ( \
      SELECT message_type, message_id FROM processed_message \
      WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 

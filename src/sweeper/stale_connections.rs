@@ -83,11 +83,14 @@ pub fn brake_reason(cfg: &Config, candidates: i64, active: i64, backlog: Option<
     None
 }
 
-const COUNT_CANDIDATES: &str = "SELECT count(*) FROM agent_connection \
+/// Active connections past the stale threshold ($1 seconds).
+pub const COUNT_CANDIDATES: &str = "SELECT count(*) FROM agent_connection \
      WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
 const RELEASE_HOLD: &str = "UPDATE sweeper_state SET held_since = NULL WHERE task = $1 AND held_since IS NOT NULL";
-const COUNT_ACTIVE: &str = "SELECT count(*) FROM agent_connection WHERE status = 'active'";
-const CLOSE_BATCH: &str = "WITH due AS ( \
+/// Active connections (only counted when the brake may apply).
+pub const COUNT_ACTIVE: &str = "SELECT count(*) FROM agent_connection WHERE status = 'active'";
+/// Closes up to $2 connections past the stale threshold ($1 seconds), re-checked in the update.
+pub const CLOSE_BATCH: &str = "WITH due AS ( \
         SELECT connection_id FROM agent_connection \
         WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second' \
         ORDER BY last_heartbeat_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
