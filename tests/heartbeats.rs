@@ -208,3 +208,94 @@ async fn heartbeats_for_ended_or_foreign_sessions_change_nothing() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mixed_batch_takes_the_fast_and_the_slow_path_correctly() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let m = &app.manager;
+    let s1 = m.create_session("a1", None, None, None, None).await.unwrap();
+    let s2 = m.create_session("a2", None, None, None, None).await.unwrap();
+    let s3 = m.create_session("a3", None, None, None, None).await.unwrap();
+    let s4 = m.create_session("a4", None, None, None, None).await.unwrap();
+    apply_batch(m.pool(), &[hb("a1", &s1, "c1"), hb("a1", &s1, "c5"), hb("a3", &s3, "c3")]).await.unwrap();
+    let db = &app.db;
+    db.execute("UPDATE agent_session SET status = 'inactive' WHERE session_id = $1", &[&s2]).await.unwrap();
+    db.execute(
+        "UPDATE agent_connection SET status = 'closed', close_reason = 'stale_connection', closed_at = now() \
+         WHERE connection_id = 'c3'",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "UPDATE agent_connection SET status = 'closed', close_reason = 'client_disconnect', closed_at = now() \
+         WHERE connection_id = 'c5'",
+        &[],
+    )
+    .await
+    .unwrap();
+    m.close_session(&s4).await.unwrap();
+    let before: i64 = app.scalar("SELECT coalesce(max(id), 0) FROM event_outbox").await;
+    let c1_before: chrono::DateTime<chrono::Utc> =
+        app.scalar("SELECT last_heartbeat_at FROM agent_connection WHERE connection_id = 'c1'").await;
+
+    let batch = [
+        hb("a1", &s1, "c1"),       // fast path
+        hb("intruder", &s1, "cx"), // a foreign agent in a session the fast path touched
+        hb("a2", &s2, "c2"),       // inactive session: reactivated, unknown connection opened
+        hb("a3", &s3, "c3"),       // stale-closed connection restored
+        hb("a4", &s4, "c4"),       // ended session
+        hb("a1", &s1, "c5"),       // closed by the client: stays closed
+        hb("a1", &s1, "c3"),       // a3's connection claimed through a1's session
+        hb("a1", "no-such-session", "c9"),
+    ];
+    let report = apply_batch(m.pool(), &batch).await.unwrap();
+    assert_eq!(report.received, 8);
+    assert_eq!(report.applied, 3, "c1 refreshed, c2 opened, c3 restored: {report:?}");
+    assert_eq!(report.opened, 1, "{report:?}");
+    assert_eq!(report.restored, 1, "{report:?}");
+    assert_eq!(report.reactivated_sessions, 1, "{report:?}");
+    assert_eq!(report.rejected, 5, "{report:?}");
+
+    let rows = db
+        .query("SELECT connection_id, session_id, status::text FROM agent_connection ORDER BY connection_id", &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let want = [
+        ("c1".to_string(), s1.clone(), "active".to_string()),
+        ("c2".into(), s2.clone(), "active".into()),
+        ("c3".into(), s3.clone(), "active".into()),
+        ("c5".into(), s1.clone(), "closed".into()),
+    ];
+    assert_eq!(got, want);
+    let c1_after: chrono::DateTime<chrono::Utc> =
+        app.scalar("SELECT last_heartbeat_at FROM agent_connection WHERE connection_id = 'c1'").await;
+    assert!(c1_after > c1_before, "c1's heartbeat moved forward");
+    let statuses: Vec<String> = db
+        .query(
+            "SELECT status::text FROM agent_session WHERE session_id = ANY($1) ORDER BY agent_id",
+            &[&vec![s2.clone(), s4.clone()]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["active", "ended"]);
+    let events = db
+        .query(
+            "SELECT payload->>'connection_id', payload->>'restored' FROM event_outbox \
+             WHERE id > $1 AND event_type = 'agent.connection.opened' ORDER BY id",
+            &[&before],
+        )
+        .await
+        .unwrap();
+    let mut opened: Vec<(String, String)> = events.iter().map(|r| (r.get(0), r.get(1))).collect();
+    opened.sort();
+    assert_eq!(opened, [("c2".into(), "false".into()), ("c3".into(), "true".into())]);
+    let new_events: i64 =
+        db.query_one("SELECT count(*) FROM event_outbox WHERE id > $1", &[&before]).await.unwrap().get(0);
+    assert_eq!(new_events, 2, "exactly the two opened events");
+    app.cleanup().await;
+}

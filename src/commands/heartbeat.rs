@@ -1,12 +1,13 @@
 //! `agent.heartbeat`, applied in batches.
 //!
-//! A batch of deliveries is coalesced per (connection, agent, session) and applied in one transaction with a few
-//! set-based statements: lock the sessions (in id order), move their activity forward, lock the connections (in id
-//! order), touch or restore known ones, open unknown ones. Time only moves forward (`greatest`), so out-of-order
-//! batches from several workers cannot move it back. A heartbeat for an unknown, ended or foreign session, or for a
-//! connection that is not the agent's or was closed for a reason other than staleness, changes nothing.
+//! A batch of deliveries is coalesced per (connection, agent, session) and applied in one transaction. In the common
+//! case (the session is active and the agent's, the connection active and the agent's) that is two set-based
+//! updates whose `WHERE` clauses are the checks; the rest goes through a slow path that locks the rows in id order,
+//! then rejects, reactivates, restores or opens. Time only moves forward (`greatest`), so out-of-order batches from
+//! several workers cannot move it back. A heartbeat for an unknown, ended or foreign session, or for a connection
+//! that is not the agent's or was closed for a reason other than staleness, changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use deadpool_postgres::{Pool, Transaction};
 use serde::Deserialize;
@@ -60,10 +61,32 @@ pub async fn apply_batch(pool: &Pool, heartbeats: &[Heartbeat]) -> Result<BatchR
     Ok(report)
 }
 
+/// Moves the activity of active sessions forward; the pairs are (session, agent), sorted, so locks are taken in
+/// session order. Returns the sessions it touched: active, and owned by the agent named with them.
+const TOUCH_ACTIVE_SESSIONS: &str =
+    "UPDATE agent_session s SET last_activity_at = greatest(s.last_activity_at, now()) \
+     FROM unnest($1::text[], $2::text[]) AS v(sid, aid) \
+     WHERE s.session_id = v.sid AND s.agent_id = v.aid AND s.status = 'active' \
+     RETURNING s.session_id, s.agent_id";
+
+/// Refreshes active connections that belong to the agent and session named with them. Returns those it touched.
+const TOUCH_ACTIVE_CONNECTIONS: &str = "UPDATE agent_connection c \
+     SET last_heartbeat_at = greatest(c.last_heartbeat_at, now()), client_info = coalesce(v.info, c.client_info) \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS v(id, sid, aid, info) \
+     WHERE c.connection_id = v.id AND c.session_id = v.sid AND c.agent_id = v.aid AND c.status = 'active' \
+     RETURNING c.connection_id";
+
 /// Applies a batch inside the caller's transaction.
+///
+/// The common case (an active, owned session and an active, owned connection) costs two statements for the whole
+/// batch: [`TOUCH_ACTIVE_SESSIONS`] and [`TOUCH_ACTIVE_CONNECTIONS`], whose `WHERE` clauses are the checks and
+/// whose row locks are those of the update itself. Whatever they do not return (unknown, foreign, inactive or
+/// ended sessions; unknown, foreign or closed connections) takes the slow path, which locks the rows in id order,
+/// classifies them and rejects, reactivates, restores or opens.
 pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
     let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
-    // Coalesce: one entry per (connection, agent, session), keeping the last client_info given.
+    // Coalesce: one entry per (connection, agent, session), keeping the last client_info given. Keys sort by
+    // connection id, so connection rows are locked in id order.
     let mut latest: BTreeMap<(&str, &str, &str), Option<&Value>> = BTreeMap::new();
     for h in heartbeats {
         let entry = latest.entry((h.connection_id.as_str(), h.agent_id.as_str(), h.session_id.as_str())).or_default();
@@ -71,8 +94,61 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
             *entry = h.client_info.as_ref();
         }
     }
-    let mut session_ids: Vec<&str> = latest.keys().map(|k| k.2).collect();
-    session_ids.sort_unstable();
+    let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
+    let (sids, aids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    // Session id → owner, of the sessions touched.
+    let touched: HashMap<String, String> =
+        tx.query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+    // Each pair's verdict: None when its heartbeats may go on, else why not (decided below for the untouched).
+    let mut verdicts: HashMap<(&str, &str), Option<&'static str>> = pairs
+        .iter()
+        .map(|&(sid, aid)| ((sid, aid), if touched.get(sid).is_some_and(|o| o == aid) { None } else { Some("") }))
+        .collect();
+    let slow: Vec<(&str, &str)> = pairs.iter().copied().filter(|p| verdicts[p].is_some()).collect();
+    if !slow.is_empty() {
+        verdicts.extend(sessions_slow_path(tx, &slow, &mut report).await?);
+    }
+    let mut valid = Vec::with_capacity(latest.len());
+    for (&(cid, aid, sid), info) in &latest {
+        match verdicts[&(sid, aid)] {
+            None => valid.push((cid, aid, sid, *info)),
+            Some(why) => {
+                report.rejected += 1;
+                tracing::warn!(connection_id = cid, agent_id = aid, session_id = sid, "heartbeat rejected: {why}");
+            }
+        }
+    }
+    if valid.is_empty() {
+        return Ok(report);
+    }
+    let ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
+    let vaids: Vec<&str> = valid.iter().map(|v| v.1).collect();
+    let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
+    let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
+    let refreshed: HashSet<String> = tx
+        .query(TOUCH_ACTIVE_CONNECTIONS, &[&ids, &vsids, &vaids, &infos])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    report.applied += refreshed.len();
+    let rest: Vec<_> = valid.into_iter().filter(|v| !refreshed.contains(v.0)).collect();
+    if !rest.is_empty() {
+        connections_slow_path(tx, &rest, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Sessions the fast path did not touch: locks them in id order and classifies each (session, agent) pair.
+/// Inactive sessions of the right agent become active again (and the activity of sessions another worker
+/// reactivated meanwhile moves forward); returns each pair's verdict: `None` when its heartbeats may go on, else
+/// why not.
+async fn sessions_slow_path<'a>(
+    tx: &Transaction<'_>,
+    pairs: &[(&'a str, &'a str)],
+    report: &mut BatchReport,
+) -> Result<Vec<((&'a str, &'a str), Option<&'static str>)>> {
+    let mut session_ids: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     session_ids.dedup();
     let sessions: HashMap<String, (String, String)> = tx
         .query(
@@ -84,44 +160,42 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-    let mut valid = Vec::with_capacity(latest.len());
-    for (&(cid, aid, sid), info) in &latest {
-        match sessions.get(sid) {
-            Some((owner, status)) if owner == aid && status != "ended" => valid.push((cid, aid, sid, *info)),
-            Some((owner, status)) => {
-                report.rejected += 1;
-                let why = if owner != aid { "session belongs to another agent" } else { "session has ended" };
-                tracing::warn!(connection_id = cid, agent_id = aid, session_id = sid, status = %status, "heartbeat rejected: {why}");
+    let mut verdicts = Vec::with_capacity(pairs.len());
+    let mut reactivate = Vec::new();
+    for &(sid, aid) in pairs {
+        let verdict = match sessions.get(sid) {
+            Some((owner, status)) if owner == aid && status != "ended" => {
+                if status == "inactive" {
+                    report.reactivated_sessions += 1;
+                    tracing::info!(session_id = sid, agent_id = aid, "session active again");
+                }
+                reactivate.push(sid);
+                None
             }
-            None => {
-                report.rejected += 1;
-                tracing::warn!(
-                    connection_id = cid,
-                    agent_id = aid,
-                    session_id = sid,
-                    "heartbeat rejected: no such session"
-                );
-            }
-        }
+            Some((owner, _)) if owner != aid => Some("session belongs to another agent"),
+            Some(_) => Some("session has ended"),
+            None => Some("no such session"),
+        };
+        verdicts.push(((sid, aid), verdict));
     }
-    if valid.is_empty() {
-        return Ok(report);
+    if !reactivate.is_empty() {
+        tx.execute(
+            "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
+             WHERE session_id = ANY($1) AND status <> 'ended'",
+            &[&reactivate],
+        )
+        .await?;
     }
-    let mut touched: Vec<&str> = valid.iter().map(|v| v.2).collect();
-    touched.sort_unstable();
-    touched.dedup();
-    for sid in &touched {
-        if sessions.get(*sid).is_some_and(|(_, s)| s == "inactive") {
-            report.reactivated_sessions += 1;
-            tracing::info!(session_id = sid, "session active again");
-        }
-    }
-    tx.execute(
-        "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
-         WHERE session_id = ANY($1) AND status <> 'ended'",
-        &[&touched],
-    )
-    .await?;
+    Ok(verdicts)
+}
+
+/// Connections the fast path did not refresh, of valid sessions: locks them in id order, then opens unknown
+/// ones, restores stale-closed ones (with their events) and rejects foreign or otherwise closed ones.
+async fn connections_slow_path(
+    tx: &Transaction<'_>,
+    valid: &[(&str, &str, &str, Option<&Value>)],
+    report: &mut BatchReport,
+) -> Result<()> {
     let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
     let existing: HashMap<String, (String, String, String, Option<String>, String)> = tx
         .query(
@@ -136,7 +210,7 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let (mut upd_ids, mut upd_infos) = (Vec::new(), Vec::new());
     let (mut new_ids, mut new_sids, mut new_aids, mut new_infos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut events = Vec::new();
-    for &(cid, aid, sid, info) in &valid {
+    for &(cid, aid, sid, info) in valid {
         match existing.get(cid) {
             None => {
                 new_ids.push(cid);
@@ -222,5 +296,5 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
         let now = db::now(tx).await?;
         write_outbox(tx, now, events).await?;
     }
-    Ok(report)
+    Ok(())
 }
