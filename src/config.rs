@@ -143,6 +143,8 @@ pub struct OutboxSettings {
 pub struct WorkerSettings {
     /// Heartbeat deliveries applied in one transaction at most.
     pub heartbeat_batch_size: usize,
+    /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
+    pub heartbeat_pipeline: usize,
     /// Commands applied concurrently (each lane keeps the order of one session's commands).
     pub command_lanes: usize,
 }
@@ -236,7 +238,7 @@ impl Default for OutboxSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { heartbeat_batch_size: 1000, command_lanes: 8 }
+        Self { heartbeat_batch_size: 1000, heartbeat_pipeline: 2, command_lanes: 8 }
     }
 }
 
@@ -331,6 +333,9 @@ impl Settings {
         }
         if self.worker.heartbeat_batch_size == 0 {
             return bad("worker.heartbeat_batch_size", "must be at least 1");
+        }
+        if self.worker.heartbeat_pipeline == 0 {
+            return bad("worker.heartbeat_pipeline", "must be at least 1");
         }
         if self.worker.command_lanes == 0 {
             return bad("worker.command_lanes", "must be at least 1");

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -154,6 +155,10 @@ fn user_mismatch(settings: &Settings, d: &Delivery, agent: &str) -> Option<Strin
 }
 
 /// Consumes the heartbeat queue until shutdown, applying deliveries in batches.
+///
+/// Up to `worker.heartbeat_pipeline` batches are in flight at once, each in its own task and transaction, so the
+/// next batch is applied while the previous one commits. Batches are acknowledged in the order they were taken
+/// (one `multiple` acknowledgement each, after their commit), and nothing after a failed batch is acknowledged.
 pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
@@ -166,33 +171,83 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
         )
         .await?;
     let max = s.worker.heartbeat_batch_size;
+    let depth = s.worker.heartbeat_pipeline.max(1);
+    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Delivery, Result<()>)>> = FuturesOrdered::new();
+    let mut outcome = Ok(());
+    // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
+    let mut acking = true;
     loop {
-        let first = tokio::select! {
+        tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            d = consumer.next() => d,
-        };
-        let first = match first {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(Error::Disconnected("heartbeat consumer ended".into())),
-        };
-        let mut batch = vec![first];
-        while batch.len() < max {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
-                Some(Some(Err(e))) => return Err(e.into()),
-                _ => break,
+            done = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(done) = done else { continue };
+                if let Err(e) = finish_batch(done).await {
+                    acking = false;
+                    if !matches!(e, Error::Shutdown) {
+                        outcome = Err(e);
+                    }
+                    break;
+                }
+            }
+            first = consumer.next(), if in_flight.len() < depth => {
+                let first = match first {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        outcome = Err(e.into());
+                        break;
+                    }
+                    None => {
+                        outcome = Err(Error::Disconnected("heartbeat consumer ended".into()));
+                        break;
+                    }
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        Some(Some(Err(e))) => {
+                            outcome = Err(e.into());
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+                if outcome.is_err() {
+                    break;
+                }
+                let (shared, token) = (shared.clone(), shutdown.clone());
+                in_flight.push_back(tokio::spawn(async move {
+                    let r = heartbeat_batch(&shared, &batch, &token).await;
+                    (batch.pop().expect("a batch is never empty"), r)
+                }));
             }
         }
-        match heartbeat_batch(&shared, &batch, &shutdown).await {
-            Err(Error::Shutdown) => break,
-            other => other?,
+    }
+    // Batches already taken finish (or give up at shutdown) and are acknowledged in order, up to the first failure.
+    while let Some(done) = in_flight.next().await {
+        if !acking {
+            continue;
+        }
+        if let Err(e) = finish_batch(done).await {
+            acking = false;
+            if outcome.is_ok() && !matches!(e, Error::Shutdown) {
+                outcome = Err(e);
+            }
         }
     }
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
     let _ = channel.close(200, "consumer stopped".into()).await;
-    Ok(())
+    outcome
+}
+
+/// Acknowledges a finished batch (all deliveries up to its last) after its commit, or passes its failure on.
+async fn finish_batch(done: std::result::Result<(Delivery, Result<()>), tokio::task::JoinError>) -> Result<()> {
+    match done {
+        Ok((last, Ok(()))) => ack(&last, true).await,
+        Ok((_, Err(e))) => Err(e),
+        Err(e) => Err(Error::Disconnected(format!("heartbeat batch task failed: {e}"))),
+    }
 }
 
 async fn heartbeat_batch(shared: &Shared, batch: &[Delivery], shutdown: &CancellationToken) -> Result<()> {
@@ -245,9 +300,6 @@ async fn heartbeat_batch(shared: &Shared, batch: &[Delivery], shutdown: &Cancell
             }
             Err(e) => return Err(e),
         }
-    }
-    if let Some(last) = batch.last() {
-        ack(last, true).await?;
     }
     Ok(())
 }
