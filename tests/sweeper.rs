@@ -319,3 +319,62 @@ async fn the_brake_holds_while_the_worker_is_behind() {
     assert_eq!(restored["restored"], true);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_on_one_worker_at_a_time_commits_per_batch_and_releases_its_claim() {
+    // Not started: no scheduled cycle of the worker's own can interfere.
+    let app = TestApp::unstarted_with(|s| s.sweeper.batch_size = 2).await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    app.db
+        .execute(
+            "INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, \
+             max_retries, expires_at) SELECT gen_random_uuid(), $1, 'a1', 't', '1', 0, now() - interval '1 second' \
+             FROM generate_series(1, 5)",
+            &[&sid],
+        )
+        .await
+        .unwrap();
+    let lock = |task: &str| format!("SELECT pg_advisory_lock(hashtextextended('acm.sweeper.{task}', 0))");
+    let unlock = |task: &str| format!("SELECT pg_advisory_unlock(hashtextextended('acm.sweeper.{task}', 0))");
+
+    // Another worker holds the task: this one skips it and changes nothing.
+    app.db.execute(&lock("instruction_expiry"), &[]).await.unwrap();
+    let r = app.sweep().await;
+    assert_eq!(r.skipped_tasks, ["instruction_expiry"]);
+    assert_eq!(r.instructions_expired, 0);
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction WHERE status = 'pending'").await, 5);
+    app.db.execute(&unlock("instruction_expiry"), &[]).await.unwrap();
+
+    // Released: 5 due instructions in batches of 2 are 3 transactions, each committing rows and events together.
+    let xid_before: i64 = app.scalar("SELECT pg_current_xact_id()::text::bigint").await;
+    let r = app.sweep().await;
+    assert!(r.skipped_tasks.is_empty(), "{r:?}");
+    assert_eq!(r.instructions_expired, 5);
+    let writers: Vec<i64> = app
+        .db
+        .query(
+            "SELECT DISTINCT xmin::text::bigint FROM agent_instruction WHERE status = 'expired' AND xmin::text::bigint > $1",
+            &[&xid_before],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(writers.len(), 3, "one transaction per batch of 2: {writers:?}");
+    let events: i64 =
+        app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.instruction.expired'").await;
+    assert_eq!(events, 5);
+    let last_run: Option<DateTime<Utc>> =
+        app.scalar("SELECT last_run_at FROM sweeper_state WHERE task = 'instruction_expiry'").await;
+    assert!(last_run.is_some(), "the run that changed something is recorded");
+
+    // Every claim was released: another session can take each task's lock now.
+    for task in ["stale_connections", "inactive_sessions", "instruction_expiry", "retention"] {
+        let free: bool =
+            app.scalar(&format!("SELECT pg_try_advisory_lock(hashtextextended('acm.sweeper.{task}', 0))")).await;
+        assert!(free, "{task} is still claimed after the cycle");
+        app.db.execute(&unlock(task), &[]).await.unwrap();
+    }
+    app.cleanup().await;
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{claim_task, in_batches, mark_run, secs};
+use super::{in_batches, secs, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -41,18 +41,15 @@ pub const MARK_BATCH: &str = "WITH due AS ( \
 
 /// Runs once; `None` when another worker is running this task. Returns the sessions marked.
 pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !claim_task(&tx, TASK).await? {
+    let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
-    }
-    let total = in_batches(&tx, MARK_BATCH, cfg.inactive_after.as_secs_f64(), cfg.batch_size, |r| {
+    };
+    let total = in_batches(claim.client(), TASK, MARK_BATCH, cfg.inactive_after.as_secs_f64(), cfg.batch_size, |r| {
         let session_id: String = r.get(0);
         tracing::info!(session_id = %session_id, "session inactive");
         EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) }
     })
     .await?;
-    mark_run(&tx, TASK, total).await?;
-    tx.commit().await?;
+    claim.release().await;
     Ok(Some(total))
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{claim_task, in_batches, mark_run, secs};
+use super::{in_batches, secs, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -60,13 +60,11 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
 
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !claim_task(&tx, TASK).await? {
+    let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
-    }
+    };
     let mut report = Report::default();
-    in_batches(&tx, EXPIRE_BATCH, cfg.retry_window.as_secs_f64(), cfg.batch_size, |r| {
+    in_batches(claim.client(), TASK, EXPIRE_BATCH, cfg.retry_window.as_secs_f64(), cfg.batch_size, |r| {
         let instruction_id: Uuid = r.get(0);
         let status: String = r.get(6);
         let retry_count: i32 = r.get(7);
@@ -101,7 +99,6 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
         }
     })
     .await?;
-    mark_run(&tx, TASK, report.retried + report.expired).await?;
-    tx.commit().await?;
+    claim.release().await;
     Ok(Some(report))
 }

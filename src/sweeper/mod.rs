@@ -1,9 +1,9 @@
 //! The sweeper: small periodic tasks, each with named defaults and a `run_once` that reports what it changed.
 //!
-//! Every task runs in one transaction that first claims its row in `sweeper_state` with `FOR UPDATE SKIP LOCKED`,
-//! so with several workers one of them runs a given task at a time and the others skip it. Inside, rows are changed
-//! in bounded batches claimed with `FOR UPDATE SKIP LOCKED` and re-checked in the `UPDATE` that changes them, and
-//! each batch writes its events to the outbox in the same transaction.
+//! Every task first claims itself with a session-level advisory lock ([`CLAIM_TASK`]), so with several workers one
+//! of them runs a given task at a time and the others skip it. Rows are then changed in bounded batches, each in its
+//! own transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that changes them, and their
+//! events written to the outbox in the same transaction.
 
 pub mod inactive_sessions;
 pub mod instruction_expiry;
@@ -13,7 +13,7 @@ pub mod stale_connections;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{GenericClient, Object, Pool};
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -120,21 +120,30 @@ pub struct SweepReport {
 }
 
 /// Runs a batch statement (its last two parameters are bound here: `batch_size` is the last) until a batch comes
-/// back short, turning each returned row into an event written to the outbox in the same transaction.
-/// Returns the rows changed.
+/// back short, each batch in its own transaction that also writes one event per returned row to the outbox, so
+/// events reach the relay while the sweep goes on and row locks are held for one batch only. The first batch that
+/// changes something also records the run in `sweeper_state.last_run_at`. Returns the rows changed.
 pub(crate) async fn in_batches(
-    tx: &Transaction<'_>,
+    client: &mut Object,
+    task: &str,
     sql: &str,
     param: f64,
     batch_size: i64,
     mut event: impl FnMut(&tokio_postgres::Row) -> EventBody,
 ) -> Result<u64> {
-    let now = crate::db::now(tx).await?;
     let mut total = 0u64;
     loop {
+        let tx = client.transaction().await?;
         let rows = tx.query(sql, &[&param, &batch_size]).await?;
         let n = rows.len();
-        write_outbox(tx, now, rows.iter().map(&mut event).collect()).await?;
+        if n > 0 {
+            let now = crate::db::now(&tx).await?;
+            write_outbox(&tx, now, rows.iter().map(&mut event).collect()).await?;
+            if total == 0 {
+                mark_run(&tx, task).await?;
+            }
+        }
+        tx.commit().await?;
         total += n as u64;
         if (n as i64) < batch_size {
             return Ok(total);
@@ -142,23 +151,59 @@ pub(crate) async fn in_batches(
     }
 }
 
-/// Takes the advisory lock of task $1 for the transaction; `false` when another worker holds it.
-pub const CLAIM_TASK: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('acm.sweeper.' || $1, 0))";
+/// Takes the session-level advisory lock of task $1; `false` when another worker holds it.
+pub const CLAIM_TASK: &str = "SELECT pg_try_advisory_lock(hashtextextended('acm.sweeper.' || $1, 0))";
+/// Releases the lock [`CLAIM_TASK`] took.
+pub const RELEASE_TASK: &str = "SELECT pg_advisory_unlock(hashtextextended('acm.sweeper.' || $1, 0))";
 
-/// Claims a task for this transaction with a transaction-level advisory lock; `false` when another worker holds it.
+/// A task claimed by this worker: a session-level advisory lock on one pooled connection, held across the task's
+/// transactions so that one worker at a time runs a task. An advisory lock writes nothing, so a cycle that finds
+/// nothing due writes nothing and commits without waiting for the disk.
 ///
-/// An advisory lock writes nothing, so a cycle that finds nothing due is read-only and commits without waiting for
-/// the disk.
-pub(crate) async fn claim_task(tx: &Transaction<'_>, task: &str) -> Result<bool> {
-    let row = tx.query_one(CLAIM_TASK, &[&task]).await?;
-    Ok(row.get(0))
+/// [`Claim::release`] unlocks and returns the connection to the pool. A claim dropped without it (an error, a
+/// cancelled cycle) discards its connection: the database session ends and the lock with it. Rows are still
+/// claimed with `FOR UPDATE SKIP LOCKED` and re-checked, so a lock lost with its connection costs at most some
+/// duplicated effort, never a duplicated change.
+pub(crate) struct Claim {
+    client: Option<Object>,
+    task: &'static str,
 }
 
-/// Records in `sweeper_state.last_run_at` that a task changed something in this transaction.
-pub(crate) async fn mark_run(tx: &Transaction<'_>, task: &str, changed: u64) -> Result<()> {
-    if changed > 0 {
-        tx.execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
+impl Claim {
+    /// Claims `task`; `None` when another worker holds it.
+    pub(crate) async fn take(pool: &Pool, task: &'static str) -> Result<Option<Claim>> {
+        let client = pool.get().await?;
+        let claimed: bool = client.query_one(CLAIM_TASK, &[&task]).await?.get(0);
+        Ok(claimed.then_some(Claim { client: Some(client), task }))
     }
+
+    /// The connection that holds the lock.
+    pub(crate) fn client(&mut self) -> &mut Object {
+        self.client.as_mut().expect("a claim holds its connection until released")
+    }
+
+    /// Unlocks and returns the connection to the pool (or discards it when the unlock fails).
+    pub(crate) async fn release(mut self) {
+        let Some(client) = self.client.take() else { return };
+        if let Err(e) = client.query_one(RELEASE_TASK, &[&self.task]).await {
+            tracing::warn!(task = self.task, error = %e, "cannot release the sweeper task's lock; dropping its connection");
+            drop(Object::take(client));
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            tracing::debug!(task = self.task, "sweeper task ended early; its connection (and lock) is dropped");
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// Records in `sweeper_state.last_run_at` that a task changed something (the transaction's start time).
+pub(crate) async fn mark_run(client: &impl GenericClient, task: &str) -> Result<()> {
+    client.execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{claim_task, mark_run, secs};
+use super::{mark_run, secs, Claim};
 use crate::config::Settings;
 use crate::error::Result;
 
@@ -48,24 +48,26 @@ pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (message_
 
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !claim_task(&tx, TASK).await? {
+    let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
-    }
+    };
+    // Each delete is its own statement (and transaction): no events, nothing to keep together.
+    let client = claim.client();
     let keep = cfg.retention.as_secs_f64();
     let mut report = Report::default();
     for (sql, total) in [(PRUNE_EVENTS, &mut report.events), (PRUNE_PROCESSED, &mut report.processed_messages)] {
         loop {
-            let n = tx.execute(sql, &[&keep, &cfg.batch_size]).await?;
+            let n = client.execute(sql, &[&keep, &cfg.batch_size]).await?;
             *total += n;
             if (n as i64) < cfg.batch_size {
                 break;
             }
         }
     }
-    mark_run(&tx, TASK, report.events + report.processed_messages).await?;
-    tx.commit().await?;
+    if report.events + report.processed_messages > 0 {
+        mark_run(&*client, TASK).await?;
+    }
+    claim.release().await;
     if report.events + report.processed_messages > 0 {
         tracing::info!(events = report.events, processed_messages = report.processed_messages, "retention pruned");
     }

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use serde::Serialize;
 
-use super::{claim_task, in_batches, mark_run, secs};
+use super::{in_batches, secs, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
@@ -101,24 +101,28 @@ pub const CLOSE_BATCH: &str = "WITH due AS ( \
 
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result<Option<Report>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !claim_task(&tx, TASK).await? {
+    let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
-    }
+    };
+    let report = judge_and_close(claim.client(), cfg, backlog).await?;
+    claim.release().await;
+    Ok(Some(report))
+}
+
+async fn judge_and_close(client: &mut Object, cfg: &Config, backlog: Option<u64>) -> Result<Report> {
     let stale_secs = cfg.stale_after.as_secs_f64();
-    let candidates: i64 = tx.query_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
+    let candidates: i64 = client.query_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
     let mut report = Report::default();
     if candidates == 0 {
-        tx.execute(RELEASE_HOLD, &[&TASK]).await?;
-        tx.commit().await?;
-        return Ok(Some(report));
+        client.execute(RELEASE_HOLD, &[&TASK]).await?;
+        return Ok(report);
     }
     // The active count is only needed when the brake might apply.
     let may_brake =
         candidates as u64 >= cfg.brake_min_connections || backlog.is_some_and(|b| b > cfg.max_heartbeat_backlog);
-    let active: i64 = if may_brake { tx.query_one(COUNT_ACTIVE, &[]).await?.get(0) } else { 0 };
+    let active: i64 = if may_brake { client.query_one(COUNT_ACTIVE, &[]).await?.get(0) } else { 0 };
     if let Some(reason) = brake_reason(cfg, candidates, active, backlog) {
+        let tx = client.transaction().await?;
         let row = tx
             .query_one(
                 "UPDATE sweeper_state SET held_since = coalesce(held_since, now()) WHERE task = $1 \
@@ -133,21 +137,20 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
             write_outbox(&tx, now, vec![EventBody::SweeperHeld { reason: reason.into(), candidates, active }]).await?;
             tx.commit().await?;
             report.held = Some(Held { reason: reason.into(), candidates, active });
-            return Ok(Some(report));
+            return Ok(report);
         }
+        tx.rollback().await?;
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
-    tx.execute(RELEASE_HOLD, &[&TASK]).await?;
-    report.closed = in_batches(&tx, CLOSE_BATCH, stale_secs, cfg.batch_size, |r| {
+    client.execute(RELEASE_HOLD, &[&TASK]).await?;
+    report.closed = in_batches(client, TASK, CLOSE_BATCH, stale_secs, cfg.batch_size, |r| {
         let connection_id: String = r.get(0);
         let session_id: String = r.get(1);
         tracing::info!(connection_id = %connection_id, session_id = %session_id, "connection closed: stale_connection");
         EventBody::ConnectionStale { connection_id, session_id, agent_id: r.get(2), last_heartbeat_at: r.get(3) }
     })
     .await?;
-    mark_run(&tx, TASK, report.closed).await?;
-    tx.commit().await?;
-    Ok(Some(report))
+    Ok(report)
 }
 
 #[cfg(test)]
