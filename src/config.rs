@@ -131,6 +131,8 @@ pub struct InstructionSettings {
 pub struct OutboxSettings {
     /// Events published per relay transaction.
     pub batch_size: i64,
+    /// Relay batches in flight at once: the next is claimed and published while the broker confirms the previous.
+    pub pipeline: usize,
     /// How often the relay looks for events when no notification arrives.
     pub poll_interval_ms: u64,
     /// Published events (and processed-message records) are deleted after this long.
@@ -232,7 +234,7 @@ impl Default for InstructionSettings {
 
 impl Default for OutboxSettings {
     fn default() -> Self {
-        Self { batch_size: 500, poll_interval_ms: 1000, retention_secs: 86_400 }
+        Self { batch_size: 1000, pipeline: 3, poll_interval_ms: 1000, retention_secs: 86_400 }
     }
 }
 
@@ -333,6 +335,9 @@ impl Settings {
         }
         if self.worker.heartbeat_batch_size == 0 {
             return bad("worker.heartbeat_batch_size", "must be at least 1");
+        }
+        if self.outbox.pipeline == 0 {
+            return bad("outbox.pipeline", "must be at least 1");
         }
         if self.worker.heartbeat_pipeline == 0 {
             return bad("worker.heartbeat_pipeline", "must be at least 1");

@@ -1,8 +1,8 @@
 //! The outbox relay: publishes committed events with publisher confirms and marks them published.
 //!
 //! A batch is claimed with `FOR UPDATE SKIP LOCKED` in a transaction that stays open while the batch is published
-//! and confirmed, then marked and committed. Other relays skip the locked rows, so several relays never publish one
-//! row twice; only a crash between the broker's confirm and the commit republishes (same `event_id`). The relay
+//! and confirmed, then marked and committed. Other batches and relays skip the locked rows, so several relays (and
+//! the several batches one relay keeps in flight) never publish one row twice; only a crash between the broker's confirm and the commit republishes (same `event_id`). The relay
 //! wakes on `NOTIFY acm_outbox` (sent by a trigger when events commit) and also polls.
 
 use std::sync::Arc;
@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::Channel;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -39,10 +40,26 @@ pub async fn relay_once(
     batch: i64,
     metrics: &Metrics,
 ) -> Result<usize> {
+    relay_batch(pool, channel, exchange, batch, metrics, None).await
+}
+
+/// Claims, publishes and marks one batch. `published` learns how many events were claimed once they are all
+/// handed to the channel (0 when there were none), while the confirms are still outstanding.
+async fn relay_batch(
+    pool: &Pool,
+    channel: &Channel,
+    exchange: &str,
+    batch: i64,
+    metrics: &Metrics,
+    published: Option<oneshot::Sender<usize>>,
+) -> Result<usize> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let rows = tx.query(CLAIM, &[&batch]).await?;
     if rows.is_empty() {
+        if let Some(p) = published {
+            let _ = p.send(0);
+        }
         return Ok(0);
     }
     let started = Instant::now();
@@ -60,6 +77,9 @@ pub async fn relay_once(
             .await?;
         confirms.push((event_id, event_type, confirm));
         ids.push(id);
+    }
+    if let Some(p) = published {
+        let _ = p.send(ids.len());
     }
     for (event_id, event_type, confirm) in confirms {
         if confirm.await?.is_nack() {
@@ -96,6 +116,8 @@ pub struct RelayConfig {
     pub exchange: String,
     /// Events per transaction.
     pub batch: i64,
+    /// Batches in flight at once (claimed and published one after another, confirmed and marked concurrently).
+    pub pipeline: usize,
     /// Poll interval when no notification comes.
     pub poll: Duration,
     /// Woken by the outbox listener.
@@ -107,33 +129,70 @@ pub struct RelayConfig {
 }
 
 /// Runs the relay until shutdown, then flushes what is left for at most 5 seconds.
+///
+/// Up to `pipeline` batches are in flight: the next batch is claimed (skipping the rows the previous ones hold)
+/// and published as soon as the previous one is handed to the channel, while the broker confirms it. Claims and
+/// publishes stay in outbox order on the one channel; commits may finish in any order. After a failure no new
+/// batch starts until those in flight have finished; their rows stay unpublished and are claimed again.
 pub async fn run(cfg: RelayConfig) -> Result<()> {
-    let RelayConfig { pool, channel, exchange, batch, poll, wake, metrics, shutdown } = cfg;
+    let RelayConfig { pool, channel, exchange, batch, pipeline, poll, wake, metrics, shutdown } = cfg;
+    let depth = pipeline.max(1);
     let mut backoff = Backoff::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut failure: Option<Error> = None;
+    // Whether the last claim came back full, so more may be waiting.
+    let mut more = true;
     loop {
-        match relay_once(&pool, &channel, &exchange, batch, &metrics).await {
-            Ok(n) if n as i64 == batch => {
-                backoff = Backoff::default();
-                continue;
+        if more && failure.is_none() && in_flight.len() < depth && !shutdown.is_cancelled() {
+            let (tx, mut rx) = oneshot::channel();
+            in_flight.push(relay_batch(&pool, &channel, &exchange, batch, &metrics, Some(tx)));
+            // Drive every batch in flight until this one has claimed and published.
+            let claimed = loop {
+                tokio::select! {
+                    r = &mut rx => break r.unwrap_or(0),
+                    Some(done) = in_flight.next() => {
+                        if let Err(e) = done {
+                            failure.get_or_insert(e);
+                        }
+                    }
+                }
+            };
+            more = claimed as i64 == batch;
+            continue;
+        }
+        if let Some(done) = in_flight.next().await {
+            match done {
+                Ok(_) => backoff = Backoff::default(),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
-            Ok(_) => backoff = Backoff::default(),
-            Err(e @ (Error::Pool(_) | Error::Db(_))) => {
+            continue;
+        }
+        // Nothing in flight.
+        match failure.take() {
+            Some(e @ (Error::Pool(_) | Error::Db(_))) => {
                 tracing::warn!(error = %e, "outbox relay: database unavailable; retrying");
                 if !backoff.wait(&shutdown).await {
                     break;
                 }
+                more = true;
                 continue;
             }
-            Err(e) => return Err(e),
+            Some(e) => return Err(e),
+            None => {}
         }
         if shutdown.is_cancelled() {
             break;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+        if !more {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
         }
+        more = true;
     }
     // Flush: publish what the stopped consumers committed.
     let deadline = Instant::now() + Duration::from_secs(5);

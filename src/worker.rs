@@ -115,6 +115,7 @@ impl Worker {
             channel: relay_channel,
             exchange: topology.event_exchange.clone(),
             batch: s.outbox.batch_size,
+            pipeline: s.outbox.pipeline,
             poll: Duration::from_millis(s.outbox.poll_interval_ms),
             wake: wake.clone(),
             metrics: self.metrics.clone(),

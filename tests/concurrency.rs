@@ -142,3 +142,33 @@ async fn two_workers_decide_each_transition_once() {
     second.stop().await.unwrap();
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_batches_in_flight_publishes_each_event_once_in_outbox_order() {
+    let mut app = TestApp::start_with(|s| {
+        s.outbox.batch_size = 7;
+        s.outbox.pipeline = 3;
+    })
+    .await;
+    const N: i64 = 500;
+    // One commit of N events: the relay needs 72 batches of 7, at most 3 in flight.
+    app.db
+        .execute(
+            "WITH v AS (SELECT g, gen_random_uuid() AS u FROM generate_series(1, $1::bigint) g) \
+             INSERT INTO event_outbox (event_id, event_type, payload) \
+             SELECT u, 'agent.session.created', jsonb_build_object('event_type', 'agent.session.created', \
+               'event_id', u, 'seq', g) FROM v ORDER BY g",
+            &[&N],
+        )
+        .await
+        .unwrap();
+    let events = app.drain_events(Duration::from_secs(1)).await;
+    let seqs: Vec<i64> = events
+        .iter()
+        .filter(|e| e["event_type"] == "agent.session.created")
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "every event once, in outbox order");
+    assert_eq!(app.unpublished().await, 0);
+    app.cleanup().await;
+}
