@@ -19,12 +19,12 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{publish_confirmed, Topology, ERROR_HEADER};
-use crate::commands::heartbeat::{apply_batch, Heartbeat};
+use crate::commands::heartbeat::{apply_batch, apply_batch_then, Heartbeat};
 use crate::commands::{execute, reply_json, Command, Meta, Outcome};
 use crate::config::Settings;
 use crate::error::{CommandError, Error, Result};
@@ -156,9 +156,11 @@ fn user_mismatch(settings: &Settings, d: &Delivery, agent: &str) -> Option<Strin
 
 /// Consumes the heartbeat queue until shutdown, applying deliveries in batches.
 ///
-/// Up to `worker.heartbeat_pipeline` batches are in flight at once, each in its own task and transaction, so the
-/// next batch is applied while the previous one commits. Batches are acknowledged in the order they were taken
-/// (one `multiple` acknowledgement each, after their commit), and nothing after a failed batch is acknowledged.
+/// Up to `worker.heartbeat_pipeline` batches are in flight at once, each in its own task and transaction: the next
+/// batch starts once the previous one has done its statements (and holds its row locks), so its work overlaps the
+/// previous commit while a row both touch is still written in delivery order. Batches are acknowledged in the order
+/// they were taken (one `multiple` acknowledgement each, after their commit), and nothing after a failed batch is
+/// acknowledged.
 pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
@@ -176,10 +178,13 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
     let mut acking = true;
+    // Resolves (or is dropped) once the newest batch has done its statements; the next batch starts only then.
+    let mut applying: Option<oneshot::Receiver<()>> = None;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = async { applying.as_mut().expect("checked").await }, if applying.is_some() => applying = None,
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(done) = done else { continue };
                 if let Err(e) = finish_batch(done).await {
@@ -190,7 +195,7 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
                     break;
                 }
             }
-            first = consumer.next(), if in_flight.len() < depth => {
+            first = consumer.next(), if in_flight.len() < depth && applying.is_none() => {
                 let first = match first {
                     Some(Ok(d)) => d,
                     Some(Err(e)) => {
@@ -217,8 +222,10 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
                     break;
                 }
                 let (shared, token) = (shared.clone(), shutdown.clone());
+                let (applied, rx) = oneshot::channel();
+                applying = Some(rx);
                 in_flight.push_back(tokio::spawn(async move {
-                    let r = heartbeat_batch(&shared, &batch, &token).await;
+                    let r = heartbeat_batch(&shared, &batch, &token, applied).await;
                     (batch.pop().expect("a batch is never empty"), r)
                 }));
             }
@@ -250,7 +257,19 @@ async fn finish_batch(done: std::result::Result<(Delivery, Result<()>), tokio::t
     }
 }
 
-async fn heartbeat_batch(shared: &Shared, batch: &[Delivery], shutdown: &CancellationToken) -> Result<()> {
+async fn heartbeat_batch(
+    shared: &Shared,
+    batch: &[Delivery],
+    shutdown: &CancellationToken,
+    applied: oneshot::Sender<()>,
+) -> Result<()> {
+    // Dropped (so the consumer goes on) at the latest when this batch is finished, whatever the outcome.
+    let applied = std::sync::Mutex::new(Some(applied));
+    let signal = || {
+        if let Some(s) = applied.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = s.send(());
+        }
+    };
     let s = &shared.settings;
     shared.metrics.heartbeat_batch_size.observe(batch.len() as f64);
     let mut valid: Vec<(usize, Heartbeat)> = Vec::with_capacity(batch.len());
@@ -270,7 +289,8 @@ async fn heartbeat_batch(shared: &Shared, batch: &[Delivery], shutdown: &Cancell
     if !valid.is_empty() {
         let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
         let started = Instant::now();
-        let result = retry_transient("applying heartbeats", shutdown, || apply_batch(&shared.pool, &hbs)).await;
+        let result =
+            retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
         match result {
             Ok(report) => {
                 shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());

@@ -299,3 +299,65 @@ async fn one_mixed_batch_takes_the_fast_and_the_slow_path_correctly() {
     assert_eq!(new_events, 2, "exactly the two opened events");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_keep_the_latest_client_info() {
+    // Small batches, two in flight: many consecutive batches touch the same three connections.
+    let app = TestApp::unstarted_with(|s| {
+        s.worker.heartbeat_batch_size = 5;
+        s.worker.heartbeat_pipeline = 2;
+    })
+    .await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    // Records every write that would replace a connection's client_info with an older one.
+    app.db
+        .batch_execute(
+            "CREATE TABLE seq_regression (connection_id text, old_seq bigint, new_seq bigint);
+             CREATE FUNCTION note_seq_regression() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO seq_regression VALUES (OLD.connection_id, (OLD.client_info->>'seq')::bigint,
+                                                    (NEW.client_info->>'seq')::bigint);
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER seq_regression BEFORE UPDATE ON agent_connection FOR EACH ROW
+                 WHEN ((NEW.client_info->>'seq')::bigint < (OLD.client_info->>'seq')::bigint)
+                 EXECUTE FUNCTION note_seq_regression();",
+        )
+        .await
+        .unwrap();
+    const N: usize = 1500;
+    for i in 0..N {
+        let body = json!({"type": "agent.heartbeat", "agent_id": "a1", "session_id": sid,
+                          "connection_id": format!("c{}", i % 3), "client_info": {"seq": i}});
+        app.client.send(&body, None).await.unwrap();
+    }
+    app.manager.start().await.unwrap();
+    // Each connection's last heartbeat is one of the last three; its client_info must be the one written last.
+    let want: Vec<(String, i64)> = (N - 3..N).map(|i| (format!("c{}", i % 3), i as i64)).collect();
+    let mut want = want;
+    want.sort();
+    eventually("every connection to show its last heartbeat's client_info", Duration::from_secs(30), || async {
+        let rows = app
+            .db
+            .query(
+                "SELECT connection_id, (client_info->>'seq')::bigint FROM agent_connection ORDER BY connection_id",
+                &[],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (got == want).then_some(())
+    })
+    .await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
+    let batches: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch size histogram");
+    assert!(batches >= (N / 5) as f64, "{N} heartbeats in batches of at most 5 took {batches} batches");
+    let regressions: i64 = app.scalar("SELECT count(*) FROM seq_regression").await;
+    assert_eq!(regressions, 0, "a batch overwrote a later batch's client_info");
+    app.cleanup().await;
+}

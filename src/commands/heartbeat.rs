@@ -54,9 +54,20 @@ pub struct BatchReport {
 
 /// Applies a batch in its own transaction.
 pub async fn apply_batch(pool: &Pool, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
+    apply_batch_then(pool, heartbeats, || {}).await
+}
+
+/// Applies a batch in its own transaction, calling `applied` once its statements are done (its rows are locked)
+/// and before the commit.
+///
+/// The heartbeat consumer starts the next batch only then: a later batch that touches the same rows waits for this
+/// one's commit, so its values (the latest `client_info`) are written last, while its other work overlaps the
+/// commit.
+pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: impl FnOnce()) -> Result<BatchReport> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let report = apply_in(&tx, heartbeats).await?;
+    applied();
     tx.commit().await?;
     Ok(report)
 }
