@@ -1306,7 +1306,10 @@ fn explained_queries() -> Vec<(&'static str, String)> {
         ("retention: PRUNE_EVENTS", q(retention::PRUNE_EVENTS, "86400", "1000")),
         ("retention: PRUNE_PROCESSED", q(retention::PRUNE_PROCESSED, "86400", "1000")),
         ("stats: STATS", agent_connection_manager::commands::stats::STATS.to_string()),
-        ("relay: CLAIM", q(agent_connection_manager::relay::CLAIM, "500", "")),
+        (
+            "relay: CLAIM",
+            q(agent_connection_manager::relay::CLAIM, &Settings::default().outbox.batch_size.to_string(), ""),
+        ),
     ]
 }
 
@@ -1326,7 +1329,8 @@ async fn explain_all(db: &tokio_postgres::Client) -> Res<Vec<Plan>> {
     for (name, sql) in explained_queries() {
         db.batch_execute("BEGIN").await?;
         let rows = db.simple_query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")).await;
-        db.batch_execute("ROLLBACK").await?;
+        // The claim takes a session-level advisory lock, which a rollback does not release.
+        db.batch_execute("ROLLBACK; SELECT pg_advisory_unlock_all()").await?;
         let mut lines = Vec::new();
         for m in rows? {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
@@ -1349,6 +1353,116 @@ async fn explain_all(db: &tokio_postgres::Client) -> Res<Vec<Plan>> {
         out.push(Plan { name, exec_ms, buffers, seq_scans, text: lines.join("\n") });
     }
     Ok(out)
+}
+
+/// The broker's floor for the busy sweep: `n` messages shaped like the sweep's events (an `agent.instruction.retry`
+/// body, persistent, with a `message_id`) published to the event exchange from `conns` connections, each with one
+/// confirm-mode channel publishing in batches of `batch` with up to `pipeline` batches unconfirmed (the relay's
+/// pattern with the worker's settings, or a wider one), to the same kind of consumer queue as the scenario's; seconds
+/// from the first publish to the last arrival. No database.
+async fn broker_floor(o: &Opts, exchange: &str, n: usize, batch: usize, pipeline: usize, conns: usize) -> Res<f64> {
+    use agent_connection_manager::events::{Event, EventBody};
+    let conn = amqp::connect(&o.amqp_url, "acm bench broker floor").await?;
+    let cch = conn.create_channel().await?;
+    let q = cch
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    cch.queue_bind(q.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    let mut consumer = cch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let counter = tokio::spawn(async move {
+        let mut seen = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while seen < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.next()).await {
+                Ok(Some(Ok(_))) => seen += 1,
+                _ => break,
+            }
+        }
+        (seen, Instant::now())
+    });
+    let mut publishers = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let c = amqp::connect(&o.amqp_url, "acm bench broker floor publisher").await?;
+        let ch = amqp::confirm_channel(&c).await?;
+        publishers.push((c, ch));
+    }
+    let t0 = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (p, (c, ch)) in publishers.into_iter().enumerate() {
+        let exchange = exchange.to_string();
+        let mine = n / conns + usize::from(p < n % conns);
+        tasks.spawn(async move {
+            let now = Utc::now();
+            let mut windows: VecDeque<Vec<lapin::PublisherConfirm>> = VecDeque::new();
+            let (mut nacks, mut sent) = (0usize, 0usize);
+            while sent < mine {
+                let mut window = Vec::with_capacity(batch);
+                while window.len() < batch && sent < mine {
+                    let event = Event {
+                        event_id: uuid::Uuid::new_v4(),
+                        occurred_at: now,
+                        body: EventBody::InstructionRetry {
+                            instruction_id: uuid::Uuid::new_v4(),
+                            session_id: format!("s-{}", sent % 10_000),
+                            agent_id: format!("agent-{}", sent % 10_000),
+                            instruction_type: "bench".into(),
+                            payload: json!({ "n": sent }),
+                            priority: "normal".into(),
+                            retry_count: 1,
+                            max_retries: 3,
+                            expires_at: now,
+                            previous_expires_at: now,
+                        },
+                    };
+                    let body = serde_json::to_vec(&event)?;
+                    let props = json_properties().with_message_id(event.event_id.to_string().into());
+                    window.push(
+                        ch.basic_publish(
+                            exchange.as_str().into(),
+                            "agent.instruction.retry".into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            props,
+                        )
+                        .await?,
+                    );
+                    sent += 1;
+                }
+                windows.push_back(window);
+                if windows.len() >= pipeline {
+                    for c in windows.pop_front().unwrap_or_default() {
+                        nacks += usize::from(c.await?.is_nack());
+                    }
+                }
+            }
+            for w in windows {
+                for c in w {
+                    nacks += usize::from(c.await?.is_nack());
+                }
+            }
+            let _ = c.close(200, "done".into()).await;
+            Ok::<usize, BoxErr>(nacks)
+        });
+    }
+    let mut nacks = 0;
+    while let Some(r) = tasks.join_next().await {
+        nacks += r??;
+    }
+    let (seen, last) = counter.await?;
+    let _ = conn.close(200, "done".into()).await;
+    if seen < n || nacks > 0 {
+        return Err(fail(format!("broker floor: {seen} of {n} arrived, {nacks} nacked")));
+    }
+    Ok(last.duration_since(t0).as_secs_f64())
 }
 
 async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
@@ -1424,6 +1538,24 @@ async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
     res.record("5 idle sweep", "one cycle (slowest of cycles)", "ms", Target::None, percentile(&cycles, 100.0));
     res.record("5 idle sweep", "stats query (median)", "ms", Target::None, percentile(&stats, 50.0));
     res.record("5 idle sweep", "sequential scans of big tables", "plans", Target::AtMost(0.0), seq_scans as f64);
+
+    // 4. The broker's floor for the events the busy sweep produces, before the worker runs.
+    {
+        let conn = amqp::connect(&o.amqp_url, "acm bench setup").await?;
+        let ch = conn.create_channel().await?;
+        env.topology().declare(&ch, &Settings::default().amqp).await?;
+        let _ = conn.close(200, "done".into()).await;
+    }
+    let events = (o.due + o.stale) as usize;
+    // The worker's relay settings: its defaults, or what ACM_OUTBOX__* in the environment (inherited by it) set.
+    let defaults = Settings::default();
+    let env_or = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let batch = env_or("ACM_OUTBOX__BATCH_SIZE", defaults.outbox.batch_size as usize);
+    let pipeline = env_or("ACM_OUTBOX__PIPELINE", defaults.outbox.pipeline);
+    let floor = broker_floor(o, &env.topology().event_exchange, events, batch, pipeline, 1).await?;
+    println!("    broker floor, the relay's pattern ({pipeline} x {batch} unconfirmed, 1 connection): {floor:.2} s");
+    let wide = broker_floor(o, &env.topology().event_exchange, events, 5000, 4, 4).await?;
+    println!("    broker floor, wide (4 x 5000 unconfirmed on each of 4 connections): {wide:.2} s");
 
     // 4. Busy: the worker sweeping every second, brake off; rows become due at a moment just before its next cycle.
     let pid = env
@@ -1613,6 +1745,9 @@ async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
         confirm_secs
     );
     res.record("4 busy sweep", "sweep start -> last event confirmed", "s", Target::AtMost(5.0), busy);
+    res.record("4 busy sweep", "broker floor: same events, relay's pattern, no database", "s", Target::None, floor);
+    res.record("4 busy sweep", "broker floor: same events, 4 wide publishers", "s", Target::None, wide);
+    res.record("4 busy sweep", "busy sweep / broker floor (relay's pattern)", "ratio", Target::None, busy / floor);
     res.record("4 busy sweep", "sweep start -> last stale event", "s", Target::None, secs_since(last_stale));
     res.record("4 busy sweep", "sweep start -> first instruction event", "s", Target::None, secs_since(first_instr));
     res.record("4 busy sweep", "relay: publish-to-confirm, all batches", "s", Target::None, confirm_secs);
