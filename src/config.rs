@@ -111,8 +111,10 @@ pub struct SweeperSettings {
     pub max_heartbeat_backlog: u64,
     /// Longest hold in a row; after it the verdict stands.
     pub stale_brake_max_hold_secs: u64,
-    /// Rows changed per statement.
+    /// Rows changed per statement (and transaction).
     pub batch_size: i64,
+    /// Batch transactions a task runs at once when more than one batch is due.
+    pub parallel_batches: usize,
 }
 
 /// `instructions.*`
@@ -222,6 +224,7 @@ impl Default for SweeperSettings {
             max_heartbeat_backlog: 10_000,
             stale_brake_max_hold_secs: 600,
             batch_size: 1000,
+            parallel_batches: 3,
         }
     }
 }
@@ -234,7 +237,7 @@ impl Default for InstructionSettings {
 
 impl Default for OutboxSettings {
     fn default() -> Self {
-        Self { batch_size: 1000, pipeline: 3, poll_interval_ms: 1000, retention_secs: 86_400 }
+        Self { batch_size: 2000, pipeline: 4, poll_interval_ms: 1000, retention_secs: 86_400 }
     }
 }
 
@@ -329,6 +332,9 @@ impl Settings {
         }
         if s.batch_size < 1 {
             return bad("sweeper.batch_size", "must be at least 1");
+        }
+        if s.parallel_batches == 0 {
+            return bad("sweeper.parallel_batches", "must be at least 1");
         }
         if self.outbox.batch_size < 1 {
             return bad("outbox.batch_size", "must be at least 1");

@@ -15,7 +15,6 @@ use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::Channel;
-use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::retry::Backoff;
 
 /// Claims up to $1 unpublished events, skipping those another relay holds.
-pub const CLAIM: &str = "SELECT id, event_id, event_type, payload FROM event_outbox WHERE published_at IS NULL \
+pub const CLAIM: &str = "SELECT id, event_id, event_type, payload::text FROM event_outbox WHERE published_at IS NULL \
      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 const MARK: &str = "UPDATE event_outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL";
 
@@ -63,20 +62,23 @@ async fn relay_batch(
         return Ok(0);
     }
     let started = Instant::now();
-    let mut confirms = Vec::with_capacity(rows.len());
     let mut ids = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let id: i64 = row.get(0);
+    let mut messages = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.get::<_, i64>(0));
         let event_id: Uuid = row.get(1);
         let event_type: String = row.get(2);
-        let payload: Value = row.get(3);
-        let body = serde_json::to_vec(&payload).unwrap_or_default();
+        // The stored JSON as PostgreSQL prints it: the body as is, without parsing and printing it again.
+        let body: String = row.get(3);
+        messages.push((event_id, event_type, body.into_bytes()));
+    }
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (event_id, event_type, body) in messages {
         let props = json_properties().with_message_id(ShortString::from(event_id.to_string()));
         let confirm = channel
             .basic_publish(exchange.into(), event_type.as_str().into(), BasicPublishOptions::default(), &body, props)
             .await?;
         confirms.push((event_id, event_type, confirm));
-        ids.push(id);
     }
     if let Some(p) = published {
         let _ = p.send(ids.len());

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{in_batches, secs, Claim};
+use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -21,11 +21,17 @@ pub struct Config {
     pub inactive_after: Duration,
     /// Rows per statement.
     pub batch_size: i64,
+    /// Batch transactions at once.
+    pub parallel: usize,
 }
 
 impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
-        Self { inactive_after: secs(s.session_inactive_after_secs), batch_size: s.batch_size }
+        Self {
+            inactive_after: secs(s.session_inactive_after_secs),
+            batch_size: s.batch_size,
+            parallel: s.parallel_batches,
+        }
     }
 }
 
@@ -44,7 +50,14 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
     let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
     };
-    let total = in_batches(claim.client(), TASK, MARK_BATCH, cfg.inactive_after.as_secs_f64(), cfg.batch_size, |r| {
+    let batches = Batches {
+        task: TASK,
+        sql: MARK_BATCH,
+        param: cfg.inactive_after.as_secs_f64(),
+        size: cfg.batch_size,
+        parallel: cfg.parallel,
+    };
+    let total = in_batches(&mut claim, pool, batches, |r| {
         let session_id: String = r.get(0);
         tracing::info!(session_id = %session_id, "session inactive");
         EventBody::SessionInactive { session_id, agent_id: r.get(1), last_activity_at: r.get(2) }

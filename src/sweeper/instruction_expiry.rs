@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{in_batches, secs, Claim};
+use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -25,11 +25,17 @@ pub struct Config {
     pub retry_window: Duration,
     /// Rows per statement.
     pub batch_size: i64,
+    /// Batch transactions at once.
+    pub parallel: usize,
 }
 
 impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
-        Self { retry_window: secs(s.instruction_retry_window_secs), batch_size: s.batch_size }
+        Self {
+            retry_window: secs(s.instruction_retry_window_secs),
+            batch_size: s.batch_size,
+            parallel: s.parallel_batches,
+        }
     }
 }
 
@@ -64,7 +70,14 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
         return Ok(None);
     };
     let mut report = Report::default();
-    in_batches(claim.client(), TASK, EXPIRE_BATCH, cfg.retry_window.as_secs_f64(), cfg.batch_size, |r| {
+    let batches = Batches {
+        task: TASK,
+        sql: EXPIRE_BATCH,
+        param: cfg.retry_window.as_secs_f64(),
+        size: cfg.batch_size,
+        parallel: cfg.parallel,
+    };
+    in_batches(&mut claim, pool, batches, |r| {
         let instruction_id: Uuid = r.get(0);
         let status: String = r.get(6);
         let retry_count: i32 = r.get(7);

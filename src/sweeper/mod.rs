@@ -10,6 +10,7 @@ pub mod instruction_expiry;
 pub mod retention;
 pub mod stale_connections;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,36 +120,88 @@ pub struct SweepReport {
     pub skipped_tasks: Vec<String>,
 }
 
-/// Runs a batch statement (its last two parameters are bound here: `batch_size` is the last) until a batch comes
-/// back short, each batch in its own transaction that also writes one event per returned row to the outbox, so
-/// events reach the relay while the sweep goes on and row locks are held for one batch only. The first batch that
+/// A batch statement of a task: its last two parameters are `param` and the batch size.
+pub(crate) struct Batches<'a> {
+    /// The task (for `sweeper_state.last_run_at`).
+    pub task: &'a str,
+    /// Claims (`FOR UPDATE SKIP LOCKED`), re-checks and changes up to $2 rows, returning what the events need.
+    pub sql: &'a str,
+    /// $1.
+    pub param: f64,
+    /// $2: rows per batch.
+    pub size: i64,
+    /// Batch transactions at once when the first batch comes back full.
+    pub parallel: usize,
+}
+
+/// Runs a batch statement until batches come back short, each batch in its own transaction that also writes one
+/// event per returned row to the outbox, so events reach the relay while the sweep goes on and row locks are held
+/// for one batch only. The first batch runs on the claim's connection; when it comes back full, `parallel` loops
+/// (the claim's connection and pooled ones) go on at once, kept disjoint by `SKIP LOCKED`. The first batch that
 /// changes something also records the run in `sweeper_state.last_run_at`. Returns the rows changed.
 pub(crate) async fn in_batches(
-    client: &mut Object,
-    task: &str,
-    sql: &str,
-    param: f64,
-    batch_size: i64,
-    mut event: impl FnMut(&tokio_postgres::Row) -> EventBody,
+    claim: &mut Claim,
+    pool: &Pool,
+    b: Batches<'_>,
+    event: impl FnMut(&tokio_postgres::Row) -> EventBody,
 ) -> Result<u64> {
-    let mut total = 0u64;
+    // The loops run in this task, interleaved at their awaits; the lock is never held across one.
+    let event = std::sync::Mutex::new(event);
+    let marked = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let first = one_batch(claim.client(), &b, &event, &marked).await?;
+    total.store(first as u64, Ordering::Relaxed);
+    if (first as i64) < b.size {
+        return Ok(first as u64);
+    }
+    let others = (1..b.parallel.max(1)).map(|_| async {
+        let mut client = pool.get().await?;
+        batch_loop(&mut client, &b, &event, &marked, &total).await
+    });
+    let mine = batch_loop(claim.client(), &b, &event, &marked, &total);
+    futures_util::future::try_join(mine, futures_util::future::try_join_all(others)).await?;
+    Ok(total.load(Ordering::Relaxed))
+}
+
+/// Batches until one comes back short.
+async fn batch_loop(
+    client: &mut Object,
+    b: &Batches<'_>,
+    event: &std::sync::Mutex<impl FnMut(&tokio_postgres::Row) -> EventBody>,
+    marked: &AtomicBool,
+    total: &AtomicU64,
+) -> Result<()> {
     loop {
-        let tx = client.transaction().await?;
-        let rows = tx.query(sql, &[&param, &batch_size]).await?;
-        let n = rows.len();
-        if n > 0 {
-            let now = crate::db::now(&tx).await?;
-            write_outbox(&tx, now, rows.iter().map(&mut event).collect()).await?;
-            if total == 0 {
-                mark_run(&tx, task).await?;
-            }
-        }
-        tx.commit().await?;
-        total += n as u64;
-        if (n as i64) < batch_size {
-            return Ok(total);
+        let n = one_batch(client, b, event, marked).await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        if (n as i64) < b.size {
+            return Ok(());
         }
     }
+}
+
+/// One batch in one transaction; returns the rows changed.
+async fn one_batch(
+    client: &mut Object,
+    b: &Batches<'_>,
+    event: &std::sync::Mutex<impl FnMut(&tokio_postgres::Row) -> EventBody>,
+    marked: &AtomicBool,
+) -> Result<usize> {
+    let tx = client.transaction().await?;
+    let rows = tx.query(b.sql, &[&b.param, &b.size]).await?;
+    if !rows.is_empty() {
+        let now = crate::db::now(&tx).await?;
+        let bodies: Vec<EventBody> = {
+            let mut f = event.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            rows.iter().map(|r| (*f)(r)).collect()
+        };
+        write_outbox(&tx, now, bodies).await?;
+        if !marked.swap(true, Ordering::Relaxed) {
+            mark_run(&tx, b.task).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(rows.len())
 }
 
 /// Takes the session-level advisory lock of task $1; `false` when another worker holds it.

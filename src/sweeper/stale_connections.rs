@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use serde::Serialize;
 
-use super::{in_batches, secs, Claim};
+use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
@@ -33,6 +33,8 @@ pub struct Config {
     pub max_hold: Duration,
     /// Rows per statement.
     pub batch_size: i64,
+    /// Batch transactions at once.
+    pub parallel: usize,
 }
 
 impl From<&SweeperSettings> for Config {
@@ -44,6 +46,7 @@ impl From<&SweeperSettings> for Config {
             max_heartbeat_backlog: s.max_heartbeat_backlog,
             max_hold: secs(s.stale_brake_max_hold_secs),
             batch_size: s.batch_size,
+            parallel: s.parallel_batches,
         }
     }
 }
@@ -104,12 +107,13 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
     let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
     };
-    let report = judge_and_close(claim.client(), cfg, backlog).await?;
+    let report = judge_and_close(&mut claim, pool, cfg, backlog).await?;
     claim.release().await;
     Ok(Some(report))
 }
 
-async fn judge_and_close(client: &mut Object, cfg: &Config, backlog: Option<u64>) -> Result<Report> {
+async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result<Report> {
+    let client = claim.client();
     let stale_secs = cfg.stale_after.as_secs_f64();
     let candidates: i64 = client.query_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
     let mut report = Report::default();
@@ -143,7 +147,9 @@ async fn judge_and_close(client: &mut Object, cfg: &Config, backlog: Option<u64>
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
     client.execute(RELEASE_HOLD, &[&TASK]).await?;
-    report.closed = in_batches(client, TASK, CLOSE_BATCH, stale_secs, cfg.batch_size, |r| {
+    let batches =
+        Batches { task: TASK, sql: CLOSE_BATCH, param: stale_secs, size: cfg.batch_size, parallel: cfg.parallel };
+    report.closed = in_batches(claim, pool, batches, |r| {
         let connection_id: String = r.get(0);
         let session_id: String = r.get(1);
         tracing::info!(connection_id = %connection_id, session_id = %session_id, "connection closed: stale_connection");
