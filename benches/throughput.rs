@@ -126,7 +126,8 @@ const HELP: &str = "cargo bench --bench throughput [-- OPTIONS]
   --no-plans          do not print the full EXPLAIN output
 
 Environment: ACM_BENCH_PG_BASE (default postgres://postgres@127.0.0.1:5432),
-             ACM_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).";
+             ACM_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
+             ACM_BENCH_KEEP_LOGS (set: keep every worker log, not only those of failed scenarios).";
 
 fn parse_opts() -> Opts {
     let mut o = Opts {
@@ -596,7 +597,11 @@ impl Env {
         let mut prefixes = vec![self.prefix.clone()];
         prefixes.extend(self.extra_prefixes.iter().cloned());
         remove_resources(&self.pg_base, &self.amqp_url, &self.db_name, &prefixes).await;
-        let _ = std::fs::remove_file(&self.log);
+        if std::env::var_os("ACM_BENCH_KEEP_LOGS").is_some() {
+            eprintln!("    worker log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
         self.cleaned = true;
     }
 }
@@ -920,11 +925,141 @@ async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
 /// Heartbeats of one connection published and not yet seen committed: (sequence, publish instant, wall clock).
 type Pending = VecDeque<(i64, Instant, SystemTime)>;
 
+/// The broker's part of the latency: the same paced heartbeats (same publishers, rate and duration) to a queue
+/// declared by the library like `<prefix>.heartbeats`, consumed in this process with the worker's prefetch and
+/// batching and acknowledged per batch, without a database. Returns the sorted publish-to-delivery latencies (ms).
+async fn broker_latency_floor(o: &Opts, prefix: &str) -> Res<Vec<f64>> {
+    let topology = Topology::new(prefix);
+    let defaults = Settings::default();
+    let conn = amqp::connect(&o.amqp_url, "acm bench latency floor").await?;
+    let ch = conn.create_channel().await?;
+    let settings = AmqpSettings { command_queue_type: QueueType::Classic, ..AmqpSettings::default() };
+    topology.declare(&ch, &settings).await?;
+    ch.basic_qos(defaults.amqp.prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            topology.heartbeat_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let total = (o.rate * o.latency_secs) as usize;
+    let stamps: Arc<Vec<Mutex<Option<Instant>>>> = Arc::new((0..total).map(|_| Mutex::new(None)).collect());
+    let received = {
+        let (stamps, max) = (stamps.clone(), defaults.worker.heartbeat_batch_size);
+        tokio::spawn(async move {
+            let mut out = Vec::with_capacity(total);
+            let deadline = Instant::now() + Duration::from_secs(o_latency_deadline(total));
+            while out.len() < total {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let first = match tokio::time::timeout(left, consumer.next()).await {
+                    Ok(Some(Ok(d))) => d,
+                    _ => break,
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                let now = Instant::now();
+                for d in &batch {
+                    let seq =
+                        serde_json::from_slice::<Value>(&d.data).ok().and_then(|v| v["client_info"]["s"].as_u64());
+                    let published = seq.and_then(|s| stamps.get(s as usize)).and_then(|m| *m.lock().ok()?);
+                    if let Some(p) = published {
+                        out.push(ms(now - p));
+                    }
+                }
+                if let Some(last) = batch.last() {
+                    let _ = last.acker.ack(BasicAckOptions { multiple: true }).await;
+                }
+            }
+            out
+        })
+    };
+    let chans = publishers(o).await?;
+    let n = chans.len();
+    let seq = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (p, (pconn, pch)) in chans.into_iter().enumerate() {
+        let my_agents: Vec<usize> = (p + 1..=o.agents).step_by(n).collect();
+        let share = total as u64 / n as u64 + u64::from((p as u64) < total as u64 % n as u64);
+        let rate = o.rate as f64 / n as f64;
+        let (seq, stamps, exchange) = (seq.clone(), stamps.clone(), topology.command_exchange.clone());
+        tasks.spawn(async move {
+            let mut sent = 0u64;
+            let mut confirms = Vec::new();
+            while sent < share && !my_agents.is_empty() {
+                let due = ((t0.elapsed().as_secs_f64() * rate) as u64).min(share);
+                while sent < due {
+                    let a = my_agents[sent as usize % my_agents.len()];
+                    let s = seq.fetch_add(1, Ordering::Relaxed);
+                    let body = heartbeat_body(a, Some(json!({ "s": s })));
+                    if let Some(m) = stamps.get(s as usize) {
+                        if let Ok(mut slot) = m.lock() {
+                            *slot = Some(Instant::now());
+                        }
+                    }
+                    confirms.push(
+                        pch.basic_publish(
+                            exchange.as_str().into(),
+                            HEARTBEAT_ROUTING_KEY.into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            json_properties(),
+                        )
+                        .await?,
+                    );
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for c in confirms {
+                c.await?;
+            }
+            let _ = pconn.close(200, "done".into()).await;
+            Ok::<(), BoxErr>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let out = received.await?;
+    let _ = conn.close(200, "done".into()).await;
+    if out.len() < total {
+        return Err(fail(format!("latency floor: {} of {total} delivered", out.len())));
+    }
+    Ok(sorted(out))
+}
+
+/// How long the latency floor waits for its deliveries at most.
+fn o_latency_deadline(total: usize) -> u64 {
+    60 + (total / 1000) as u64
+}
+
 async fn scenario_latency(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
     let mut env = Env::new(o, "latency");
     env.migrate().await?;
     let db = env.db().await?;
     seed_agents(&db, o.agents).await?;
+
+    // The broker alone first, same load, no worker and no database.
+    let floor_prefix = format!("{}-floor", env.prefix);
+    env.extra_prefixes.push(floor_prefix.clone());
+    let floor = broker_latency_floor(o, &floor_prefix).await?;
+    println!(
+        "    broker alone (bare consumer in the bench): publish-to-delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&floor, 50.0),
+        percentile(&floor, 99.0),
+        percentile(&floor, 100.0)
+    );
+    res.record("2 latency", "broker alone: publish-to-delivery p50", "ms", Target::None, percentile(&floor, 50.0));
+    res.record("2 latency", "broker alone: publish-to-delivery p99", "ms", Target::None, percentile(&floor, 99.0));
+
     let pid = env.start_worker(&[]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -1014,8 +1149,21 @@ async fn scenario_latency(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
     let mut polls = 0u64;
     let poll_started = Instant::now();
     let deadline = t0 + Duration::from_secs(o.latency_secs + 60);
+    let mut since = wm - margin;
     loop {
-        let since = wm - margin;
+        // A transaction commits after its now(): one still running when this poll looks may commit rows dated
+        // before the newest row seen. So the next poll starts from the oldest running transaction's start (or
+        // this moment, if none runs), unless the newest row seen is older still.
+        let check = db
+            .query_one(
+                "SELECT clock_timestamp(), (SELECT min(xact_start) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await?;
+        let checked: DateTime<Utc> = check.get(0);
+        let running: Option<DateTime<Utc>> = check.get(1);
+        let floor = running.map_or(checked, |r| r.min(checked));
         let rows = db
             .query(
                 "SELECT connection_id, (client_info->>'s')::int8, last_heartbeat_at FROM agent_connection \
@@ -1048,6 +1196,7 @@ async fn scenario_latency(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
                 }
             }
         }
+        since = wm.min(floor) - margin;
         if !publishing.load(Ordering::SeqCst) && samples.len() as u64 >= seq.load(Ordering::Relaxed) {
             break;
         }

@@ -136,12 +136,9 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let vaids: Vec<&str> = valid.iter().map(|v| v.1).collect();
     let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
     let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
-    let refreshed: HashSet<String> = tx
-        .query(TOUCH_ACTIVE_CONNECTIONS, &[&ids, &vsids, &vaids, &infos])
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let touch_connections = tx.prepare_cached(TOUCH_ACTIVE_CONNECTIONS).await?;
+    let refreshed: HashSet<String> =
+        tx.query(&touch_connections, &[&ids, &vsids, &vaids, &infos]).await?.into_iter().map(|r| r.get(0)).collect();
     report.applied += refreshed.len();
     let rest: Vec<_> = valid.into_iter().filter(|v| !refreshed.contains(v.0)).collect();
     if !rest.is_empty() {
