@@ -1504,6 +1504,25 @@ async fn explain_all(db: &tokio_postgres::Client) -> Res<Vec<Plan>> {
     Ok(out)
 }
 
+/// A consumer (no acks) of an exclusive queue bound to every routing key of `exchange`, as the busy sweep's events
+/// are counted.
+async fn event_consumer(conn: &lapin::Connection, exchange: &str) -> Res<lapin::Consumer> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    ch.queue_bind(q.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    Ok(ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 /// The broker's floor for the busy sweep: `n` messages shaped like the sweep's events (an `agent.instruction.retry`
 /// body, persistent, with a `message_id`) published to the event exchange from `conns` connections, each with one
 /// confirm-mode channel publishing in batches of `batch` with up to `pipeline` batches unconfirmed (the relay's
@@ -1512,20 +1531,7 @@ async fn explain_all(db: &tokio_postgres::Client) -> Res<Vec<Plan>> {
 async fn broker_floor(o: &Opts, exchange: &str, n: usize, batch: usize, pipeline: usize, conns: usize) -> Res<f64> {
     use agent_connection_manager::events::{Event, EventBody};
     let conn = amqp::connect(&o.amqp_url, "acm bench broker floor").await?;
-    let cch = conn.create_channel().await?;
-    let q = cch
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    cch.queue_bind(q.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    let mut consumer = cch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = event_consumer(&conn, exchange).await?;
     let counter = tokio::spawn(async move {
         let mut seen = 0usize;
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -1718,26 +1724,7 @@ async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
 
     // Count the resulting events on a queue bound to <prefix>.events.
     let econn = amqp::connect(&o.amqp_url, "acm bench events").await?;
-    let ech = econn.create_channel().await?;
-    let q = ech
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    ech.queue_bind(
-        q.name().clone(),
-        env.topology().event_exchange.as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut consumer = ech
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = event_consumer(&econn, &env.topology().event_exchange).await?;
     let (want_stale, want_instr) = (o.stale as u64, o.due as u64);
     let counter = tokio::spawn(async move {
         let (mut stale, mut instr, mut other) = (0u64, 0u64, 0u64);

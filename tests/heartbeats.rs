@@ -12,6 +12,16 @@ fn hb(agent: &str, session: &str, connection: &str) -> Heartbeat {
     serde_json::from_value(json!({"agent_id": agent, "session_id": session, "connection_id": connection})).unwrap()
 }
 
+/// Heartbeat batches the worker applied so far (its batch-size histogram's count).
+fn heartbeat_batches(app: &TestApp) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch size histogram")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_coalesced_per_connection() {
     let app = TestApp::unstarted_with(|_| {}).await;
@@ -52,13 +62,7 @@ async fn queued_heartbeats_are_applied_in_few_batches_and_acknowledged() {
         (q.message_count() == 0).then_some(())
     })
     .await;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
-    let batches: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("batch size histogram");
+    let batches = heartbeat_batches(&app);
     assert!(batches < 500.0 / 2.0, "500 queued heartbeats took {batches} batches");
     let opened: i64 =
         app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.opened'").await;
@@ -349,13 +353,7 @@ async fn pipelined_batches_keep_the_latest_client_info() {
         (got == want).then_some(())
     })
     .await;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &app.manager.metrics().registry).unwrap();
-    let batches: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("batch size histogram");
+    let batches = heartbeat_batches(&app);
     assert!(batches >= (N / 5) as f64, "{N} heartbeats in batches of at most 5 took {batches} batches");
     let regressions: i64 = app.scalar("SELECT count(*) FROM seq_regression").await;
     assert_eq!(regressions, 0, "a batch overwrote a later batch's client_info");
