@@ -1571,7 +1571,7 @@ async fn broker_floor(o: &Opts, exchange: &str, n: usize, batch: usize, pipeline
                             agent_id: format!("agent-{}", sent % 10_000),
                             instruction_type: "bench".into(),
                             payload: json!({ "n": sent }),
-                            priority: "normal".into(),
+                            priority: agent_connection_manager::domain::Priority::Normal,
                             retry_count: 1,
                             max_retries: 3,
                             expires_at: now,

@@ -1,4 +1,5 @@
-//! RabbitMQ: connecting, the topology of CONTRACT section 1, and confirmed publishing.
+//! RabbitMQ: connecting, the topology (exchanges, queues and bindings, derived from the message registry), and
+//! confirmed publishing.
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -7,13 +8,29 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::commands::{Queue, REGISTRY};
 use crate::config::{AmqpSettings, QueueType};
 use crate::error::{Error, Result};
 
-/// Routing key of heartbeats.
-pub const HEARTBEAT_ROUTING_KEY: &str = "agent.heartbeat";
-/// Binding keys of the command queue.
-pub const COMMAND_BINDINGS: [&str; 4] = ["session.#", "connection.#", "instruction.#", "stats.#"];
+/// Routing key of heartbeats (their message type).
+pub const HEARTBEAT_ROUTING_KEY: &str = <crate::commands::heartbeat::Heartbeat as crate::commands::Message>::TYPE;
+
+/// The binding keys of a queue: the exact type of each message consumed there, or for the command queue one
+/// `<first segment>.#` per family of types (`session.#`, `connection.#`, ...), so that a message whose routing key
+/// names no known type still reaches the worker and is dead-lettered with a reason instead of vanishing.
+pub fn binding_keys(queue: Queue) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for e in REGISTRY.iter().filter(|e| e.queue == queue) {
+        let key = match queue {
+            Queue::Heartbeats => e.type_name.to_string(),
+            Queue::Commands => format!("{}.#", e.type_name.split('.').next().unwrap_or(e.type_name)),
+        };
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
+}
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-acm-error";
 
@@ -67,14 +84,16 @@ impl Topology {
         let mut hb_args = FieldTable::default();
         hb_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
         ch.queue_declare(self.heartbeat_queue.as_str().into(), durable_q, hb_args).await?;
-        ch.queue_bind(
-            self.heartbeat_queue.as_str().into(),
-            self.command_exchange.as_str().into(),
-            HEARTBEAT_ROUTING_KEY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        for key in binding_keys(Queue::Heartbeats) {
+            ch.queue_bind(
+                self.heartbeat_queue.as_str().into(),
+                self.command_exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
 
         let mut cmd_args = FieldTable::default();
         cmd_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
@@ -83,11 +102,11 @@ impl Topology {
             cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.command_delivery_limit as i64));
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
-        for key in COMMAND_BINDINGS {
+        for key in binding_keys(Queue::Commands) {
             ch.queue_bind(
                 self.command_queue.as_str().into(),
                 self.command_exchange.as_str().into(),
-                key.into(),
+                key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -154,4 +173,15 @@ pub async fn publish_confirmed(
 /// Properties of a persistent JSON message.
 pub fn json_properties() -> BasicProperties {
     BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_come_from_the_registry() {
+        assert_eq!(binding_keys(Queue::Heartbeats), vec!["agent.heartbeat"]);
+        assert_eq!(binding_keys(Queue::Commands), vec!["session.#", "connection.#", "instruction.#", "stats.#"]);
+    }
 }

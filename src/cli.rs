@@ -1,4 +1,4 @@
-//! The command line (CONTRACT section 3).
+//! The command line: `run`, `migrate`, `stats`, `session create|close`, `sweep --once`, `config`, `simulate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,9 +111,24 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, settings)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("agent-connection-manager: {e}");
+            eprintln!("agent-connection-manager: {e}{}", hint(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to do about an error, when the error alone does not say.
+fn hint(e: &crate::error::Error) -> &'static str {
+    use tokio_postgres::error::SqlState;
+    let code = match e {
+        crate::error::Error::Db(db) => db.code(),
+        crate::error::Error::Pool(deadpool_postgres::PoolError::Backend(db)) => db.code(),
+        _ => None,
+    };
+    if code == Some(&SqlState::UNDEFINED_TABLE) || code == Some(&SqlState::INVALID_CATALOG_NAME) {
+        " (the database or its schema does not exist yet: run `agent-connection-manager migrate`)"
+    } else {
+        ""
     }
 }
 
@@ -130,7 +145,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Stats { watch } => {
-            db::migrate(&settings.database).await?;
+            // Read-only: it changes nothing, migrations included; a database without the schema is an error.
             let m = AgentConnectionManager::new(settings)?;
             use std::io::{IsTerminal, Write};
             let terminal = watch.is_some() && std::io::stdout().is_terminal();

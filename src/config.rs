@@ -212,19 +212,21 @@ impl Default for AmqpSettings {
     }
 }
 
+/// The sweeper's defaults are its tasks' own, defined beside each task.
 impl Default for SweeperSettings {
     fn default() -> Self {
+        use crate::sweeper::{inactive_sessions, instruction_expiry, stale_connections};
         Self {
-            check_interval_secs: 30,
-            connection_stale_after_secs: 120,
-            session_inactive_after_secs: 3600,
-            instruction_retry_window_secs: 300,
-            stale_brake_min_connections: 20,
-            stale_brake_ratio: 0.5,
-            max_heartbeat_backlog: 10_000,
-            stale_brake_max_hold_secs: 600,
-            batch_size: 1000,
-            parallel_batches: 3,
+            check_interval_secs: crate::sweeper::CHECK_INTERVAL_DEFAULT.as_secs(),
+            connection_stale_after_secs: stale_connections::STALE_AFTER_DEFAULT.as_secs(),
+            session_inactive_after_secs: inactive_sessions::INACTIVE_AFTER_DEFAULT.as_secs(),
+            instruction_retry_window_secs: instruction_expiry::RETRY_WINDOW_DEFAULT.as_secs(),
+            stale_brake_min_connections: stale_connections::BRAKE_MIN_CONNECTIONS_DEFAULT,
+            stale_brake_ratio: stale_connections::BRAKE_RATIO_DEFAULT,
+            max_heartbeat_backlog: stale_connections::MAX_HEARTBEAT_BACKLOG_DEFAULT,
+            stale_brake_max_hold_secs: stale_connections::MAX_HOLD_DEFAULT.as_secs(),
+            batch_size: crate::sweeper::BATCH_SIZE_DEFAULT,
+            parallel_batches: crate::sweeper::PARALLEL_BATCHES_DEFAULT,
         }
     }
 }
@@ -237,7 +239,12 @@ impl Default for InstructionSettings {
 
 impl Default for OutboxSettings {
     fn default() -> Self {
-        Self { batch_size: 2000, pipeline: 4, poll_interval_ms: 1000, retention_secs: 86_400 }
+        Self {
+            batch_size: 2000,
+            pipeline: 4,
+            poll_interval_ms: 1000,
+            retention_secs: crate::sweeper::retention::RETENTION_DEFAULT.as_secs(),
+        }
     }
 }
 
@@ -437,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid_and_match_the_contract() {
+    fn defaults_are_valid_and_as_documented() {
         let s = Settings::default();
         s.validate().unwrap();
         assert_eq!(s.database.pool_size, 16);

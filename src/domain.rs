@@ -104,23 +104,98 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
-/// Instruction priority, ordered `low` < `normal` < `high` < `critical`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    /// Lowest.
-    Low,
-    /// The default.
-    #[default]
-    Normal,
-    /// Above normal.
-    High,
-    /// Highest.
-    Critical,
+/// Declares a Rust enum that is also a PostgreSQL enum type: serde, JSON Schema and `ToSql`/`FromSql` read the same
+/// labels, and `as_str` gives the label for logs.
+macro_rules! pg_enum {
+    ($(#[$meta:meta])* $name:ident = $pg:literal { $($(#[$vmeta:meta])* $variant:ident = $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+            postgres_types::ToSql, postgres_types::FromSql,
+        )]
+        #[postgres(name = $pg)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $label)] #[postgres(name = $label)] $variant),+
+        }
+
+        impl $name {
+            /// The label, as in JSON and in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-impl Priority {
-    /// The database enum label.
+pg_enum! {
+    /// A session's state: `active` ⇄ `inactive` → `ended`.
+    SessionStatus = "session_status" {
+        /// Its agent was heard from within `session_inactive_after_secs`.
+        Active = "active",
+        /// No agent activity for `session_inactive_after_secs`; agent activity makes it active again.
+        Inactive = "inactive",
+        /// Closed (final).
+        Ended = "ended",
+    }
+}
+
+pg_enum! {
+    /// A connection's state: `active` → `closed`.
+    ConnectionStatus = "connection_status" {
+        /// Open.
+        Active = "active",
+        /// Closed, with a [`CloseReason`].
+        Closed = "closed",
+    }
+}
+
+pg_enum! {
+    /// Why a connection was closed.
+    #[derive(Default)]
+    CloseReason = "close_reason" {
+        /// The agent (or backend) closed it.
+        #[default]
+        ClientDisconnect = "client_disconnect",
+        /// Its session was closed.
+        SessionClosed = "session_closed",
+        /// No heartbeat within `connection_stale_after_secs`; undone by the next heartbeat.
+        StaleConnection = "stale_connection",
+    }
+}
+
+pg_enum! {
+    /// An instruction's state: `pending` → `sent` → `acknowledged`; `expired` and `cancelled` are final too.
+    InstructionStatus = "instruction_status" {
+        /// Created (or given another try), not yet delivered.
+        Pending = "pending",
+        /// Delivered to the agent, not yet acknowledged.
+        Sent = "sent",
+        /// Acknowledged by its agent (final).
+        Acknowledged = "acknowledged",
+        /// Past its deadline with no retries left (final).
+        Expired = "expired",
+        /// Its session was closed while it was open (final).
+        Cancelled = "cancelled",
+    }
+}
+
+impl InstructionStatus {
+    /// Whether the instruction can still be acknowledged, retried or expired.
+    pub fn is_open(self) -> bool {
+        matches!(self, InstructionStatus::Pending | InstructionStatus::Sent)
+    }
+}
+
+pg_enum! {
+    /// Instruction priority, ordered `low` < `normal` < `high` < `critical`.
     ///
     /// ```
     /// use agent_connection_manager::domain::Priority;
@@ -128,63 +203,43 @@ impl Priority {
     /// assert!(p > Priority::High && Priority::Low < Priority::default());
     /// assert_eq!(p.as_str(), "critical");
     /// ```
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Low => "low",
-            Priority::Normal => "normal",
-            Priority::High => "high",
-            Priority::Critical => "critical",
-        }
+    #[derive(Default)]
+    Priority = "instruction_priority" {
+        /// Lowest.
+        Low = "low",
+        /// The default.
+        #[default]
+        Normal = "normal",
+        /// Above normal.
+        High = "high",
+        /// Highest.
+        Critical = "critical",
     }
 }
 
-/// What an agent says of an instruction it acknowledges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum AckStatus {
-    /// Received, not yet processed.
-    Received,
-    /// Processed successfully.
-    Processed,
-    /// Processing failed.
-    Failed,
-    /// The agent declined it.
-    Declined,
-}
-
-impl AckStatus {
-    /// The database enum label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AckStatus::Received => "received",
-            AckStatus::Processed => "processed",
-            AckStatus::Failed => "failed",
-            AckStatus::Declined => "declined",
-        }
+impl PartialOrd for Priority {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
-/// Why a connection was closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The agent (or backend) closed it.
-    #[default]
-    ClientDisconnect,
-    /// Its session was closed.
-    SessionClosed,
-    /// No heartbeat within `connection_stale_after_secs`; undone by the next heartbeat.
-    StaleConnection,
+impl Ord for Priority {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (*self as u8).cmp(&(*other as u8))
+    }
 }
 
-impl CloseReason {
-    /// The database enum label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::ClientDisconnect => "client_disconnect",
-            CloseReason::SessionClosed => "session_closed",
-            CloseReason::StaleConnection => "stale_connection",
-        }
+pg_enum! {
+    /// What an agent says of an instruction it acknowledges.
+    AckStatus = "ack_status" {
+        /// Received, not yet processed.
+        Received = "received",
+        /// Processed successfully.
+        Processed = "processed",
+        /// Processing failed.
+        Failed = "failed",
+        /// The agent declined it.
+        Declined = "declined",
     }
 }
 

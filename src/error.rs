@@ -57,12 +57,15 @@ impl Error {
     /// Why the database rejected a value of the message itself (SQLSTATE classes 22 and 23), if it did.
     ///
     /// Such a message can never succeed, so it is poison; every other failure is retried.
-    pub fn poison_reason(&self) -> Option<String> {
+    pub fn poison_reason(&self) -> Option<Poison> {
         if let Error::Db(e) = self {
             if let Some(db) = e.as_db_error() {
                 let class = &db.code().code()[..2];
                 if class == "22" || class == "23" {
-                    return Some(format!("rejected by the database: {}", db.message()));
+                    return Some(Poison::new(
+                        PoisonKind::DatabaseRejected,
+                        format!("rejected by the database: {}", db.message()),
+                    ));
                 }
             }
         }
@@ -75,6 +78,61 @@ impl Error {
             Error::Db(_) => self.poison_reason().is_none(),
             Error::Pool(_) | Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) | Error::Timeout(_) => true,
             Error::Config(_) | Error::Migration(_) | Error::Command(_) | Error::Shutdown => false,
+        }
+    }
+}
+
+/// Why a message is poison: what kind of fault (the `reason` label of the dead-letter metric) and the reason in
+/// words (the `x-acm-error` header and the `invalid` reply's message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct Poison {
+    /// The kind of fault.
+    pub kind: PoisonKind,
+    /// The reason, naming the offending field or value.
+    pub detail: String,
+}
+
+impl Poison {
+    /// A poison reason.
+    pub fn new(kind: PoisonKind, detail: impl Into<String>) -> Self {
+        Self { kind, detail: detail.into() }
+    }
+}
+
+/// The kinds of poison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoisonKind {
+    /// Larger than `amqp.max_message_bytes`.
+    TooLarge,
+    /// Not JSON.
+    NotJson,
+    /// JSON, but not an object.
+    NotObject,
+    /// A `type` no module handles.
+    UnknownType,
+    /// A field missing, mistyped or out of range.
+    InvalidField,
+    /// The sender may not send it.
+    Forbidden,
+    /// A value the database cannot store.
+    DatabaseRejected,
+    /// A message type consumed from another queue.
+    WrongQueue,
+}
+
+impl PoisonKind {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PoisonKind::TooLarge => "too_large",
+            PoisonKind::NotJson => "not_json",
+            PoisonKind::NotObject => "not_object",
+            PoisonKind::UnknownType => "unknown_type",
+            PoisonKind::InvalidField => "invalid_field",
+            PoisonKind::Forbidden => "forbidden",
+            PoisonKind::DatabaseRejected => "database_rejected",
+            PoisonKind::WrongQueue => "wrong_queue",
         }
     }
 }

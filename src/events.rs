@@ -1,4 +1,4 @@
-//! Events out (CONTRACT section 8) and the transactional outbox they are written to.
+//! Events out and the transactional outbox they are written to.
 //!
 //! An event is only ever written by [`write_outbox`] inside the transaction that makes the change it reports; the
 //! relay publishes it later with publisher confirms. So there is no change without its event and no event without
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::domain::{AckStatus, CloseReason, Priority};
 use crate::error::Result;
 
 /// One event: common fields plus the type-specific body.
@@ -23,124 +24,199 @@ pub struct Event {
     pub body: EventBody,
 }
 
-/// The body of each event type; `event_type` is the tag and the routing key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(tag = "event_type")]
-pub enum EventBody {
-    /// A session was created.
-    #[serde(rename = "agent.session.created")]
-    SessionCreated { session_id: String, agent_id: String, acquisition_uuid: Option<String>, name: String },
-    /// A session had no agent activity for `session_inactive_after_secs`.
-    #[serde(rename = "agent.session.inactive")]
-    SessionInactive { session_id: String, agent_id: String, last_activity_at: DateTime<Utc> },
-    /// A session was ended.
-    #[serde(rename = "agent.session.closed")]
-    SessionClosed { session_id: String, agent_id: String, closed_connections: i64, cancelled_instructions: i64 },
-    /// A connection was opened, or a stale-closed one restored by a heartbeat.
-    #[serde(rename = "agent.connection.opened")]
-    ConnectionOpened {
-        connection_id: String,
-        session_id: String,
-        agent_id: String,
-        connection_type: String,
-        restored: bool,
-    },
-    /// A connection was closed by a client or by its session's close.
-    #[serde(rename = "agent.connection.closed")]
-    ConnectionClosed { connection_id: String, session_id: String, agent_id: String, reason: String },
-    /// A connection had no heartbeat for `connection_stale_after_secs` and was closed.
-    #[serde(rename = "agent.connection.stale")]
-    ConnectionStale { connection_id: String, session_id: String, agent_id: String, last_heartbeat_at: DateTime<Utc> },
-    /// An instruction was created.
-    #[serde(rename = "agent.instruction.created")]
-    InstructionCreated {
-        instruction_id: Uuid,
-        session_id: String,
-        agent_id: String,
-        instruction_type: String,
-        payload: Value,
-        sequence_number: Option<i64>,
-        priority: String,
-        expires_at: Option<DateTime<Utc>>,
-        max_retries: i32,
-        instruction_metadata: Option<Value>,
-    },
-    /// An open instruction was acknowledged.
-    #[serde(rename = "agent.instruction.acknowledged")]
-    InstructionAcknowledged {
-        instruction_id: Uuid,
-        session_id: String,
-        agent_id: String,
-        ack_status: String,
-        acknowledged_at: DateTime<Utc>,
-    },
-    /// An instruction passed its deadline with retries left; it is pending again with a new deadline.
-    #[serde(rename = "agent.instruction.retry")]
-    InstructionRetry {
-        instruction_id: Uuid,
-        session_id: String,
-        agent_id: String,
-        instruction_type: String,
-        payload: Value,
-        priority: String,
-        retry_count: i32,
-        max_retries: i32,
-        expires_at: DateTime<Utc>,
-        previous_expires_at: DateTime<Utc>,
-    },
-    /// An instruction passed its deadline with no retries left (final).
-    #[serde(rename = "agent.instruction.expired")]
-    InstructionExpired {
-        instruction_id: Uuid,
-        session_id: String,
-        agent_id: String,
-        expires_at: DateTime<Utc>,
-        retry_count: i32,
-        max_retries: i32,
-    },
-    /// An open instruction was cancelled by its session's close.
-    #[serde(rename = "agent.instruction.cancelled")]
-    InstructionCancelled { instruction_id: Uuid, session_id: String, agent_id: String },
-    /// The sweeper did not trust a mass-stale verdict this cycle.
-    #[serde(rename = "agent.sweeper.held")]
-    SweeperHeld { reason: String, candidates: i64, active: i64 },
+/// Declares every event type once: the `EventBody` variant, its `event_type` (also the routing key, and the name of
+/// its schema in `schema/events/`) and its fields. [`EVENT_TYPES`] and [`EventBody::event_type`] come from the
+/// same list, as do the schemas and the events table of `docs/protocol.md` (through [`crate::schema`]).
+macro_rules! events {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident = $ty:literal { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? }
+    )*) => {
+        /// The body of each event type; `event_type` is the tag and the routing key.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+        #[serde(tag = "event_type")]
+        pub enum EventBody {
+            $(
+                $(#[$doc])*
+                #[serde(rename = $ty)]
+                $variant { $($(#[$fdoc])* $field: $fty),* },
+            )*
+        }
+
+        impl EventBody {
+            /// The `event_type` (and routing key).
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $(EventBody::$variant { .. } => $ty,)*
+                }
+            }
+        }
+
+        /// Every event type, in the order of the list.
+        pub const EVENT_TYPES: &[&str] = &[$($ty),*];
+    };
 }
 
-impl EventBody {
-    /// The `event_type` (and routing key).
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            EventBody::SessionCreated { .. } => "agent.session.created",
-            EventBody::SessionInactive { .. } => "agent.session.inactive",
-            EventBody::SessionClosed { .. } => "agent.session.closed",
-            EventBody::ConnectionOpened { .. } => "agent.connection.opened",
-            EventBody::ConnectionClosed { .. } => "agent.connection.closed",
-            EventBody::ConnectionStale { .. } => "agent.connection.stale",
-            EventBody::InstructionCreated { .. } => "agent.instruction.created",
-            EventBody::InstructionAcknowledged { .. } => "agent.instruction.acknowledged",
-            EventBody::InstructionRetry { .. } => "agent.instruction.retry",
-            EventBody::InstructionExpired { .. } => "agent.instruction.expired",
-            EventBody::InstructionCancelled { .. } => "agent.instruction.cancelled",
-            EventBody::SweeperHeld { .. } => "agent.sweeper.held",
-        }
+events! {
+    /// A session was created.
+    SessionCreated = "agent.session.created" {
+        /// The session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// The acquisition it belongs to, if any.
+        acquisition_uuid: Option<String>,
+        /// Its name.
+        name: String,
+    }
+    /// A session had no agent activity for `session_inactive_after_secs`.
+    SessionInactive = "agent.session.inactive" {
+        /// The session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// Its last agent activity (database clock).
+        last_activity_at: DateTime<Utc>,
+    }
+    /// A session was ended; its connections were closed and its open instructions cancelled in the same change.
+    SessionClosed = "agent.session.closed" {
+        /// The session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// Connections closed by this (each also has its `agent.connection.closed`).
+        closed_connections: i64,
+        /// Instructions cancelled by this (each also has its `agent.instruction.cancelled`).
+        cancelled_instructions: i64,
+    }
+    /// A connection was opened, or a stale-closed one restored by a heartbeat.
+    ConnectionOpened = "agent.connection.opened" {
+        /// The connection.
+        connection_id: String,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// Its type (`amqp` unless the opener said otherwise).
+        connection_type: String,
+        /// `true` when a heartbeat brought back a connection closed as stale.
+        restored: bool,
+    }
+    /// A connection was closed by a client or by its session's close.
+    ConnectionClosed = "agent.connection.closed" {
+        /// The connection.
+        connection_id: String,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// `client_disconnect` or `session_closed`.
+        reason: CloseReason,
+    }
+    /// A connection had no heartbeat for `connection_stale_after_secs` and was closed.
+    ConnectionStale = "agent.connection.stale" {
+        /// The connection.
+        connection_id: String,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// Its last heartbeat (database clock).
+        last_heartbeat_at: DateTime<Utc>,
+    }
+    /// An instruction was created.
+    InstructionCreated = "agent.instruction.created" {
+        /// The instruction.
+        instruction_id: Uuid,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// What the agent is asked to do.
+        instruction_type: String,
+        /// The creator's payload, as given.
+        payload: Value,
+        /// The creator's ordering, if given.
+        sequence_number: Option<i64>,
+        /// Its priority.
+        priority: Priority,
+        /// Its deadline, `null` when it never expires.
+        expires_at: Option<DateTime<Utc>>,
+        /// Tries after the first.
+        max_retries: i32,
+        /// The creator's metadata, as given.
+        instruction_metadata: Option<Value>,
+    }
+    /// An open instruction was acknowledged.
+    InstructionAcknowledged = "agent.instruction.acknowledged" {
+        /// The instruction.
+        instruction_id: Uuid,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// What the agent said.
+        ack_status: AckStatus,
+        /// When (database clock).
+        acknowledged_at: DateTime<Utc>,
+    }
+    /// An instruction passed its deadline with retries left; it is pending again with a new deadline.
+    InstructionRetry = "agent.instruction.retry" {
+        /// The instruction.
+        instruction_id: Uuid,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// What the agent is asked to do.
+        instruction_type: String,
+        /// The creator's payload, as given.
+        payload: Value,
+        /// Its priority.
+        priority: Priority,
+        /// Tries so far after the first (this one included).
+        retry_count: i32,
+        /// Tries after the first.
+        max_retries: i32,
+        /// The new deadline.
+        expires_at: DateTime<Utc>,
+        /// The deadline it passed.
+        previous_expires_at: DateTime<Utc>,
+    }
+    /// An instruction passed its deadline with no retries left (final).
+    InstructionExpired = "agent.instruction.expired" {
+        /// The instruction.
+        instruction_id: Uuid,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+        /// The deadline it passed.
+        expires_at: DateTime<Utc>,
+        /// Tries after the first that were made.
+        retry_count: i32,
+        /// Tries after the first.
+        max_retries: i32,
+    }
+    /// An open instruction was cancelled by its session's close.
+    InstructionCancelled = "agent.instruction.cancelled" {
+        /// The instruction.
+        instruction_id: Uuid,
+        /// Its session.
+        session_id: String,
+        /// Its agent.
+        agent_id: String,
+    }
+    /// The sweeper did not trust a mass-stale verdict this cycle.
+    SweeperHeld = "agent.sweeper.held" {
+        /// `mass_stale` or `heartbeat_backlog`.
+        reason: String,
+        /// Connections that would have gone stale.
+        candidates: i64,
+        /// Active connections.
+        active: i64,
     }
 }
-
-/// Every event type, for documentation and tests.
-pub const EVENT_TYPES: [&str; 12] = [
-    "agent.session.created",
-    "agent.session.inactive",
-    "agent.session.closed",
-    "agent.connection.opened",
-    "agent.connection.closed",
-    "agent.connection.stale",
-    "agent.instruction.created",
-    "agent.instruction.acknowledged",
-    "agent.instruction.retry",
-    "agent.instruction.expired",
-    "agent.instruction.cancelled",
-    "agent.sweeper.held",
-];
 
 const INSERT_OUTBOX: &str = "INSERT INTO event_outbox (event_id, event_type, payload) \
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])";

@@ -1,5 +1,5 @@
-//! [`AgentConnectionManager`]: the library API of the Python service it replaces (`../shared/SEED.md`), plus the
-//! process-wide instance of `get_connection_manager`, `start_connection_manager` and `stop_connection_manager`.
+//! [`AgentConnectionManager`]: the library API of the Python service it replaces (same names, same behaviour),
+//! plus the process-wide instance of `get_connection_manager`, `start_connection_manager` and `stop_connection_manager`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -135,7 +135,7 @@ impl AgentConnectionManager {
             })
             .transpose()
         };
-        let cmd = Command::SessionCreate(session::Create {
+        let cmd = Command::new(session::Create {
             agent_id: Ident::parse(agent_id).map_err(|e| CommandError::Invalid(format!("agent_id: {e}")))?,
             session_id: None,
             acquisition_uuid: text("acquisition_uuid", acquisition_uuid)?,
@@ -153,7 +153,7 @@ impl AgentConnectionManager {
         let Ok(session_id) = Ident::parse(session_id) else {
             return Ok(false);
         };
-        let cmd = Command::SessionClose(session::Close { session_id });
+        let cmd = Command::new(session::Close { session_id });
         let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
         Ok(outcome["closed"].as_bool().unwrap_or(false))
     }

@@ -1,29 +1,21 @@
-//! JSON Schemas of every message in, reply and event out, generated from the Rust types into `schema/`.
+//! JSON Schemas of every message in, reply and event out, generated from the Rust types into `schema/`, and the
+//! tables of `docs/protocol.md` that list them.
 //!
-//! `tests/schemas.rs` fails when the files in `schema/` differ from what this module generates; run it with
-//! `ACM_UPDATE_SCHEMAS=1` to rewrite them.
+//! Both come from the registries: [`crate::commands::REGISTRY`] for messages and replies, the event list of
+//! [`crate::events`] for events. `tests/schemas.rs` fails when `schema/` or the tables in `docs/protocol.md` differ
+//! from what this module generates; run it with `ACM_UPDATE_SCHEMAS=1` to rewrite them.
 
 use schemars::{schema_for, JsonSchema};
 use serde_json::{json, Value};
 
-use crate::commands::replies::{
-    AckResult, Closed, ConnectionOpened, InstructionCreated, InstructionStatus, Reply, SessionCreated,
-};
-use crate::commands::stats::ConnectionStats;
-use crate::commands::{connection, heartbeat, instruction, session};
+use crate::commands::{Queue, Sender, REGISTRY};
 use crate::events::{Event, EVENT_TYPES};
 
 fn to_value<T: JsonSchema>() -> Value {
     serde_json::to_value(schema_for!(T)).unwrap_or(Value::Null)
 }
 
-/// A command's schema: its struct plus the `type` field.
-fn message<T: JsonSchema>(ty: &str) -> Value {
-    let mut v = to_value::<T>();
-    with_type(&mut v, ty);
-    v
-}
-
+/// Adds the `type` field (the message type, also its routing key) to a message's schema.
 fn with_type(v: &mut Value, ty: &str) {
     if let Some(obj) = v.as_object_mut() {
         obj.insert("title".into(), json!(ty));
@@ -40,32 +32,16 @@ fn with_type(v: &mut Value, ty: &str) {
 
 /// Every schema, as (path under `schema/`, schema).
 pub fn all() -> Vec<(String, Value)> {
-    let mut out = vec![
-        ("messages/agent.heartbeat.json".to_string(), message::<heartbeat::Heartbeat>("agent.heartbeat")),
-        ("messages/session.create.json".into(), message::<session::Create>("session.create")),
-        ("messages/session.close.json".into(), message::<session::Close>("session.close")),
-        ("messages/connection.open.json".into(), message::<connection::Open>("connection.open")),
-        ("messages/connection.close.json".into(), message::<connection::Close>("connection.close")),
-        ("messages/instruction.create.json".into(), message::<instruction::Create>("instruction.create")),
-        ("messages/instruction.sent.json".into(), message::<instruction::Sent>("instruction.sent")),
-        ("messages/instruction.ack.json".into(), message::<instruction::Ack>("instruction.ack")),
-    ];
-    let mut stats = json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-    });
-    with_type(&mut stats, "stats.get");
-    out.push(("messages/stats.get.json".into(), stats));
-    out.extend([
-        ("replies/session.create.json".to_string(), to_value::<Reply<SessionCreated>>()),
-        ("replies/session.close.json".into(), to_value::<Reply<Closed>>()),
-        ("replies/connection.open.json".into(), to_value::<Reply<ConnectionOpened>>()),
-        ("replies/connection.close.json".into(), to_value::<Reply<Closed>>()),
-        ("replies/instruction.create.json".into(), to_value::<Reply<InstructionCreated>>()),
-        ("replies/instruction.sent.json".into(), to_value::<Reply<InstructionStatus>>()),
-        ("replies/instruction.ack.json".into(), to_value::<Reply<AckResult>>()),
-        ("replies/stats.get.json".into(), to_value::<Reply<ConnectionStats>>()),
-    ]);
+    let mut out = Vec::new();
+    for e in REGISTRY {
+        let mut v = (e.message_schema)();
+        with_type(&mut v, e.type_name);
+        out.push((format!("messages/{}.json", e.type_name), v));
+    }
+    for e in REGISTRY.iter().filter(|e| e.queue == Queue::Commands) {
+        let v = serde_json::to_value((e.reply_schema)()).unwrap_or(Value::Null);
+        out.push((format!("replies/{}.json", e.type_name), v));
+    }
     let events = to_value::<Event>();
     for ty in EVENT_TYPES {
         out.push((format!("events/{ty}.json"), event_schema(&events, ty)));
@@ -83,6 +59,101 @@ fn event_schema(all: &Value, ty: &str) -> Value {
         if let Some(Value::Array(branches)) = obj.get_mut("oneOf") {
             branches.retain(|b| b["properties"]["event_type"]["const"] == ty);
         }
+        // Only the definitions this event refers to.
+        let text = serde_json::to_string(&obj.get("oneOf")).unwrap_or_default();
+        if let Some(Value::Object(defs)) = obj.get_mut("$defs") {
+            defs.retain(|name, _| text.contains(&format!("\"#/$defs/{name}\"")));
+            if defs.is_empty() {
+                obj.remove("$defs");
+            }
+        }
     }
     v
+}
+
+/// Marks where a generated table begins in `docs/protocol.md` (`name` is `messages` or `events`).
+pub fn table_begin(name: &str) -> String {
+    format!("<!-- generated: {name} table (ACM_UPDATE_SCHEMAS=1 cargo test --test schemas) -->")
+}
+
+/// Marks where a generated table ends.
+pub fn table_end(name: &str) -> String {
+    format!("<!-- end of generated {name} table -->")
+}
+
+/// The generated tables of `docs/protocol.md`, as (name, markdown).
+pub fn protocol_tables() -> Vec<(&'static str, String)> {
+    vec![("messages", messages_table()), ("events", events_table())]
+}
+
+fn field_list(schema: &Value, skip: &[&str]) -> String {
+    let required: Vec<&str> =
+        schema["required"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let mut fields: Vec<String> = schema["properties"]
+        .as_object()
+        .map(|p| {
+            p.keys()
+                .filter(|k| !skip.contains(&k.as_str()))
+                .map(|k| if required.contains(&k.as_str()) { format!("`{k}`") } else { format!("`{k}`?") })
+                .collect()
+        })
+        .unwrap_or_default();
+    // Required fields first, in the schema's order of `required`; then the optional ones.
+    fields.sort_by_key(|f| (f.ends_with('?'), required.iter().position(|r| f == &format!("`{r}`"))));
+    fields.join(", ")
+}
+
+fn messages_table() -> String {
+    let mut t = String::from(
+        "| `type` = routing key | sent by | queue | fields (`?` optional) | schema |\n|---|---|---|---|---|\n",
+    );
+    for e in REGISTRY {
+        let sender = match e.sender {
+            Sender::Agent => "agent",
+            Sender::Backend => "backend",
+        };
+        let (queue, reply) = match e.queue {
+            Queue::Heartbeats => ("`<prefix>.heartbeats`", "none".to_string()),
+            Queue::Commands => ("`<prefix>.commands`", format!("[reply](../schema/replies/{}.json)", e.type_name)),
+        };
+        let fields = field_list(&(e.message_schema)(), &["type"]);
+        let fields = if fields.is_empty() { "none".into() } else { fields };
+        t.push_str(&format!(
+            "| `{ty}` | {sender} | {queue} | {fields} | [message](../schema/messages/{ty}.json), {reply} |\n",
+            ty = e.type_name
+        ));
+    }
+    t
+}
+
+fn events_table() -> String {
+    let all = to_value::<Event>();
+    let mut t = String::from("| `event_type` = routing key | meaning | fields besides `event_id`, `occurred_at` | schema |\n|---|---|---|---|\n");
+    for ty in EVENT_TYPES {
+        let branch = all["oneOf"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["properties"]["event_type"]["const"] == *ty))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let meaning = branch["description"].as_str().unwrap_or_default().replace('\n', " ");
+        let fields = field_list(&branch, &["event_type"]);
+        t.push_str(&format!("| `{ty}` | {meaning} | {fields} | [schema](../schema/events/{ty}.json) |\n"));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_type_and_event_is_in_the_tables() {
+        let tables = protocol_tables();
+        for e in REGISTRY {
+            assert!(tables[0].1.contains(&format!("| `{}` |", e.type_name)), "{}", e.type_name);
+        }
+        for ty in EVENT_TYPES {
+            assert!(tables[1].1.contains(&format!("| `{ty}` |")), "{ty}");
+        }
+    }
 }

@@ -34,7 +34,8 @@ fn schema_files_are_up_to_date() {
 #[test]
 fn every_message_and_event_type_has_a_schema() {
     let generated = agent_connection_manager::schema::all();
-    for ty in agent_connection_manager::commands::MESSAGE_TYPES {
+    for e in agent_connection_manager::commands::REGISTRY {
+        let ty = e.type_name;
         assert!(generated.iter().any(|(p, _)| *p == format!("messages/{ty}.json")), "{ty}");
     }
     for ty in agent_connection_manager::events::EVENT_TYPES {

@@ -6,9 +6,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::replies::{result, Closed, ConnectionOpened};
-use super::{touch_session, Context, Outcome};
+use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db;
-use crate::domain::{CloseReason, Ident};
+use crate::domain::{CloseReason, ConnectionStatus, Ident, SessionStatus};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -40,28 +40,57 @@ pub struct Close {
     pub reason: Option<CloseReason>,
 }
 
+impl Message for Open {
+    const TYPE: &'static str = "connection.open";
+    const SENDER: Sender = Sender::Agent;
+    type Reply = ConnectionOpened;
+
+    fn order_key(&self) -> String {
+        self.session_id.to_string()
+    }
+
+    fn agent_id(&self) -> Option<&Ident> {
+        Some(&self.agent_id)
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        open(tx, self).await
+    }
+}
+
+impl Message for Close {
+    const TYPE: &'static str = "connection.close";
+    const SENDER: Sender = Sender::Agent;
+    type Reply = Closed;
+
+    fn order_key(&self) -> String {
+        self.connection_id.to_string()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        close(tx, self, ctx).await
+    }
+}
+
 /// Locks the session for an agent's change, refusing unknown, foreign and (if `reject_ended`) ended sessions.
 pub(crate) async fn lock_agent_session(
     tx: &Transaction<'_>,
     session_id: &str,
     agent_id: &str,
     reject_ended: bool,
-) -> Result<std::result::Result<String, CommandError>> {
+) -> Result<std::result::Result<SessionStatus, CommandError>> {
     let Some(row) = tx
-        .query_opt(
-            "SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE",
-            &[&session_id],
-        )
+        .query_opt("SELECT agent_id, status FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&session_id])
         .await?
     else {
         return Ok(Err(CommandError::NotFound(format!("no session {session_id}"))));
     };
     let owner: String = row.get(0);
-    let status: String = row.get(1);
+    let status: SessionStatus = row.get(1);
     if owner != agent_id {
         return Ok(Err(CommandError::Forbidden(format!("session {session_id} belongs to another agent"))));
     }
-    if reject_ended && status == "ended" {
+    if reject_ended && status == SessionStatus::Ended {
         return Ok(Err(CommandError::Conflict(format!("session {session_id} has ended"))));
     }
     Ok(Ok(status))
@@ -86,13 +115,10 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
         .await?;
     if inserted == 0 {
         let row = tx
-            .query_one(
-                "SELECT session_id, agent_id, status::text FROM agent_connection WHERE connection_id = $1",
-                &[&cid],
-            )
+            .query_one("SELECT session_id, agent_id, status FROM agent_connection WHERE connection_id = $1", &[&cid])
             .await?;
         let same = row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid;
-        if same && row.get::<_, String>(2) == "active" {
+        if same && row.get::<_, ConnectionStatus>(2) == ConnectionStatus::Active {
             return Ok(Ok(result(ConnectionOpened { connection_id: cid })));
         }
         return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
@@ -132,10 +158,10 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
     }
     // Lock order everywhere: session, then its connections.
     tx.query_opt("SELECT 1 FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&sid]).await?;
-    let reason = cmd.reason.unwrap_or_default().as_str();
+    let reason = cmd.reason.unwrap_or_default();
     let closed = tx
         .execute(
-            "UPDATE agent_connection SET status = 'closed', close_reason = $2::text::close_reason, closed_at = now() \
+            "UPDATE agent_connection SET status = 'closed', close_reason = $2, closed_at = now() \
              WHERE connection_id = $1 AND status = 'active'",
             &[&cid, &reason],
         )
@@ -150,11 +176,11 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
                 connection_id: cid.to_string(),
                 session_id: sid.clone(),
                 agent_id: aid.clone(),
-                reason: reason.to_string(),
+                reason,
             }],
         )
         .await?;
-        tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason, "connection closed");
+        tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason = reason.as_str(), "connection closed");
     }
     Ok(Ok(result(Closed { closed: true })))
 }

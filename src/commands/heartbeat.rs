@@ -13,9 +13,10 @@ use deadpool_postgres::{Pool, Transaction};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db;
-use crate::domain::{Ident, Timestamp};
-use crate::error::Result;
+use crate::domain::{CloseReason, ConnectionStatus, Ident, SessionStatus, Timestamp};
+use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
 /// `agent.heartbeat`.
@@ -33,6 +34,31 @@ pub struct Heartbeat {
     /// Replaces the connection's client info when given.
     #[serde(default)]
     pub client_info: Option<Value>,
+}
+
+impl Message for Heartbeat {
+    const TYPE: &'static str = "agent.heartbeat";
+    const SENDER: Sender = Sender::Agent;
+    const QUEUE: Queue = Queue::Heartbeats;
+    type Reply = ();
+
+    fn order_key(&self) -> String {
+        self.session_id.to_string()
+    }
+
+    fn agent_id(&self) -> Option<&Ident> {
+        Some(&self.agent_id)
+    }
+
+    /// One heartbeat, applied as a batch of one; a heartbeat that changed nothing is a `conflict`.
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        let report = apply_in(tx, std::slice::from_ref(self)).await?;
+        Ok(if report.rejected > 0 {
+            Err(CommandError::Conflict("heartbeat changed nothing".into()))
+        } else {
+            Ok(serde_json::Value::Null)
+        })
+    }
 }
 
 /// What a batch changed.
@@ -110,23 +136,27 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     // Session id → owner, of the sessions touched.
     let touched: HashMap<String, String> =
         tx.query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-    // Each pair's verdict: None when its heartbeats may go on, else why not (decided below for the untouched).
-    let mut verdicts: HashMap<(&str, &str), Option<&'static str>> = pairs
+    // Each pair's verdict: the fast path accepted the pairs of the sessions it touched; the slow path decides the rest.
+    let mut verdicts: HashMap<(&str, &str), Verdict> = pairs
         .iter()
-        .map(|&(sid, aid)| ((sid, aid), if touched.get(sid).is_some_and(|o| o == aid) { None } else { Some("") }))
+        .map(|&(sid, aid)| {
+            let verdict = if touched.get(sid).is_some_and(|o| o == aid) { Verdict::Accept } else { Verdict::Undecided };
+            ((sid, aid), verdict)
+        })
         .collect();
-    let slow: Vec<(&str, &str)> = pairs.iter().copied().filter(|p| verdicts[p].is_some()).collect();
+    let slow: Vec<(&str, &str)> = pairs.iter().copied().filter(|p| verdicts[p] == Verdict::Undecided).collect();
     if !slow.is_empty() {
         verdicts.extend(sessions_slow_path(tx, &slow, &mut report).await?);
     }
     let mut valid = Vec::with_capacity(latest.len());
     for (&(cid, aid, sid), info) in &latest {
         match verdicts[&(sid, aid)] {
-            None => valid.push((cid, aid, sid, *info)),
-            Some(why) => {
+            Verdict::Accept => valid.push((cid, aid, sid, *info)),
+            Verdict::Reject(why) => {
                 report.rejected += 1;
                 tracing::warn!(connection_id = cid, agent_id = aid, session_id = sid, "heartbeat rejected: {why}");
             }
+            Verdict::Undecided => unreachable!("the slow path decides every pair it is given"),
         }
     }
     if valid.is_empty() {
@@ -147,20 +177,30 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     Ok(report)
 }
 
+/// Whether the heartbeats of a (session, agent) pair may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The session is the agent's and not ended.
+    Accept,
+    /// They change nothing, for this reason.
+    Reject(&'static str),
+    /// Not yet known: the fast path did not touch the session.
+    Undecided,
+}
+
 /// Sessions the fast path did not touch: locks them in id order and classifies each (session, agent) pair.
 /// Inactive sessions of the right agent become active again (and the activity of sessions another worker
-/// reactivated meanwhile moves forward); returns each pair's verdict: `None` when its heartbeats may go on, else
-/// why not.
+/// reactivated meanwhile moves forward); returns each pair's verdict.
 async fn sessions_slow_path<'a>(
     tx: &Transaction<'_>,
     pairs: &[(&'a str, &'a str)],
     report: &mut BatchReport,
-) -> Result<Vec<((&'a str, &'a str), Option<&'static str>)>> {
+) -> Result<Vec<((&'a str, &'a str), Verdict)>> {
     let mut session_ids: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     session_ids.dedup();
-    let sessions: HashMap<String, (String, String)> = tx
+    let sessions: HashMap<String, (String, SessionStatus)> = tx
         .query(
-            "SELECT session_id, agent_id, status::text FROM agent_session WHERE session_id = ANY($1) \
+            "SELECT session_id, agent_id, status FROM agent_session WHERE session_id = ANY($1) \
              ORDER BY session_id FOR NO KEY UPDATE",
             &[&session_ids],
         )
@@ -172,17 +212,17 @@ async fn sessions_slow_path<'a>(
     let mut reactivate = Vec::new();
     for &(sid, aid) in pairs {
         let verdict = match sessions.get(sid) {
-            Some((owner, status)) if owner == aid && status != "ended" => {
-                if status == "inactive" {
+            Some((owner, status)) if owner == aid && *status != SessionStatus::Ended => {
+                if *status == SessionStatus::Inactive {
                     report.reactivated_sessions += 1;
                     tracing::info!(session_id = sid, agent_id = aid, "session active again");
                 }
                 reactivate.push(sid);
-                None
+                Verdict::Accept
             }
-            Some((owner, _)) if owner != aid => Some("session belongs to another agent"),
-            Some(_) => Some("session has ended"),
-            None => Some("no such session"),
+            Some((owner, _)) if owner != aid => Verdict::Reject("session belongs to another agent"),
+            Some(_) => Verdict::Reject("session has ended"),
+            None => Verdict::Reject("no such session"),
         };
         verdicts.push(((sid, aid), verdict));
     }
@@ -205,9 +245,9 @@ async fn connections_slow_path(
     report: &mut BatchReport,
 ) -> Result<()> {
     let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
-    let existing: HashMap<String, (String, String, String, Option<String>, String)> = tx
+    let existing: HashMap<String, (String, String, ConnectionStatus, Option<CloseReason>, String)> = tx
         .query(
-            "SELECT connection_id, session_id, agent_id, status::text, close_reason::text, connection_type \
+            "SELECT connection_id, session_id, agent_id, status, close_reason, connection_type \
              FROM agent_connection WHERE connection_id = ANY($1) ORDER BY connection_id FOR NO KEY UPDATE",
             &[&connection_ids],
         )
@@ -237,8 +277,8 @@ async fn connections_slow_path(
                     );
                     continue;
                 }
-                if status == "closed" {
-                    if reason.as_deref() != Some("stale_connection") {
+                if *status == ConnectionStatus::Closed {
+                    if *reason != Some(CloseReason::StaleConnection) {
                         report.rejected += 1;
                         tracing::warn!(connection_id = cid, agent_id = aid, reason = ?reason, "heartbeat rejected: connection was closed");
                         continue;

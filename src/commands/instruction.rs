@@ -7,9 +7,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::connection::lock_agent_session;
-use super::replies::{result, AckResult, InstructionCreated, InstructionStatus};
-use super::{touch_session, Context, Outcome};
-use crate::domain::{double_option, AckStatus, Ident, Priority, Text, Timestamp};
+use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as InstructionStatusResult};
+use super::{touch_session, Context, Message, Outcome, Sender};
+use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Priority, Text, Timestamp};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -52,9 +52,12 @@ pub struct Create {
     pub instruction_metadata: Option<Value>,
 }
 
-impl Create {
-    /// Checks what the field types alone do not.
-    pub fn check(&self) -> std::result::Result<(), String> {
+impl Message for Create {
+    const TYPE: &'static str = "instruction.create";
+    const SENDER: Sender = Sender::Backend;
+    type Reply = InstructionCreated;
+
+    fn check(&self) -> std::result::Result<(), String> {
         if self.expires_at.is_some() && self.ttl_seconds.is_some() {
             return Err("field `ttl_seconds`: give either expires_at or ttl_seconds, not both".into());
         }
@@ -67,6 +70,14 @@ impl Create {
             return Err(format!("field `max_retries`: must be at most {MAX_RETRIES}"));
         }
         Ok(())
+    }
+
+    fn order_key(&self) -> String {
+        self.session_id.to_string()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        create(tx, self, ctx).await
     }
 }
 
@@ -105,6 +116,38 @@ pub struct Ack {
     pub processed_at: Option<Timestamp>,
 }
 
+impl Message for Sent {
+    const TYPE: &'static str = "instruction.sent";
+    const SENDER: Sender = Sender::Backend;
+    type Reply = InstructionStatusResult;
+
+    fn order_key(&self) -> String {
+        self.instruction_id.to_string()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        sent(tx, self).await
+    }
+}
+
+impl Message for Ack {
+    const TYPE: &'static str = "instruction.ack";
+    const SENDER: Sender = Sender::Agent;
+    type Reply = AckResult;
+
+    fn order_key(&self) -> String {
+        self.session_id.to_string()
+    }
+
+    fn agent_id(&self) -> Option<&Ident> {
+        Some(&self.agent_id)
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        ack(tx, self).await
+    }
+}
+
 /// Creates the instruction; the same id again for the same session and agent is the same instruction.
 pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
@@ -125,7 +168,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
         .query_opt(
             "INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, \
              sequence_number, priority, expires_at, max_retries, instruction_metadata, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::instruction_priority, \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, \
              coalesce($8, now() + $9::float8 * interval '1 second'), $10, $11, now()) \
              ON CONFLICT (instruction_id) DO NOTHING RETURNING expires_at, now()",
             &[
@@ -135,7 +178,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
                 &cmd.instruction_type.as_str(),
                 &cmd.payload,
                 &cmd.sequence_number,
-                &priority.as_str(),
+                &priority,
                 &absolute,
                 &ttl,
                 &max_retries,
@@ -168,7 +211,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
             instruction_type: cmd.instruction_type.to_string(),
             payload: cmd.payload.clone(),
             sequence_number: cmd.sequence_number,
-            priority: priority.as_str().to_string(),
+            priority,
             expires_at,
             max_retries,
             instruction_metadata: cmd.instruction_metadata.clone(),
@@ -191,13 +234,11 @@ pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
         .await?;
     if updated == 1 {
         tracing::info!(instruction_id = %cmd.instruction_id, "instruction sent");
-        return Ok(Ok(result(InstructionStatus { status: "sent".into() })));
+        return Ok(Ok(result(InstructionStatusResult { status: InstructionStatus::Sent })));
     }
-    match tx
-        .query_opt("SELECT status::text FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id])
-        .await?
+    match tx.query_opt("SELECT status FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id]).await?
     {
-        Some(row) => Ok(Ok(result(InstructionStatus { status: row.get(0) }))),
+        Some(row) => Ok(Ok(result(InstructionStatusResult { status: row.get(0) }))),
         None => Ok(Err(CommandError::NotFound(format!("no instruction {}", cmd.instruction_id)))),
     }
 }
@@ -211,7 +252,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
     }
     let Some(row) = tx
         .query_opt(
-            "SELECT session_id, agent_id, status::text FROM agent_instruction WHERE instruction_id = $1 FOR UPDATE",
+            "SELECT session_id, agent_id, status FROM agent_instruction WHERE instruction_id = $1 FOR UPDATE",
             &[&cmd.instruction_id],
         )
         .await?
@@ -224,18 +265,18 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
             cmd.instruction_id
         ))));
     }
-    let mut status: String = row.get(2);
-    let accepted = status == "pending" || status == "sent";
+    let mut status: InstructionStatus = row.get(2);
+    let accepted = status.is_open();
     if accepted {
         let row = tx
             .query_one(
                 "UPDATE agent_instruction SET status = 'acknowledged', acknowledged_at = now(), \
-                 ack_status = $2::text::ack_status WHERE instruction_id = $1 RETURNING acknowledged_at",
-                &[&cmd.instruction_id, &cmd.status.as_str()],
+                 ack_status = $2 WHERE instruction_id = $1 RETURNING acknowledged_at",
+                &[&cmd.instruction_id, &cmd.status],
             )
             .await?;
         let acknowledged_at: DateTime<Utc> = row.get(0);
-        status = "acknowledged".into();
+        status = InstructionStatus::Acknowledged;
         write_outbox(
             tx,
             acknowledged_at,
@@ -243,7 +284,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
                 instruction_id: cmd.instruction_id,
                 session_id: sid.to_string(),
                 agent_id: aid.to_string(),
-                ack_status: cmd.status.as_str().to_string(),
+                ack_status: cmd.status,
                 acknowledged_at,
             }],
         )
@@ -255,12 +296,12 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
     tx.execute(
         "INSERT INTO agent_instruction_acknowledgement (instruction_id, agent_id, session_id, status, result, \
          error_message, processing_time_ms, processed_at, accepted, acknowledged_at) \
-         VALUES ($1, $2, $3, $4::text::ack_status, $5, $6, $7, $8, $9, now())",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
         &[
             &cmd.instruction_id,
             &aid,
             &sid,
-            &cmd.status.as_str(),
+            &cmd.status,
             &cmd.result,
             &cmd.error_message.as_ref().map(|t| t.as_str()),
             &cmd.processing_time_ms.map(i64::from),

@@ -1,9 +1,11 @@
-//! Commands in (CONTRACT section 4): parsing at the edge, and applying each in one transaction.
+//! Messages in: the registry of message types, parsing at the edge, and applying each command in one transaction.
 //!
-//! Each command type lives in its own module with the same three steps: a typed struct parsed from the message,
-//! an `apply` that changes the database and writes its events to the outbox in the caller's transaction, and a
-//! reply. Handlers refuse (with a [`CommandError`]) before they write anything, so a refusal commits nothing but
-//! the idempotency record.
+//! Each message type lives in its own module and declares everything about itself by implementing [`Message`]: its
+//! `type` (also its routing key), who may send it, the queue it is consumed from, how commands on the same object
+//! are ordered, its reply's type (for the schemas) and its `apply`, which changes the database and writes its events
+//! to the outbox in the caller's transaction. [`REGISTRY`] lists the types, one line each; the consumers, the schema
+//! generator and the topology read it. Handlers refuse (with a [`CommandError`]) before they write anything, so a
+//! refusal commits nothing but the idempotency record.
 
 pub mod connection;
 pub mod heartbeat;
@@ -12,141 +14,233 @@ pub mod replies;
 pub mod session;
 pub mod stats;
 
+use std::any::Any;
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+
 use deadpool_postgres::{Pool, Transaction};
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::Settings;
-use crate::domain::Ident;
-use crate::error::{CommandError, Result};
+use crate::domain::{Ident, SessionStatus};
+use crate::error::{CommandError, Poison, PoisonKind, Result};
 
 /// What a handler decided: the reply's `result`, or why it refused.
 pub type Outcome = std::result::Result<Value, CommandError>;
 
-/// A parsed message.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// `agent.heartbeat`
-    Heartbeat(heartbeat::Heartbeat),
-    /// `session.create`
-    SessionCreate(session::Create),
-    /// `session.close`
-    SessionClose(session::Close),
-    /// `connection.open`
-    ConnectionOpen(connection::Open),
-    /// `connection.close`
-    ConnectionClose(connection::Close),
-    /// `instruction.create`
-    InstructionCreate(instruction::Create),
-    /// `instruction.sent`
-    InstructionSent(instruction::Sent),
-    /// `instruction.ack`
-    InstructionAck(instruction::Ack),
-    /// `stats.get`
-    StatsGet,
+/// Who may send a message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sender {
+    /// An agent, about its own sessions, connections and instructions.
+    Agent,
+    /// The backend.
+    Backend,
 }
 
-/// Every accepted message `type`.
-pub const MESSAGE_TYPES: [&str; 9] = [
-    "agent.heartbeat",
-    "session.create",
-    "session.close",
-    "connection.open",
-    "connection.close",
-    "instruction.create",
-    "instruction.sent",
-    "instruction.ack",
-    "stats.get",
+/// The queue a message type is consumed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// `<prefix>.heartbeats`, applied in batches without replies.
+    Heartbeats,
+    /// `<prefix>.commands`, applied one by one in lanes, with replies.
+    Commands,
+}
+
+/// Everything about one message type. Implement it in the type's module and add one line to [`REGISTRY`].
+pub trait Message: DeserializeOwned + JsonSchema + Debug + Clone + Send + Sync + 'static {
+    /// The message `type`, which is also its routing key.
+    const TYPE: &'static str;
+    /// Who may send it.
+    const SENDER: Sender;
+    /// The queue it is consumed from.
+    const QUEUE: Queue = Queue::Commands;
+    /// A read-only command changes nothing, so it keeps no idempotency record.
+    const READ_ONLY: bool = false;
+    /// The reply's `result` (its schema is published in `schema/replies/`).
+    type Reply: JsonSchema;
+
+    /// Checks what the field types alone do not; the error is the poison reason.
+    fn check(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Commands with the same key are applied in the order they were received; others run concurrently.
+    fn order_key(&self) -> String;
+
+    /// The agent an agent's message names (`None` for backend messages).
+    fn agent_id(&self) -> Option<&Ident> {
+        None
+    }
+
+    /// Applies the command in the caller's transaction, writing its events to the outbox there.
+    fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> impl Future<Output = Result<Outcome>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe face of a [`Message`], so a parsed command of any type can be held and applied.
+trait Dispatch: Debug + Send + Sync {
+    fn order_key(&self) -> String;
+    fn agent_id(&self) -> Option<&Ident>;
+    fn apply<'a>(&'a self, tx: &'a Transaction<'a>, ctx: &'a Context<'a>) -> BoxFuture<'a, Result<Outcome>>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Message> Dispatch for T {
+    fn order_key(&self) -> String {
+        Message::order_key(self)
+    }
+    fn agent_id(&self) -> Option<&Ident> {
+        Message::agent_id(self)
+    }
+    fn apply<'a>(&'a self, tx: &'a Transaction<'a>, ctx: &'a Context<'a>) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(Message::apply(self, tx, ctx))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// One registered message type.
+#[derive(Debug)]
+pub struct Entry {
+    /// Its `type` and routing key.
+    pub type_name: &'static str,
+    /// Who may send it.
+    pub sender: Sender,
+    /// Where it is consumed.
+    pub queue: Queue,
+    /// Whether it changes nothing.
+    pub read_only: bool,
+    parse: fn(Value) -> std::result::Result<Box<dyn Dispatch>, String>,
+    /// Its JSON Schema (without the `type` field, which the schema generator adds).
+    pub message_schema: fn() -> Value,
+    /// The JSON Schema of its reply's `result`.
+    pub reply_schema: fn() -> schemars::Schema,
+}
+
+impl Entry {
+    /// The entry of a message type.
+    pub const fn of<T: Message>() -> Entry {
+        Entry {
+            type_name: T::TYPE,
+            sender: T::SENDER,
+            queue: T::QUEUE,
+            read_only: T::READ_ONLY,
+            parse: parse_as::<T>,
+            message_schema: schema_of::<T>,
+            reply_schema: reply_schema_of::<T>,
+        }
+    }
+}
+
+/// Every message type this service accepts, one line each.
+pub static REGISTRY: &[Entry] = &[
+    Entry::of::<heartbeat::Heartbeat>(),
+    Entry::of::<session::Create>(),
+    Entry::of::<session::Close>(),
+    Entry::of::<connection::Open>(),
+    Entry::of::<connection::Close>(),
+    Entry::of::<instruction::Create>(),
+    Entry::of::<instruction::Sent>(),
+    Entry::of::<instruction::Ack>(),
+    Entry::of::<stats::Get>(),
 ];
 
-fn typed<T: DeserializeOwned>(value: Value) -> std::result::Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+/// The registry entry of a message `type`.
+pub fn entry(type_name: &str) -> Option<&'static Entry> {
+    REGISTRY.iter().find(|e| e.type_name == type_name)
+}
+
+fn parse_as<T: Message>(value: Value) -> std::result::Result<Box<dyn Dispatch>, String> {
+    let msg: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
             e.inner().to_string()
         } else {
             format!("field `{path}`: {}", e.inner())
         }
-    })
+    })?;
+    msg.check()?;
+    Ok(Box::new(msg))
+}
+
+fn schema_of<T: Message>() -> Value {
+    serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null)
+}
+
+fn reply_schema_of<T: Message>() -> schemars::Schema {
+    schemars::schema_for!(replies::Reply<T::Reply>)
+}
+
+/// A parsed message of any registered type.
+#[derive(Debug)]
+pub struct Command {
+    entry: &'static Entry,
+    msg: Box<dyn Dispatch>,
 }
 
 impl Command {
+    /// A command from a typed message (library calls).
+    pub fn new<T: Message>(msg: T) -> Self {
+        let entry = entry(T::TYPE).expect("every message type is in the registry");
+        Command { entry, msg: Box::new(msg) }
+    }
+
     /// Parses a message body; the error says why it is poison.
-    pub fn parse(body: &[u8], max_bytes: usize) -> std::result::Result<Self, String> {
+    pub fn parse(body: &[u8], max_bytes: usize) -> std::result::Result<Self, Poison> {
         if body.len() > max_bytes {
-            return Err(format!("too large: {} bytes, the limit is {max_bytes}", body.len()));
+            return Err(Poison::new(
+                PoisonKind::TooLarge,
+                format!("too large: {} bytes, the limit is {max_bytes}", body.len()),
+            ));
         }
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| Poison::new(PoisonKind::NotJson, format!("not JSON: {e}")))?;
         let Some(obj) = value.as_object() else {
-            return Err("not a JSON object".into());
+            return Err(Poison::new(PoisonKind::NotObject, "not a JSON object"));
         };
         let ty = match obj.get("type") {
-            None => return Err("missing field `type`".into()),
-            Some(Value::String(t)) => t.clone(),
-            Some(_) => return Err("field `type`: must be a string".into()),
+            None => return Err(Poison::new(PoisonKind::InvalidField, "missing field `type`")),
+            Some(Value::String(t)) => t.as_str(),
+            Some(_) => return Err(Poison::new(PoisonKind::InvalidField, "field `type`: must be a string")),
         };
-        Ok(match ty.as_str() {
-            "agent.heartbeat" => Command::Heartbeat(typed(value)?),
-            "session.create" => Command::SessionCreate(typed(value)?),
-            "session.close" => Command::SessionClose(typed(value)?),
-            "connection.open" => Command::ConnectionOpen(typed(value)?),
-            "connection.close" => Command::ConnectionClose(typed(value)?),
-            "instruction.create" => {
-                let c: instruction::Create = typed(value)?;
-                c.check()?;
-                Command::InstructionCreate(c)
-            }
-            "instruction.sent" => Command::InstructionSent(typed(value)?),
-            "instruction.ack" => Command::InstructionAck(typed(value)?),
-            "stats.get" => Command::StatsGet,
-            other => {
-                let shown: String = other.chars().take(100).collect();
-                return Err(format!("unknown type `{shown}`"));
-            }
-        })
+        let Some(entry) = entry(ty) else {
+            let shown: String = ty.chars().take(100).collect();
+            return Err(Poison::new(PoisonKind::UnknownType, format!("unknown type `{shown}`")));
+        };
+        let msg = (entry.parse)(value).map_err(|why| Poison::new(PoisonKind::InvalidField, why))?;
+        Ok(Command { entry, msg })
     }
 
     /// The message `type`.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            Command::Heartbeat(_) => "agent.heartbeat",
-            Command::SessionCreate(_) => "session.create",
-            Command::SessionClose(_) => "session.close",
-            Command::ConnectionOpen(_) => "connection.open",
-            Command::ConnectionClose(_) => "connection.close",
-            Command::InstructionCreate(_) => "instruction.create",
-            Command::InstructionSent(_) => "instruction.sent",
-            Command::InstructionAck(_) => "instruction.ack",
-            Command::StatsGet => "stats.get",
-        }
+        self.entry.type_name
     }
 
-    /// The `agent_id` an agent-originated message claims (CONTRACT section 7); `None` for backend commands and
-    /// for `connection.close`, whose owner is checked against the database.
+    /// The registry entry of its type.
+    pub fn entry(&self) -> &'static Entry {
+        self.entry
+    }
+
+    /// The `agent_id` an agent's message names; `None` for backend messages.
     pub fn claimed_agent(&self) -> Option<&Ident> {
-        match self {
-            Command::Heartbeat(h) => Some(&h.agent_id),
-            Command::InstructionAck(a) => Some(&a.agent_id),
-            Command::ConnectionOpen(o) => Some(&o.agent_id),
-            _ => None,
-        }
+        self.msg.agent_id()
     }
 
     /// Commands with the same key are applied in order; others run concurrently.
     pub fn order_key(&self) -> String {
-        match self {
-            Command::Heartbeat(h) => h.session_id.to_string(),
-            Command::SessionCreate(c) => {
-                c.session_id.as_ref().map(|s| s.to_string()).unwrap_or_else(|| c.agent_id.to_string())
-            }
-            Command::SessionClose(c) => c.session_id.to_string(),
-            Command::ConnectionOpen(c) => c.session_id.to_string(),
-            Command::ConnectionClose(c) => c.connection_id.to_string(),
-            Command::InstructionCreate(c) => c.session_id.to_string(),
-            Command::InstructionSent(c) => c.instruction_id.to_string(),
-            Command::InstructionAck(c) => c.session_id.to_string(),
-            Command::StatsGet => String::new(),
-        }
+        self.msg.order_key()
+    }
+
+    /// The typed message, when it is a `T`.
+    pub fn downcast_ref<T: Message>(&self) -> Option<&T> {
+        self.msg.as_any().downcast_ref()
     }
 }
 
@@ -193,19 +287,18 @@ const CLAIM_MESSAGE: &str = "INSERT INTO processed_message (message_type, messag
 const STORED_REPLY: &str = "SELECT reply FROM processed_message WHERE message_type = $1 AND message_id = $2";
 const STORE_REPLY: &str = "UPDATE processed_message SET reply = $3 WHERE message_type = $1 AND message_id = $2";
 
-/// Applies one command (not a heartbeat: see [`heartbeat::apply_batch`]) in one transaction and returns its outcome.
+/// Applies one command in one transaction and returns its outcome (heartbeats from their queue go through
+/// [`heartbeat::apply_batch`] instead).
 ///
 /// With a `message_id`, the first delivery's outcome is stored with its effect; a redelivery (or a concurrent
-/// duplicate on another worker, which waits on the key) returns the stored outcome and changes nothing.
+/// duplicate on another worker, which waits on the key) returns the stored outcome and changes nothing. Read-only
+/// commands keep no record.
 pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Meta) -> Result<Outcome> {
-    if let Command::StatsGet = cmd {
-        let client = pool.get().await?;
-        return Ok(Ok(serde_json::to_value(stats::get(&client).await?).unwrap_or(Value::Null)));
-    }
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let ty = cmd.type_name();
-    if let Some(mid) = &meta.message_id {
+    let record = meta.message_id.as_ref().filter(|_| !cmd.entry.read_only);
+    if let Some(mid) = record {
         if tx.execute(CLAIM_MESSAGE, &[&ty, mid]).await? == 0 {
             let row = tx.query_one(STORED_REPLY, &[&ty, mid]).await?;
             let reply: Option<Value> = row.get(0);
@@ -217,26 +310,12 @@ pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Met
     let required_user =
         if settings.security.require_user_id { Some(meta.user_id.as_deref().unwrap_or("")) } else { None };
     let ctx = Context { settings, required_user };
-    let outcome = apply(&tx, cmd, &ctx).await?;
-    if let Some(mid) = &meta.message_id {
+    let outcome = cmd.msg.apply(&tx, &ctx).await?;
+    if let Some(mid) = record {
         tx.execute(STORE_REPLY, &[&ty, mid, &reply_json(&outcome)]).await?;
     }
     tx.commit().await?;
     Ok(outcome)
-}
-
-async fn apply(tx: &Transaction<'_>, cmd: &Command, ctx: &Context<'_>) -> Result<Outcome> {
-    match cmd {
-        Command::SessionCreate(c) => session::create(tx, c).await,
-        Command::SessionClose(c) => session::close(tx, c).await,
-        Command::ConnectionOpen(c) => connection::open(tx, c).await,
-        Command::ConnectionClose(c) => connection::close(tx, c, ctx).await,
-        Command::InstructionCreate(c) => instruction::create(tx, c, ctx).await,
-        Command::InstructionSent(c) => instruction::sent(tx, c).await,
-        Command::InstructionAck(c) => instruction::ack(tx, c).await,
-        Command::Heartbeat(h) => heartbeat::apply_in(tx, std::slice::from_ref(h)).await.map(|_| Ok(Value::Null)),
-        Command::StatsGet => Ok(Ok(serde_json::to_value(stats::get(tx).await?).unwrap_or(Value::Null))),
-    }
 }
 
 /// Marks a session as touched by its agent: activity moves forward, an inactive session becomes active.
@@ -245,12 +324,12 @@ pub(crate) async fn touch_session(tx: &Transaction<'_>, session_id: &str) -> Res
         .query(
             "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
              WHERE session_id = $1 AND status <> 'ended' \
-             RETURNING (SELECT status::text FROM agent_session o WHERE o.session_id = $1)",
+             RETURNING (SELECT status FROM agent_session o WHERE o.session_id = $1)",
             &[&session_id],
         )
         .await?;
     if let Some(row) = rows.first() {
-        if row.get::<_, Option<String>>(0).as_deref() == Some("inactive") {
+        if row.get::<_, Option<SessionStatus>>(0) == Some(SessionStatus::Inactive) {
             tracing::info!(session_id, "session active again");
         }
     }
@@ -262,7 +341,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> std::result::Result<Command, String> {
-        Command::parse(s.as_bytes(), 1 << 20)
+        Command::parse(s.as_bytes(), 1 << 20).map_err(|p| p.to_string())
     }
 
     #[test]
@@ -279,7 +358,18 @@ mod tests {
         assert!(e.contains("max_retries"), "{e}");
         let e = parse(r#"{"type":"agent.heartbeat","agent_id":"","session_id":"s","connection_id":"c"}"#).unwrap_err();
         assert!(e.contains("agent_id") && e.contains("empty"), "{e}");
-        assert!(Command::parse(&[b' '; 10], 5).unwrap_err().starts_with("too large"));
+        let too_large = Command::parse(&[b' '; 10], 5).unwrap_err();
+        assert_eq!(too_large.kind, PoisonKind::TooLarge);
+        assert!(too_large.to_string().starts_with("too large"));
+    }
+
+    #[test]
+    fn poison_kinds_follow_the_failure() {
+        let kind = |s: &str| Command::parse(s.as_bytes(), 1 << 20).unwrap_err().kind;
+        assert_eq!(kind("nope"), PoisonKind::NotJson);
+        assert_eq!(kind("[1]"), PoisonKind::NotObject);
+        assert_eq!(kind(r#"{"type":"x.y"}"#), PoisonKind::UnknownType);
+        assert_eq!(kind(r#"{"type":"session.close"}"#), PoisonKind::InvalidField);
     }
 
     #[test]
@@ -295,11 +385,9 @@ mod tests {
 
     #[test]
     fn expires_at_null_is_not_absent() {
-        let Command::InstructionCreate(c) =
-            parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":1,"expires_at":null}"#).unwrap()
-        else {
-            panic!("wrong command")
-        };
+        let cmd =
+            parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":1,"expires_at":null}"#).unwrap();
+        let c = cmd.downcast_ref::<instruction::Create>().expect("an instruction.create");
         assert_eq!(c.expires_at, Some(None));
         let e = parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":1,"expires_at":null,"ttl_seconds":5}"#).unwrap_err();
         assert!(e.contains("ttl_seconds"), "{e}");
@@ -310,5 +398,22 @@ mod tests {
         for o in [Ok(json!({"closed": true})), Err(CommandError::NotFound("no such session".into()))] {
             assert_eq!(outcome_from_reply(&reply_json(&o)), o);
         }
+    }
+
+    #[test]
+    fn the_registry_has_each_type_once_and_parses_it_to_its_own_type() {
+        let mut seen = std::collections::HashSet::new();
+        for e in REGISTRY {
+            assert!(seen.insert(e.type_name), "{} registered twice", e.type_name);
+            assert_eq!(entry(e.type_name).map(|x| x.type_name), Some(e.type_name));
+        }
+        let hb = parse(r#"{"type":"agent.heartbeat","agent_id":"a","session_id":"s","connection_id":"c"}"#).unwrap();
+        assert_eq!(hb.type_name(), "agent.heartbeat");
+        assert!(hb.downcast_ref::<heartbeat::Heartbeat>().is_some());
+        assert!(hb.downcast_ref::<session::Close>().is_none());
+        assert_eq!(hb.claimed_agent().map(Ident::as_str), Some("a"));
+        let close = parse(r#"{"type":"session.close","session_id":"s"}"#).unwrap();
+        assert_eq!(close.entry().sender, Sender::Backend);
+        assert!(close.claimed_agent().is_none());
     }
 }

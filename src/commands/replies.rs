@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::domain::InstructionStatus as Status;
+
 /// `session.create`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SessionCreated {
@@ -40,14 +42,14 @@ pub struct InstructionCreated {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InstructionStatus {
     /// The instruction's state after the command.
-    pub status: String,
+    pub status: Status,
 }
 
 /// `instruction.ack`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AckResult {
     /// The instruction's state after the acknowledgement.
-    pub status: String,
+    pub status: Status,
     /// `false` for a late acknowledgement (the instruction was no longer pending or sent): recorded, nothing changed.
     pub accepted: bool,
 }

@@ -6,9 +6,9 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::replies::{result, Closed, SessionCreated};
-use super::Outcome;
+use super::{Context, Message, Outcome, Sender};
 use crate::db;
-use crate::domain::{Ident, Text};
+use crate::domain::{CloseReason, Ident, SessionStatus, Text};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -39,6 +39,34 @@ pub struct Create {
 pub struct Close {
     /// The session to end.
     pub session_id: Ident,
+}
+
+impl Message for Create {
+    const TYPE: &'static str = "session.create";
+    const SENDER: Sender = Sender::Backend;
+    type Reply = SessionCreated;
+
+    fn order_key(&self) -> String {
+        self.session_id.as_ref().unwrap_or(&self.agent_id).to_string()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        create(tx, self).await
+    }
+}
+
+impl Message for Close {
+    const TYPE: &'static str = "session.close";
+    const SENDER: Sender = Sender::Backend;
+    type Reply = Closed;
+
+    fn order_key(&self) -> String {
+        self.session_id.to_string()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        close(tx, self).await
+    }
 }
 
 /// Creates the session; an existing id of the same agent is the same session (no second event).
@@ -86,15 +114,14 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
 /// Ends the session: `{closed: false}` when there is no such session, `{closed: true}` otherwise (again: no change).
 pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
-    let Some(row) = tx
-        .query_opt("SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid])
-        .await?
+    let Some(row) =
+        tx.query_opt("SELECT agent_id, status FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid]).await?
     else {
         return Ok(Ok(result(Closed { closed: false })));
     };
     let agent_id: String = row.get(0);
-    let status: String = row.get(1);
-    if status == "ended" {
+    let status: SessionStatus = row.get(1);
+    if status == SessionStatus::Ended {
         return Ok(Ok(result(Closed { closed: true })));
     }
     let now = db::now(tx).await?;
@@ -121,7 +148,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
             connection_id,
             session_id: sid.to_string(),
             agent_id: c.get(1),
-            reason: "session_closed".into(),
+            reason: CloseReason::SessionClosed,
         });
     }
     for i in &instructions {

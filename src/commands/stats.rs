@@ -1,9 +1,31 @@
 //! `stats.get`: connection and session statistics from one snapshot.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use serde::{Deserialize, Serialize};
 
+use super::replies::result;
+use super::{Context, Message, Outcome, Sender};
 use crate::error::Result;
+
+/// `stats.get`: the statistics, as the reply.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+pub struct Get {}
+
+impl Message for Get {
+    const TYPE: &'static str = "stats.get";
+    const SENDER: Sender = Sender::Backend;
+    const READ_ONLY: bool = true;
+    type Reply = ConnectionStats;
+
+    fn order_key(&self) -> String {
+        String::new()
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        Ok(Ok(result(get(tx).await?)))
+    }
+}
 
 /// `get_connection_stats()`: counts taken by one statement, so from one consistent snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -1,4 +1,4 @@
-//! Expires or retries `pending`/`sent` instructions past their deadline (CONTRACT section 9): with retries left,
+//! Expires or retries `pending`/`sent` instructions past their deadline: with retries left,
 //! `retry_count` + 1, back to `pending`, deadline now + retry window, `retry` event; otherwise `expired` (final),
 //! `retry_count` unchanged, `expired` event.
 
@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
+use crate::domain::InstructionStatus;
 use crate::error::Result;
 use crate::events::EventBody;
 
@@ -61,8 +62,8 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
                           ELSE now() + $1::float8 * interval '1 second' END \
      FROM due WHERE i.instruction_id = due.instruction_id \
        AND i.status IN ('pending', 'sent') AND i.expires_at <= now() \
-     RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority::text, \
-       i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous";
+     RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority, \
+       i.status, i.retry_count, i.max_retries, i.expires_at, due.previous";
 
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
@@ -79,11 +80,11 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
     };
     in_batches(&mut claim, pool, batches, |r| {
         let instruction_id: Uuid = r.get(0);
-        let status: String = r.get(6);
+        let status: InstructionStatus = r.get(6);
         let retry_count: i32 = r.get(7);
         let max_retries: i32 = r.get(8);
         let expires_at: DateTime<Utc> = r.get(9);
-        if status == "expired" {
+        if status == InstructionStatus::Expired {
             report.expired += 1;
             tracing::info!(instruction_id = %instruction_id, retry_count, max_retries, "instruction expired");
             EventBody::InstructionExpired {

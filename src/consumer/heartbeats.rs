@@ -1,0 +1,199 @@
+//! The heartbeat consumer: deliveries drained into batches, applied in up to `worker.heartbeat_pipeline`
+//! transactions at once, acknowledged in order after their commits.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letter::reject;
+use super::{ack, user_mismatch, Shared};
+use crate::commands::heartbeat::{apply_batch, apply_batch_then, Heartbeat};
+use crate::commands::Command;
+use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
+use crate::retry::retry_transient;
+
+/// Consumes the heartbeat queue until shutdown, applying deliveries in batches.
+///
+/// Up to `worker.heartbeat_pipeline` batches are in flight at once, each in its own task and transaction: the next
+/// batch starts once the previous one has done its statements (and holds its row locks), so its work overlaps the
+/// previous commit while a row both touch is still written in delivery order. Batches are acknowledged in the order
+/// they were taken (one `multiple` acknowledgement each, after their commit), and nothing after a failed batch is
+/// acknowledged.
+pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
+    let s = &shared.settings;
+    channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            shared.topology.heartbeat_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let max = s.worker.heartbeat_batch_size;
+    let depth = s.worker.heartbeat_pipeline.max(1);
+    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Delivery, Result<()>)>> = FuturesOrdered::new();
+    let mut outcome = Ok(());
+    // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
+    let mut acking = true;
+    // Resolves (or is dropped) once the newest batch has done its statements; the next batch starts only then.
+    let mut applying: Option<oneshot::Receiver<()>> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = async { applying.as_mut().expect("checked").await }, if applying.is_some() => applying = None,
+            done = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(done) = done else { continue };
+                if let Err(e) = finish_batch(done).await {
+                    acking = false;
+                    if !matches!(e, Error::Shutdown) {
+                        outcome = Err(e);
+                    }
+                    break;
+                }
+            }
+            first = consumer.next(), if in_flight.len() < depth && applying.is_none() => {
+                let first = match first {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        outcome = Err(e.into());
+                        break;
+                    }
+                    None => {
+                        outcome = Err(Error::Disconnected("heartbeat consumer ended".into()));
+                        break;
+                    }
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        Some(Some(Err(e))) => {
+                            outcome = Err(e.into());
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+                if outcome.is_err() {
+                    break;
+                }
+                let (shared, token) = (shared.clone(), shutdown.clone());
+                let (applied, rx) = oneshot::channel();
+                applying = Some(rx);
+                in_flight.push_back(tokio::spawn(async move {
+                    let r = heartbeat_batch(&shared, &batch, &token, applied).await;
+                    (batch.pop().expect("a batch is never empty"), r)
+                }));
+            }
+        }
+    }
+    // Batches already taken finish (or give up at shutdown) and are acknowledged in order, up to the first failure.
+    while let Some(done) = in_flight.next().await {
+        if !acking {
+            continue;
+        }
+        if let Err(e) = finish_batch(done).await {
+            acking = false;
+            if outcome.is_ok() && !matches!(e, Error::Shutdown) {
+                outcome = Err(e);
+            }
+        }
+    }
+    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    let _ = channel.close(200, "consumer stopped".into()).await;
+    outcome
+}
+
+/// Acknowledges a finished batch (all deliveries up to its last) after its commit, or passes its failure on.
+async fn finish_batch(done: std::result::Result<(Delivery, Result<()>), tokio::task::JoinError>) -> Result<()> {
+    match done {
+        Ok((last, Ok(()))) => ack(&last, true).await,
+        Ok((_, Err(e))) => Err(e),
+        Err(e) => Err(Error::Disconnected(format!("heartbeat batch task failed: {e}"))),
+    }
+}
+
+async fn heartbeat_batch(
+    shared: &Shared,
+    batch: &[Delivery],
+    shutdown: &CancellationToken,
+    applied: oneshot::Sender<()>,
+) -> Result<()> {
+    // Dropped (so the consumer goes on) at the latest when this batch is finished, whatever the outcome.
+    let applied = std::sync::Mutex::new(Some(applied));
+    let signal = || {
+        if let Some(s) = applied.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = s.send(());
+        }
+    };
+    let s = &shared.settings;
+    shared.metrics.heartbeat_batch_size.observe(batch.len() as f64);
+    let mut valid: Vec<(usize, Heartbeat)> = Vec::with_capacity(batch.len());
+    for (i, d) in batch.iter().enumerate() {
+        let cmd = match Command::parse(&d.data, s.amqp.max_message_bytes) {
+            Ok(cmd) => cmd,
+            Err(why) => {
+                reject(shared, d, "unknown", &why, CommandError::Invalid(why.to_string())).await?;
+                continue;
+            }
+        };
+        let Some(h) = cmd.downcast_ref::<Heartbeat>() else {
+            let why = Poison::new(
+                PoisonKind::WrongQueue,
+                format!("type `{}` is not accepted on the heartbeat queue", cmd.type_name()),
+            );
+            reject(shared, d, cmd.type_name(), &why, CommandError::Invalid(why.to_string())).await?;
+            continue;
+        };
+        match user_mismatch(s, d, h.agent_id.as_str()) {
+            Some(why) => reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?,
+            None => valid.push((i, h.clone())),
+        }
+    }
+    if !valid.is_empty() {
+        let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
+        let started = Instant::now();
+        let result =
+            retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
+        match result {
+            Ok(report) => {
+                shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
+                let ok = report.received - report.rejected.min(report.received);
+                for _ in 0..ok {
+                    shared.metrics.message("agent.heartbeat", "ok");
+                }
+                for _ in 0..report.rejected {
+                    shared.metrics.message("agent.heartbeat", "rejected");
+                }
+            }
+            Err(e) if e.poison_reason().is_some() => {
+                // One value in the batch is unstorable: apply one by one and dead-letter the culprits.
+                for (i, h) in &valid {
+                    let one = std::slice::from_ref(h);
+                    match retry_transient("applying a heartbeat", shutdown, || apply_batch(&shared.pool, one)).await {
+                        Ok(_) => shared.metrics.message("agent.heartbeat", "ok"),
+                        Err(e) => match e.poison_reason() {
+                            Some(why) => {
+                                let error = CommandError::Invalid(why.to_string());
+                                reject(shared, &batch[*i], "agent.heartbeat", &why, error).await?
+                            }
+                            None => return Err(e),
+                        },
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
