@@ -22,6 +22,67 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()).into())
 }
 
+/// Idle time before TCP keepalive probes start on a database connection (then every [`KEEPALIVE_INTERVAL`], 3
+/// probes), unless `database.url` sets `keepalives_idle` itself: a server that vanished without a word is noticed
+/// within about a minute instead of the operating system's two hours.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Interval between TCP keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which server-side limits a session gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` (pooled sessions, the outbox
+    /// listener).
+    All,
+    /// Only `idle_in_transaction_session_timeout`: migrations may run long statements and wait on the migration
+    /// lock while another process migrates.
+    IdleInTransactionOnly,
+}
+
+/// The session settings of `limits`, as `(name, value)`.
+pub fn session_limits(settings: &DatabaseSettings, limits: Limits) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if limits == Limits::All {
+        out.push(("statement_timeout", format!("{}s", settings.statement_timeout_secs)));
+        out.push(("lock_timeout", format!("{}s", settings.lock_timeout_secs)));
+    }
+    out.push(("idle_in_transaction_session_timeout", format!("{}s", settings.idle_in_transaction_timeout_secs)));
+    out
+}
+
+/// The connection configuration of `database.url` with the bounds every wait needs: the session `limits` as
+/// startup options (`-c name=value`; a setting the URL's own `options` already names is left as the URL says), TCP
+/// keepalives, and a connect timeout of `database.checkout_timeout_secs` (unless the URL sets `connect_timeout`).
+pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tokio_postgres::Config> {
+    let mut config = pg_config(&settings.url)?;
+    let mut options = config.get_options().unwrap_or_default().to_string();
+    for (name, value) in session_limits(settings, limits) {
+        if !options.contains(name) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={value}"));
+        }
+    }
+    config.options(options);
+    config.keepalives(true);
+    // tokio-postgres's own default is two hours: anything else came from the URL.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(settings.checkout_timeout_secs));
+    }
+    Ok(config)
+}
+
 /// The TLS connector for `sslmode=require` (`None` otherwise: the connection is plain).
 ///
 /// The server certificate is verified against the system roots plus `database.tls_ca_file`, unless
@@ -43,9 +104,11 @@ pub fn tls(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Resu
 }
 
 /// Builds the pool. No connection is made until the first checkout; every checkout, connect and recycle is bounded
-/// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out.
+/// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out. Every
+/// session runs with `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` and TCP
+/// keepalives ([`session_config`]), so no statement, lock wait or forgotten transaction lasts without bound.
 pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
-    let pg = pg_config(&settings.url)?;
+    let pg = session_config(settings, Limits::All)?;
     let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = match tls(settings, &pg)? {
         Some(tls) => Manager::from_config(pg, tls, mc),
@@ -63,9 +126,14 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
 }
 
 /// Opens one connection outside the pool (to `dbname` instead of the configured database when given), driving it
-/// on a task of its own.
+/// on a task of its own; with every limit of the pool ([`Limits::All`]).
 pub async fn connect(settings: &DatabaseSettings, dbname: Option<&str>) -> Result<Client> {
-    let mut config = pg_config(&settings.url)?;
+    connect_with(settings, dbname, Limits::All).await
+}
+
+/// [`connect`] with the session limits of `limits`.
+pub async fn connect_with(settings: &DatabaseSettings, dbname: Option<&str>, limits: Limits) -> Result<Client> {
+    let mut config = session_config(settings, limits)?;
     if let Some(name) = dbname {
         config.dbname(name);
     }
@@ -123,7 +191,7 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<()> {
 /// once and both succeed.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
     ensure_database(settings).await?;
-    let mut client = connect(settings, None).await?;
+    let mut client = connect_with(settings, None, Limits::IdleInTransactionOnly).await?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
