@@ -25,6 +25,8 @@
 //! and ordering barriers (waiting until the sessions, then the instructions, exist) keep a republished message from
 //! overtaking one it depends on, so any loss is the worker's.
 
+#[path = "faults/blocked.rs"]
+mod blocked;
 #[path = "faults/infra.rs"]
 mod infra;
 #[path = "faults/publisher.rs"]
