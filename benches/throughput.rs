@@ -1,4 +1,5 @@
-//! Benchmark harness of issue 4: `cargo bench --bench throughput [-- OPTIONS]` (see `--help` and BENCHMARKS.md).
+//! Throughput and latency benchmarks of the worker: `cargo bench --bench throughput [-- OPTIONS]` (see `--help` and
+//! BENCHMARKS.md).
 //!
 //! Every scenario starts the real worker binary (`agent-connection-manager run`, built by cargo in the bench
 //! profile) as a separate process against the local PostgreSQL and RabbitMQ, on its own fresh database (random name)
