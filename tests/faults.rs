@@ -1,9 +1,9 @@
-//! The fault suite (issue 3): kills, restarts, outages, replicas, poison storms and a backlog, injected on a
+//! The fault suite: kills, restarts, outages, replicas, poison storms and a backlog, injected on a
 //! PostgreSQL cluster and a RabbitMQ node that each test starts itself (never the machine's shared services), with
 //! the real binary as the worker and this process as the client. Each scenario drives a known, countable workload,
 //! then compares the database and every event published with what was sent, and prints one row of the results table.
 //!
-//! Counts are small by default (the suite runs in a few minutes inside `cargo test`); the issue's full counts run with
+//! Counts are small by default (the suite runs in a few minutes inside `cargo test`); the full counts run with
 //!
 //! ```sh
 //! ACM_FAULTS_FULL=1 cargo test --release --test faults -- --nocapture --test-threads=1

@@ -20,7 +20,7 @@ const BACKLOG_PEAK_LIMIT_KB: u64 = 256 * 1024;
 
 /// 6. A backlog of heartbeats (1,000,000 at full count) queued before the worker starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s6_backlog_before_start() {
+async fn backlog_queued_before_start_is_drained_in_bounded_memory() {
     let name = "6. backlog before start";
     let backlog = count(20_000, 1_000_000);
     let rounds = 10;

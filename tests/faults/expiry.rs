@@ -20,7 +20,7 @@ use crate::{count, settle_timeout, PREFIX};
 /// 4. Three workers at once, sweepers and relays on, with instructions (10,000 at full count) expiring through all
 ///    their retries (ttl 1 s, 3 retries, retry window 1 s, sweeper every second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s4_three_workers_expire_instructions_through_all_retries() {
+async fn three_workers_expire_each_instruction_through_all_retries_exactly_once() {
     let name = "4. 3 workers, expiry through retries";
     let n = count(500, 10_000);
     let sessions = (n / 100).max(5);

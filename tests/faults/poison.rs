@@ -18,7 +18,7 @@ use crate::{count, settle_timeout, PREFIX};
 
 /// 5. Malformed messages (10,000 at full count, seven kinds, on both queues) interleaved one to one with valid ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s5_poison_storm() {
+async fn poison_storm_dead_letters_each_malformed_message_once_and_applies_the_valid_ones() {
     let name = "5. poison storm";
     let valid = count(1_000, 10_000);
     let sessions = valid / 20;

@@ -239,18 +239,18 @@ async fn standard_scenario(name: &str, fault: Fault) {
 /// 1. SIGKILL the worker three times during the workload (100,000 heartbeats and 10,000 commands at full count),
 ///    restarting it each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s1_worker_sigkilled_three_times() {
+async fn worker_sigkilled_three_times_loses_and_duplicates_nothing() {
     standard_scenario("1. worker SIGKILLed 3x", Fault::KillWorker).await;
 }
 
 /// 2. Restart RabbitMQ (stop the node, start it again) during the same workload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s2_rabbitmq_restarted() {
+async fn rabbitmq_restart_loses_and_duplicates_nothing() {
     standard_scenario("2. RabbitMQ restarted", Fault::RestartBroker).await;
 }
 
 /// 3. Stop PostgreSQL for 30 seconds during the workload, then start it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn s3_postgres_down_30s() {
+async fn postgres_down_30s_loses_and_duplicates_nothing() {
     standard_scenario("3. PostgreSQL down 30 s", Fault::StopPostgres(Duration::from_secs(30))).await;
 }

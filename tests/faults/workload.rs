@@ -45,7 +45,8 @@ pub fn heartbeat_msg(c: usize, round: usize, sessions: usize) -> Msg {
     )
 }
 
-/// A malformed message of one of seven kinds (CONTRACT section 6's poison list), tagged `bad-<i>`.
+/// A malformed message of one of seven kinds, tagged `bad-<i>`: invalid JSON, not an object, an unknown type, a
+/// missing field, a field of the wrong type, an oversized body, and invalid UTF-8.
 pub fn malformed_msg(i: usize, max_bytes: usize) -> Msg {
     let id = Some(format!("bad-{i}"));
     match i % 7 {
