@@ -456,7 +456,7 @@ async fn inactive_sessions_accept_commands_and_wake_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn library_api_mirrors_the_seed() {
+async fn library_api_creates_and_closes_sessions_and_reads_stats() {
     let app = TestApp::start().await;
     let sid = app.manager.create_session("lib-agent", Some("acq"), Some("named"), None, None).await.unwrap();
     let name: String = app.scalar(&format!("SELECT name FROM agent_session WHERE session_id = '{sid}'")).await;
