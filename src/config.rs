@@ -141,7 +141,7 @@ pub struct InstructionSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxSettings {
-    /// Events published per relay transaction.
+    /// Events claimed, published and marked per relay batch.
     pub batch_size: i64,
     /// Relay batches in flight at once: the next is claimed and published while the broker confirms the previous.
     pub pipeline: usize,

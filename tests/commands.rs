@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestApp;
+use common::{eventually, TestApp};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,13 +332,84 @@ async fn stats_are_one_snapshot_of_the_counts() {
     app.cleanup().await;
 }
 
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The broker connection (its pid) of whoever consumes `queue`.
+fn consumer_connection(queue: &str) -> String {
+    let consumers = rabbitmqctl(&["list_consumers", "-q", "--no-table-headers", "queue_name", "channel_pid"]);
+    let channel = consumers
+        .lines()
+        .find_map(|l| l.split_once('\t').filter(|(q, _)| *q == queue).map(|(_, ch)| ch.trim().to_string()))
+        .unwrap_or_else(|| panic!("no consumer on {queue}: {consumers}"));
+    let channels = rabbitmqctl(&["list_channels", "-q", "--no-table-headers", "pid", "connection"]);
+    channels
+        .lines()
+        .find_map(|l| l.split_once('\t').filter(|(pid, _)| pid.trim() == channel).map(|(_, c)| c.trim().to_string()))
+        .unwrap_or_else(|| panic!("no channel {channel}: {channels}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redelivered_commands_have_one_effect() {
+async fn a_command_redelivered_after_its_commit_has_one_effect() {
+    let app = TestApp::start().await;
+    // Counts every delivery the worker applies (the idempotency claim's insert fires the trigger even when the key
+    // exists), and holds the first one's transaction for 8 s: long enough to cut the worker's broker connection
+    // after the change but before the acknowledgement, so the broker redelivers a command already committed.
+    app.db
+        .batch_execute(
+            "CREATE TABLE delivery_attempt (at timestamptz DEFAULT clock_timestamp());
+             CREATE FUNCTION note_delivery_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO delivery_attempt DEFAULT VALUES;
+                 IF (SELECT count(*) FROM delivery_attempt) = 1 THEN PERFORM pg_sleep(8); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER note_delivery_attempt BEFORE INSERT ON processed_message FOR EACH ROW
+                 EXECUTE FUNCTION note_delivery_attempt();",
+        )
+        .await
+        .unwrap();
+    let body = json!({"type": "session.create", "agent_id": "a1", "session_id": "redelivered"});
+    let queue = app.topology().command_queue;
+    let connection = tokio::task::spawn_blocking(move || consumer_connection(&queue)).await.unwrap();
+    let cut = async {
+        eventually("the first delivery to be applying", Duration::from_secs(20), || async {
+            let sleeping: i64 = app
+                .scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'")
+                .await;
+            (sleeping == 1).then_some(())
+        })
+        .await;
+        tokio::task::spawn_blocking(move || {
+            rabbitmqctl(&["close_connection", &connection, "test: cut the worker off before its acknowledgement"])
+        })
+        .await
+        .unwrap();
+    };
+    // The first reply is lost with the connection; the redelivery's reply arrives.
+    let (reply, ()) = tokio::join!(app.client.request(&body, Some("msg-1"), Duration::from_secs(60)), cut);
+    let reply = reply.expect("the redelivery is replied to");
+    assert_eq!(reply["result"]["session_id"], "redelivered");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM delivery_attempt").await, 2, "the broker redelivered once");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 1);
+    assert_eq!(
+        app.scalar::<i64>("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.session.created'").await,
+        1,
+        "one effect, one event"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_message_id_gets_the_first_reply_and_changes_nothing() {
     let app = TestApp::start().await;
     let body = json!({"type": "session.create", "agent_id": "a1"});
     let first = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
     let second = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
-    assert_eq!(first, second, "the redelivery gets the first reply");
+    assert_eq!(first, second, "the repeat gets the first reply");
     let sessions: i64 = app.scalar("SELECT count(*) FROM agent_session").await;
     assert_eq!(sessions, 1);
     let sid = first["result"]["session_id"].as_str().unwrap().to_string();
@@ -385,7 +456,7 @@ async fn inactive_sessions_accept_commands_and_wake_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn library_api_mirrors_the_seed() {
+async fn library_api_creates_and_closes_sessions_and_reads_stats() {
     let app = TestApp::start().await;
     let sid = app.manager.create_session("lib-agent", Some("acq"), Some("named"), None, None).await.unwrap();
     let name: String = app.scalar(&format!("SELECT name FROM agent_session WHERE session_id = '{sid}'")).await;

@@ -18,12 +18,12 @@ use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::counting::{event_key, field, key_acked, key_created, key_opened, key_session, left_in_queues, Row};
 use crate::infra::eventually;
+use crate::lab::{db, query_i64, wait_count, Lab};
 use crate::publisher::{Msg, ReliablePublisher};
-use crate::{
-    ack_msg, count, db, event_key, events_queue, field, heartbeat_msg, instruction_msg, key_acked, key_created,
-    key_opened, key_session, left_in_queues, query_i64, session_msg, settle_timeout, wait_count, Lab, Row, PREFIX,
-};
+use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
+use crate::{count, events_queue, settle_timeout, PREFIX};
 
 /// The worker's database limits in this scenario (statement, lock and idle-in-transaction timeouts), in seconds.
 const DB_LIMIT_SECS: u64 = 5;
