@@ -35,13 +35,13 @@ use crate::retry::Backoff;
 
 /// Leases up to $1 unpublished events whose lease is free or expired, in outbox order, for $2 seconds to relay $3;
 /// skips rows another claim is leasing at this moment. One statement, so one short transaction. The inner `WHERE`
-/// is served by the partial index of unpublished rows (`event_outbox_unpublished`).
-pub const CLAIM: &str = "WITH claimed AS (\
-     SELECT id FROM event_outbox WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now()) \
-     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-     UPDATE event_outbox o SET lease_until = now() + make_interval(secs => $2), leased_by = $3 \
-     FROM claimed WHERE o.id = claimed.id \
-     RETURNING o.id, o.event_id, o.event_type, o.payload::text";
+/// is served by the partial index of unpublished rows (`event_outbox_unpublished`); the ids are passed on as an
+/// array so that the `UPDATE` looks each one up by primary key instead of walking the published rows before them.
+pub const CLAIM: &str = "UPDATE event_outbox SET lease_until = now() + make_interval(secs => $2), leased_by = $3 \
+     WHERE id = ANY(ARRAY(\
+       SELECT id FROM event_outbox WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now()) \
+       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+     RETURNING id, event_id, event_type, payload::text";
 /// Marks a published batch; a row another relay marked meanwhile is left as it is.
 pub const MARK: &str =
     "UPDATE event_outbox SET published_at = now(), lease_until = NULL WHERE id = ANY($1) AND published_at IS NULL";
