@@ -57,8 +57,15 @@ pub fn session_limits(settings: &DatabaseSettings, limits: Limits) -> Vec<(&'sta
 pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tokio_postgres::Config> {
     let mut config = pg_config(&settings.url)?;
     let mut options = config.get_options().unwrap_or_default().to_string();
+    // A setting the options name already (`-c name=v`, `-cname=v` or `--name=v`).
+    let named = |options: &str, name: &str| {
+        options.split_whitespace().any(|t| {
+            let t = t.strip_prefix("--").or_else(|| t.strip_prefix("-c")).unwrap_or(t);
+            t.strip_prefix(name).is_some_and(|rest| rest.starts_with('='))
+        })
+    };
     for (name, value) in session_limits(settings, limits) {
-        if !options.contains(name) {
+        if !named(&options, name) {
             if !options.is_empty() {
                 options.push(' ');
             }
@@ -207,4 +214,34 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
 pub async fn now(client: &impl deadpool_postgres::GenericClient) -> Result<DateTime<Utc>> {
     let row = client.query_one("SELECT now()", &[]).await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_go_into_the_startup_options_unless_the_url_sets_them() {
+        let mut s = DatabaseSettings::default();
+        let c = session_config(&s, Limits::All).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c statement_timeout=30s -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s")
+        );
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        s.url =
+            "postgres://u@h/db?options=-c%20deadlock_timeout%3D2s%20-c%20lock_timeout%3D3s&connect_timeout=7".into();
+        let c = session_config(&s, Limits::IdleInTransactionOnly).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c deadlock_timeout=2s -c lock_timeout=3s -c idle_in_transaction_session_timeout=60s")
+        );
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(7)));
+        let c = session_config(&s, Limits::All).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c deadlock_timeout=2s -c lock_timeout=3s -c statement_timeout=30s -c idle_in_transaction_session_timeout=60s")
+        );
+    }
 }
