@@ -132,8 +132,12 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()>
     {
         let conn = amqp::connect(&o.amqp_url, "acm bench setup").await?;
         let ch = conn.create_channel().await?;
-        let settings = AmqpSettings { command_queue_type: QueueType::Classic, ..AmqpSettings::default() };
-        ceiling.declare(&ch, &settings).await?;
+        let settings = Settings {
+            amqp: AmqpSettings { command_queue_type: QueueType::Classic, ..AmqpSettings::default() },
+            ..Settings::default()
+        };
+        drop(ch);
+        ceiling.declare(&conn, &settings).await?;
         let _ = conn.close(200, "done".into()).await;
     }
     let defaults = Settings::default();

@@ -32,8 +32,11 @@ async fn broker_latency_floor(o: &Opts, prefix: &str) -> Res<Vec<f64>> {
     let defaults = Settings::default();
     let conn = amqp::connect(&o.amqp_url, "acm bench latency floor").await?;
     let ch = conn.create_channel().await?;
-    let settings = AmqpSettings { command_queue_type: QueueType::Classic, ..AmqpSettings::default() };
-    topology.declare(&ch, &settings).await?;
+    let settings = Settings {
+        amqp: AmqpSettings { command_queue_type: QueueType::Classic, ..AmqpSettings::default() },
+        ..Settings::default()
+    };
+    topology.declare(&conn, &settings).await?;
     ch.basic_qos(defaults.amqp.prefetch, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(

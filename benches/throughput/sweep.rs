@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use agent_connection_manager::config::{AmqpSettings, Settings};
+use agent_connection_manager::config::Settings;
 use agent_connection_manager::sweeper::BacklogProbe;
 use agent_connection_manager::{amqp, AgentConnectionManager};
 use chrono::{DateTime, Utc};
@@ -27,7 +27,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     // 5. Idle: in-process cycles through the library, with the broker backlog probe the worker uses.
     let conn = amqp::connect(&o.amqp_url, "acm bench probe").await?;
     let ch = conn.create_channel().await?;
-    env.topology().declare(&ch, &AmqpSettings::default()).await?;
+    env.topology().declare(&conn, &Settings::default()).await?;
     let mut settings = Settings::default();
     settings.database.url = env.db_url.clone();
     settings.database.pool_size = 2;
@@ -95,8 +95,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     // 4. The broker's floor for the events the busy sweep produces, before the worker runs.
     {
         let conn = amqp::connect(&o.amqp_url, "acm bench setup").await?;
-        let ch = conn.create_channel().await?;
-        env.topology().declare(&ch, &Settings::default().amqp).await?;
+        env.topology().declare(&conn, &Settings::default()).await?;
         let _ = conn.close(200, "done".into()).await;
     }
     let events = (o.due + o.stale) as usize;

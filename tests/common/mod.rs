@@ -34,7 +34,7 @@ pub fn test_settings() -> Settings {
     let suffix = random_suffix();
     let mut s = Settings::default();
     s.database.url = format!("{}/acm_test_{suffix}", pg_base());
-    s.database.pool_size = 8;
+    s.database.pool_size = s.worker_connections();
     s.amqp.url = amqp_url();
     s.amqp.prefix = format!("acm-test-{suffix}");
     s.http.listen = String::new();
@@ -125,8 +125,8 @@ impl TestApp {
         db::migrate(&settings.database).await.expect("migrations apply");
         let manager = Arc::new(AgentConnectionManager::new(settings.clone()).expect("manager"));
         let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.expect("client connects");
-        let (conn, setup) = amqp_channel(&settings).await;
-        Topology::new(&settings.amqp.prefix).declare(&setup, &settings.amqp).await.expect("topology declares");
+        let (conn, _) = amqp_channel(&settings).await;
+        Topology::new(&settings.amqp.prefix).declare(&conn, &settings).await.expect("topology declares");
         let _ = conn.close(200, "done".into()).await;
         let events = client.subscribe("#").await.expect("subscribe to events");
         let db = db::connect(&settings.database, None).await.expect("database connects");

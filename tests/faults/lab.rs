@@ -46,7 +46,7 @@ impl Lab {
         tokio::task::block_in_place(|| env.migrate());
         let lab = Self { workers: Vec::new(), rabbit, pg, env, peak_kb: 0, spawned: 0, _dir: dir };
         let (conn, ch) = lab.amqp().await;
-        Topology::new(PREFIX).declare(&ch, &Settings::default().amqp).await.expect("topology declares");
+        Topology::new(PREFIX).declare(&conn, &Settings::default()).await.expect("topology declares");
         let q = events_queue();
         ch.queue_declare(
             q.as_str().into(),
