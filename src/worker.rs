@@ -68,6 +68,16 @@ impl Health {
         }
     }
 
+    /// Forgets a block when its connection is gone (a new connection starts unblocked); logs nothing, as the broker
+    /// did not say it ended.
+    fn clear_blocked(&self, metrics: &Metrics) {
+        self.broker_blocked.store(false, Ordering::Relaxed);
+        if let Ok(mut r) = self.blocked_reason.lock() {
+            r.clear();
+        }
+        metrics.broker_blocked.set(0);
+    }
+
     /// The broker's reason for blocking publishers, while it does.
     pub fn blocked(&self) -> Option<String> {
         if !self.broker_blocked.load(Ordering::Relaxed) {
@@ -222,7 +232,7 @@ impl Worker {
         // Closing needs a write, which a blocked connection cannot make: give up after a moment (dropping it).
         let _ = tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, conn.close(200, "shutting down".into())).await;
         drop(watcher);
-        self.health.set_blocked(None, &self.metrics);
+        self.health.clear_blocked(&self.metrics);
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
