@@ -10,7 +10,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +23,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Mutex, OnceCell, RwLock};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pyo3::create_exception!(
     agent_connection_manager,
@@ -196,31 +197,22 @@ fn engine_url(db_engine: &Bound<'_, PyAny>) -> PyResult<String> {
     normalize_url(&text)
 }
 
-/// The manager a Python object stands for: one of its own, or the process-wide one.
-#[derive(Clone)]
-enum ManagerRef {
-    Own(Arc<acm::AgentConnectionManager>),
-    Global(&'static acm::AgentConnectionManager),
-}
+/// The running HTTP endpoint: its stop signal and its task.
+type HttpEndpoint = (CancellationToken, JoinHandle<()>);
 
-impl Deref for ManagerRef {
-    type Target = acm::AgentConnectionManager;
-    fn deref(&self) -> &Self::Target {
-        match self {
-            ManagerRef::Own(m) => m,
-            ManagerRef::Global(m) => m,
-        }
-    }
-}
-
-/// A manager and the one-time schema check every call makes first.
+/// A manager, the one-time schema check every call makes first, and the HTTP endpoint while started.
 #[derive(Clone)]
 struct Engine {
-    manager: ManagerRef,
+    manager: Arc<acm::AgentConnectionManager>,
     schema: Arc<OnceCell<()>>,
+    http: Arc<Mutex<Option<HttpEndpoint>>>,
 }
 
 impl Engine {
+    fn new(manager: acm::AgentConnectionManager) -> Self {
+        Self { manager: Arc::new(manager), schema: Arc::default(), http: Arc::default() }
+    }
+
     /// Creates the database and applies the migrations once, bounded by `database.checkout_timeout_secs` (the
     /// library's own `start` retries an unreachable database for ever; here the caller hears of it).
     async fn ensure_schema(&self) -> PyResult<()> {
@@ -240,13 +232,45 @@ impl Engine {
             .map(|_| ())
     }
 
+    /// Migrates, starts the worker, then serves `/healthz`, `/readyz` and `/metrics` when `http.listen` is set.
     async fn start(self) -> PyResult<()> {
         self.ensure_schema().await?;
-        self.manager.start().await.map_err(to_py)
+        self.manager.start().await.map_err(to_py)?;
+        let listen = &self.manager.settings().http.listen;
+        let mut http = self.http.lock().await;
+        if listen.is_empty() || http.is_some() {
+            return Ok(());
+        }
+        let served = match listen.parse() {
+            Ok(addr) => {
+                let stop = CancellationToken::new();
+                acm::http::serve(self.manager.clone(), addr, stop.clone())
+                    .await
+                    .map(|(_, task)| (stop, task))
+                    .map_err(|e| format!("http.listen: cannot listen on {addr}: {e}"))
+            }
+            Err(_) => Err("http.listen: not an address".to_string()),
+        };
+        match served {
+            Ok(running) => {
+                *http = Some(running);
+                Ok(())
+            }
+            Err(e) => {
+                self.manager.stop().await.map_err(to_py)?;
+                Err(ConfigurationError::new_err(e))
+            }
+        }
     }
 
+    /// Stops the worker gracefully, then the HTTP endpoint.
     async fn stop(self) -> PyResult<()> {
-        self.manager.stop().await.map_err(to_py)
+        let stopped = self.manager.stop().await.map_err(to_py);
+        if let Some((stop, task)) = self.http.lock().await.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+        stopped
     }
 
     async fn stats(self) -> PyResult<Py<PyAny>> {
@@ -348,7 +372,7 @@ impl AgentConnectionManager {
             (Some(_), Error::Config(c)) if c.0.starts_with("database.url") => PyValueError::new_err(c.0),
             (_, e) => to_py(e),
         })?;
-        Ok(Self { engine: Engine { manager: ManagerRef::Own(Arc::new(manager)), schema: Arc::default() } })
+        Ok(Self { engine: Engine::new(manager) })
     }
 
     /// Migrates the database if needed, then runs the worker (consumers, sweeper, relay, HTTP when configured).
@@ -456,11 +480,8 @@ fn get_connection_manager(py: Python<'_>) -> PyResult<Py<AgentConnectionManager>
     if let Some(m) = GLOBAL.get() {
         return Ok(m.clone_ref(py));
     }
-    let manager = acm::get_connection_manager().map_err(to_py)?;
-    let object = Py::new(
-        py,
-        AgentConnectionManager { engine: Engine { manager: ManagerRef::Global(manager), schema: Arc::default() } },
-    )?;
+    let manager = acm::AgentConnectionManager::new(load_settings()?).map_err(to_py)?;
+    let object = Py::new(py, AgentConnectionManager { engine: Engine::new(manager) })?;
     Ok(GLOBAL.get_or_init(|| object).clone_ref(py))
 }
 

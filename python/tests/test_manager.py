@@ -2,7 +2,9 @@
 
 import asyncio
 import datetime
+import socket
 import threading
+import time
 import uuid
 
 import psycopg2
@@ -171,3 +173,25 @@ def test_sqlalchemy_async_engine(isolated):
     engine = create_async_engine(isolated.db_url.replace("postgres://", "postgresql+asyncpg://", 1))
     manager = AgentConnectionManager(engine)
     assert manager.get_connection_stats()["active_sessions"] == 0
+
+
+async def test_start_serves_http_when_configured(isolated):
+    httpx = pytest.importorskip("httpx")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    isolated.configure(http={"listen": f"127.0.0.1:{port}"})
+    manager = AgentConnectionManager()
+    await manager.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5, trust_env=False) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            deadline = time.monotonic() + 30
+            while (ready := await http.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, f"/readyz still answers {ready.status_code}: {ready.text}"
+                await asyncio.sleep(0.05)
+            assert "acm_" in (await http.get("/metrics")).text
+    finally:
+        await manager.stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2, trust_env=False)
