@@ -24,6 +24,7 @@ use pyo3::types::{PyDict, PyString};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Mutex, OnceCell, RwLock};
 use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 pyo3::create_exception!(
@@ -65,6 +66,8 @@ pyo3::create_exception!(
 
 /// Longest wait for a broker connection from `Client`.
 const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time for creating the database and applying the migrations, once a connection was made.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a waiting synchronous call looks for a pending signal (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.
@@ -213,19 +216,28 @@ impl Engine {
         Self { manager: Arc::new(manager), schema: Arc::default(), http: Arc::default() }
     }
 
-    /// Creates the database and applies the migrations once, bounded by `database.checkout_timeout_secs` (the
-    /// library's own `start` retries an unreachable database for ever; here the caller hears of it).
+    /// Creates the database and applies the migrations once. First a connection is tried, bounded by
+    /// `database.checkout_timeout_secs` (the library's own `start` retries an unreachable database for ever; here
+    /// the caller hears of it), then the migrations run, bounded by `MIGRATION_TIMEOUT`.
     async fn ensure_schema(&self) -> PyResult<()> {
         let db = &self.manager.settings().database;
         let limit = Duration::from_secs(db.checkout_timeout_secs.max(1));
+        let no_answer = |what: &str, after: Duration| {
+            DatabaseError::new_err(format!("database: no answer within {}s ({what})", after.as_secs()))
+        };
         self.schema
             .get_or_try_init(|| async {
-                match tokio::time::timeout(limit, acm::db::migrate(db)).await {
+                match tokio::time::timeout(limit, acm::db::connect(db, None)).await {
+                    Err(_) => return Err(no_answer("database.checkout_timeout_secs", limit)),
+                    Ok(Ok(_)) => {}
+                    // The server answers; the database is created below.
+                    Ok(Err(Error::Db(e))) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+                    Ok(Err(e)) => return Err(to_py(e)),
+                }
+                let migrate_limit = MIGRATION_TIMEOUT.max(limit);
+                match tokio::time::timeout(migrate_limit, acm::db::migrate(db)).await {
                     Ok(r) => r.map_err(to_py),
-                    Err(_) => Err(DatabaseError::new_err(format!(
-                        "database: no answer within {}s (database.checkout_timeout_secs)",
-                        limit.as_secs()
-                    ))),
+                    Err(_) => Err(no_answer("applying the migrations", migrate_limit)),
                 }
             })
             .await
