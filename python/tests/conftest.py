@@ -73,7 +73,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         if name.startswith("ACM_") and "__" in name:
             monkeypatch.delenv(name)
     env.configure(
-        database={"url": env.db_url, "pool_size": 8, "checkout_timeout_secs": 5},
+        database={"url": env.db_url, "checkout_timeout_secs": 5},
         amqp={"url": env.amqp_url, "prefix": env.prefix, "command_queue_type": "classic"},
         http={"listen": ""},
         sweeper={"check_interval_secs": 3600},
