@@ -148,7 +148,7 @@ async fn connections_open_and_close() {
         app.scalar(&format!("SELECT connection_type FROM agent_connection WHERE connection_id = '{generated}'")).await;
     assert_eq!(ctype, "amqp");
 
-    let r = app.ok(json!({"type": "connection.close", "connection_id": "c1"})).await;
+    let r = app.ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "c1"})).await;
     assert_eq!(r["closed"], true);
     let e = app.next_event("agent.connection.closed").await;
     assert_eq!(e["connection_id"], "c1");
@@ -161,8 +161,14 @@ async fn connections_open_and_close() {
     assert_eq!(row.get::<_, String>(0), "closed");
     assert_eq!(row.get::<_, String>(1), "client_disconnect");
     assert!(row.get::<_, bool>(2));
-    assert_eq!(app.ok(json!({"type": "connection.close", "connection_id": "c1"})).await["closed"], true);
-    assert_eq!(app.ok(json!({"type": "connection.close", "connection_id": "zzz"})).await["closed"], false);
+    assert_eq!(
+        app.ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "c1"})).await["closed"],
+        true
+    );
+    assert_eq!(
+        app.ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "zzz"})).await["closed"],
+        false
+    );
     let n: i64 = app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.closed'").await;
     assert_eq!(n, 1, "closing twice announces once");
     // A closed id cannot be opened again.

@@ -155,7 +155,7 @@ async fn heartbeats_open_restore_and_reactivate_through_the_broker() {
     .await;
 
     // A client-closed connection is not reopened by a heartbeat.
-    app.ok(json!({"type": "connection.close", "connection_id": "c1"})).await;
+    app.ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "c1"})).await;
     app.client.heartbeat("a1", &sid, "c1").await.unwrap();
     app.client.heartbeat("a1", &sid, "marker").await.unwrap();
     eventually("the marker heartbeat", Duration::from_secs(20), || async {

@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db;
-use crate::domain::{CloseReason, ConnectionStatus, Ident, SessionStatus, Timestamp};
-use crate::error::{CommandError, Result};
+use crate::domain::{CloseReason, ConnectionStatus, Ident, Json, SessionStatus, Timestamp};
+use crate::error::{CommandError, Poison, Result};
 use crate::events::{write_outbox, EventBody};
 
 /// `agent.heartbeat`.
@@ -33,7 +33,7 @@ pub struct Heartbeat {
     pub sent_at: Option<Timestamp>,
     /// Replaces the connection's client info when given.
     #[serde(default)]
-    pub client_info: Option<Value>,
+    pub client_info: Option<Json>,
 }
 
 impl Message for Heartbeat {
@@ -98,6 +98,50 @@ pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: im
     Ok(report)
 }
 
+/// Applies a batch in one transaction with a savepoint per heartbeat: a heartbeat the database refuses (SQLSTATE
+/// class 22 or 23) is rolled back to its savepoint and returned with its reason (by its index in `heartbeats`), the
+/// others are committed together. `applied` is called as in [`apply_batch_then`].
+///
+/// This is the fallback for a batch that failed as a whole on a refused value: one bad heartbeat costs itself, not a
+/// transaction per heartbeat. Heartbeats are applied in (session, connection) order, so locks are taken in about the
+/// order of a whole batch; the last `client_info` given for a connection is still written last.
+pub async fn apply_batch_isolating(
+    pool: &Pool,
+    heartbeats: &[Heartbeat],
+    applied: impl FnOnce(),
+) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut order: Vec<usize> = (0..heartbeats.len()).collect();
+    order.sort_by_key(|&i| (heartbeats[i].session_id.as_str(), heartbeats[i].connection_id.as_str()));
+    let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
+    let mut refused = Vec::new();
+    for i in order {
+        tx.batch_execute("SAVEPOINT heartbeat").await?;
+        match apply_in(&tx, std::slice::from_ref(&heartbeats[i])).await {
+            Ok(one) => {
+                tx.batch_execute("RELEASE SAVEPOINT heartbeat").await?;
+                report.applied += one.applied;
+                report.opened += one.opened;
+                report.restored += one.restored;
+                report.reactivated_sessions += one.reactivated_sessions;
+                report.rejected += one.rejected;
+            }
+            Err(e) => match e.poison_reason() {
+                Some(why) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT heartbeat").await?;
+                    tracing::warn!(connection_id = %heartbeats[i].connection_id, "heartbeat refused by the database: {why}");
+                    refused.push((i, why));
+                }
+                None => return Err(e),
+            },
+        }
+    }
+    applied();
+    tx.commit().await?;
+    Ok((report, refused))
+}
+
 /// Moves the activity of active sessions forward; the pairs are (session, agent), sorted, so locks are taken in
 /// session order. Returns the sessions it touched: active, and owned by the agent named with them.
 const TOUCH_ACTIVE_SESSIONS: &str =
@@ -127,8 +171,8 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let mut latest: BTreeMap<(&str, &str, &str), Option<&Value>> = BTreeMap::new();
     for h in heartbeats {
         let entry = latest.entry((h.connection_id.as_str(), h.agent_id.as_str(), h.session_id.as_str())).or_default();
-        if h.client_info.is_some() {
-            *entry = h.client_info.as_ref();
+        if let Some(info) = &h.client_info {
+            *entry = Some(info.get());
         }
     }
     let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
@@ -319,8 +363,8 @@ async fn connections_slow_path(
         let inserted = tx
             .query(
                 "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
-                 created_at, last_heartbeat_at) \
-                 SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now() \
+                 created_at, last_heartbeat_at, opened_by_heartbeat) \
+                 SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now(), true \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS v(id, sid, aid, info) \
                  ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id, session_id, agent_id",
                 &[&new_ids, &new_sids, &new_aids, &new_infos],
