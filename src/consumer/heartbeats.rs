@@ -17,7 +17,7 @@ use super::dead_letter::reject;
 use super::{ack, authorize, Shared};
 use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat};
 use crate::commands::{Command, Queue};
-use crate::error::{CommandError, Error, Result};
+use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
 
 /// Consumes the heartbeat queue until shutdown, applying deliveries in batches.
@@ -151,10 +151,15 @@ async fn heartbeat_batch(
             reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
             continue;
         }
-        match cmd.downcast_ref::<Heartbeat>() {
-            Some(h) => valid.push((i, h.clone())),
-            None => unreachable!("authorize admits only heartbeats on the heartbeat queue"),
-        }
+        // `authorize` admits only the heartbeat queue's types, and heartbeats are its only one; refuse anything else
+        // all the same rather than trust that.
+        let Some(h) = cmd.downcast_ref::<Heartbeat>() else {
+            let why =
+                Poison::new(PoisonKind::Forbidden, format!("forbidden: `{}` is not a heartbeat", cmd.type_name()));
+            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
+            continue;
+        };
+        valid.push((i, h.clone()));
     }
     if valid.is_empty() {
         return Ok(());
