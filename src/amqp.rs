@@ -9,7 +9,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::commands::{Queue, REGISTRY};
-use crate::config::{AmqpSettings, QueueType};
+use crate::config::{QueueType, Settings};
 use crate::error::{Error, Result};
 
 /// Routing key of heartbeats (their message type).
@@ -31,6 +31,19 @@ pub fn binding_keys(queue: Queue) -> Vec<String> {
     }
     keys
 }
+/// How to give an existing heartbeat queue the current arguments (logged when they differ).
+pub const HEARTBEAT_QUEUE_UPGRADE: &str = "to upgrade it, stop the workers, delete the queue \
+     (`rabbitmqctl delete_queue <prefix>.heartbeats`; the heartbeats in it are lost, which is harmless) and start \
+     them again: the first one declares it anew";
+
+/// Whether the broker refused a declaration because the object exists with other arguments (406).
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406
+    )
+}
+
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-acm-error";
 
@@ -62,7 +75,14 @@ impl Topology {
     }
 
     /// Declares every exchange, queue and binding; idempotent, so a fresh broker needs no setup.
-    pub async fn declare(&self, ch: &Channel, settings: &AmqpSettings) -> Result<()> {
+    ///
+    /// The heartbeat queue keeps a heartbeat at most `sweeper.connection_stale_after_secs` (`x-message-ttl`): one
+    /// that waited longer is dropped by the broker (not dead-lettered: a lost heartbeat is harmless), so it cannot
+    /// make an agent that was silent for a whole stale window look alive. A heartbeat queue declared earlier with
+    /// other arguments (an older version, or another stale window) is used as it is, with a warning saying how to
+    /// upgrade it (see [`HEARTBEAT_QUEUE_UPGRADE`]).
+    pub async fn declare(&self, conn: &Connection, settings: &Settings) -> Result<()> {
+        let ch = conn.create_channel().await?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         ch.exchange_declare(self.command_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
             .await?;
@@ -81,9 +101,7 @@ impl Topology {
         )
         .await?;
 
-        let mut hb_args = FieldTable::default();
-        hb_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
-        ch.queue_declare(self.heartbeat_queue.as_str().into(), durable_q, hb_args).await?;
+        self.declare_heartbeat_queue(conn, settings).await?;
         for key in binding_keys(Queue::Heartbeats) {
             ch.queue_bind(
                 self.heartbeat_queue.as_str().into(),
@@ -95,11 +113,12 @@ impl Topology {
             .await?;
         }
 
+        let amqp = &settings.amqp;
         let mut cmd_args = FieldTable::default();
         cmd_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
-        if settings.command_queue_type == QueueType::Quorum {
+        if amqp.command_queue_type == QueueType::Quorum {
             cmd_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-            cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.command_delivery_limit as i64));
+            cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(amqp.command_delivery_limit as i64));
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
         for key in binding_keys(Queue::Commands) {
@@ -112,7 +131,50 @@ impl Topology {
             )
             .await?;
         }
+        let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
+    }
+
+    /// The heartbeat queue's arguments: a heartbeat lives at most the stale window.
+    pub fn heartbeat_queue_arguments(settings: &Settings) -> FieldTable {
+        let mut args = FieldTable::default();
+        let ttl_ms = settings.sweeper.connection_stale_after_secs.saturating_mul(1000);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64));
+        args
+    }
+
+    async fn declare_heartbeat_queue(&self, conn: &Connection, settings: &Settings) -> Result<()> {
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        // A failed declaration closes its channel, so it gets one of its own.
+        let ch = conn.create_channel().await?;
+        match ch
+            .queue_declare(self.heartbeat_queue.as_str().into(), durable_q, Self::heartbeat_queue_arguments(settings))
+            .await
+        {
+            Ok(_) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(e) if is_precondition_failed(&e) => {
+                tracing::warn!(
+                    queue = %self.heartbeat_queue,
+                    ttl_secs = settings.sweeper.connection_stale_after_secs,
+                    "the heartbeat queue exists with other arguments, so heartbeats that waited longer than the \
+                     stale window are still applied; {HEARTBEAT_QUEUE_UPGRADE}"
+                );
+                let check = conn.create_channel().await?;
+                check
+                    .queue_declare(
+                        self.heartbeat_queue.as_str().into(),
+                        QueueDeclareOptions { passive: true, ..durable_q },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let _ = check.close(200, "checked".into()).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes every exchange and queue (tests and teardown).
@@ -139,10 +201,39 @@ impl Topology {
     }
 }
 
-/// Connects to the broker (`amqp://` or `amqps://`), naming the connection for the management UI.
-pub async fn connect(url: &str, name: &str) -> Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+/// Longest wait for one broker node to accept a connection.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The broker URLs of `amqp.url`: one URL, or a cluster's nodes separated by commas.
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Connects to the broker (`amqp://` or `amqps://`; several URLs separated by commas are tried in order until one
+/// answers), naming the connection for the management UI.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection> {
+    connect_from(urls, 0, name).await.map(|(conn, _)| conn)
+}
+
+/// Connects to the first of `urls` that answers, trying them in order from the one at `start` (wrapping around), each
+/// for at most [`CONNECT_TIMEOUT`]; returns the connection and the index of the URL that answered. When none does,
+/// the last failure is the error.
+pub async fn connect_from(urls: &str, start: usize, name: &str) -> Result<(Connection, usize)> {
+    let list = broker_urls(urls);
+    let mut last = Error::Disconnected("no broker URL is configured".into());
+    for step in 0..list.len() {
+        let i = (start + step) % list.len();
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(list[i], props)).await {
+            Ok(Ok(conn)) => return Ok((conn, i)),
+            Ok(Err(e)) => last = e.into(),
+            Err(_) => last = Error::Timeout(format!("connecting to broker node {} of {}", i + 1, list.len())),
+        }
+        if list.len() > 1 {
+            tracing::warn!(node = i + 1, nodes = list.len(), error = %last, "broker node did not answer; trying the next");
+        }
+    }
+    Err(last)
 }
 
 /// Opens a channel in publisher-confirm mode.
@@ -178,6 +269,12 @@ pub fn json_properties() -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_is_split_on_commas() {
+        assert_eq!(broker_urls("amqp://a"), vec!["amqp://a"]);
+        assert_eq!(broker_urls("amqp://a, amqp://b,,amqp://c "), vec!["amqp://a", "amqp://b", "amqp://c"]);
+    }
 
     #[test]
     fn bindings_come_from_the_registry() {

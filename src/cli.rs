@@ -91,7 +91,14 @@ pub enum SessionCmd {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref()) {
+    let loaded = Settings::load(cli.config.as_deref()).and_then(|s| {
+        if matches!(cli.command, Cmd::Run) {
+            s.validate_worker().map(|_| s)
+        } else {
+            Ok(s)
+        }
+    });
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             eprintln!("agent-connection-manager: {e}");
@@ -238,7 +245,8 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             if let Some(conn) = conn {
                 let _ = conn.close(200, "bye".into()).await;
             }
-            Ok(ExitCode::SUCCESS)
+            // A task that failed is in the report; the exit status says so too.
+            Ok(if report.failed_tasks.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Simulate(args) => crate::simulate::run(settings, args).await.map(|_| ExitCode::SUCCESS),
     }

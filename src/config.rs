@@ -191,7 +191,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/agent_connections".into(),
-            pool_size: 16,
+            pool_size: 20,
             checkout_timeout_secs: 5,
             tls_ca_file: String::new(),
             tls_accept_invalid_certs: false,
@@ -204,7 +204,7 @@ impl Default for AmqpSettings {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "agent".into(),
-            prefetch: 1000,
+            prefetch: 2000,
             command_queue_type: QueueType::Quorum,
             max_message_bytes: 1_048_576,
             command_delivery_limit: 20,
@@ -302,9 +302,15 @@ impl Settings {
         if self.database.checkout_timeout_secs == 0 {
             return bad("database.checkout_timeout_secs", "must be at least 1");
         }
-        match url::Url::parse(&self.amqp.url) {
-            Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
-            _ => return bad("amqp.url", "must be an amqp:// or amqps:// URL"),
+        let urls = crate::amqp::broker_urls(&self.amqp.url);
+        if urls.is_empty() {
+            return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas");
+        }
+        for u in urls {
+            match url::Url::parse(u) {
+                Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
+                _ => return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas"),
+            }
         }
         let prefix_ok = !self.amqp.prefix.is_empty()
             && self.amqp.prefix.len() <= 200
@@ -364,11 +370,46 @@ impl Settings {
         Ok(())
     }
 
+    /// Pooled connections a running worker holds at once at full load: one per heartbeat batch in flight, command
+    /// lane, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`.
+    pub fn worker_connections(&self) -> usize {
+        self.worker.heartbeat_pipeline
+            + self.worker.command_lanes
+            + self.outbox.pipeline
+            + self.sweeper.parallel_batches
+            + 1
+    }
+
+    /// Checks what running the worker needs beyond [`Settings::validate`]: settings that are each valid but cannot
+    /// work together. Library calls that do not start the worker (creating or closing a session, statistics) do not
+    /// need them.
+    pub fn validate_worker(&self) -> Result<(), ConfigError> {
+        let w = &self.worker;
+        let needed = w.heartbeat_batch_size.saturating_mul(w.heartbeat_pipeline);
+        if usize::from(self.amqp.prefetch) < needed {
+            return Err(ConfigError(format!(
+                "amqp.prefetch: {} is below worker.heartbeat_batch_size x worker.heartbeat_pipeline ({needed}); \
+                 the later batches of the pipeline would never fill",
+                self.amqp.prefetch
+            )));
+        }
+        let held = self.worker_connections();
+        if self.database.pool_size < held {
+            return Err(ConfigError(format!(
+                "database.pool_size: {} is below the {held} connections a worker holds at once \
+                 (worker.heartbeat_pipeline + worker.command_lanes + outbox.pipeline + sweeper.parallel_batches + 1)",
+                self.database.pool_size
+            )));
+        }
+        Ok(())
+    }
+
     /// The effective configuration as TOML, with passwords replaced by `***`.
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
         copy.database.url = redact_url(&copy.database.url);
-        copy.amqp.url = redact_url(&copy.amqp.url);
+        copy.amqp.url =
+            crate::amqp::broker_urls(&copy.amqp.url).into_iter().map(redact_url).collect::<Vec<_>>().join(",");
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
@@ -447,9 +488,10 @@ mod tests {
     fn defaults_are_valid_and_as_documented() {
         let s = Settings::default();
         s.validate().unwrap();
-        assert_eq!(s.database.pool_size, 16);
+        s.validate_worker().unwrap();
+        assert_eq!(s.database.pool_size, 20);
         assert_eq!(s.amqp.prefix, "agent");
-        assert_eq!(s.amqp.prefetch, 1000);
+        assert_eq!(s.amqp.prefetch, 2000);
         assert_eq!(s.amqp.command_queue_type, QueueType::Quorum);
         assert_eq!(s.sweeper.check_interval_secs, 30);
         assert_eq!(s.sweeper.connection_stale_after_secs, 120);
@@ -463,6 +505,21 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
         let from_file: Settings = Figment::from(Toml::file(path)).extract().unwrap();
         assert_eq!(from_file, Settings::default());
+    }
+
+    #[test]
+    fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
+        let mut s = Settings::default();
+        s.amqp.prefetch = 1000;
+        let e = s.validate_worker().unwrap_err().to_string();
+        assert!(e.contains("amqp.prefetch:") && e.contains("worker.heartbeat_pipeline"), "{e}");
+        let mut s = Settings::default();
+        s.database.pool_size = 17;
+        let e = s.validate_worker().unwrap_err().to_string();
+        assert!(e.contains("database.pool_size:") && e.contains("18"), "{e}");
+        assert!(!e.contains('\n'));
+        s.worker.command_lanes = 7;
+        s.validate_worker().unwrap();
     }
 
     #[test]
@@ -499,6 +556,16 @@ mod tests {
             assert!(e.contains("pool_siz"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn redaction_hides_the_password_of_every_broker_node() {
+        let mut s = Settings::default();
+        s.amqp.url = "amqp://u:one@a:5672/%2f, amqp://u:two@b:5672/%2f".into();
+        s.validate().unwrap();
+        let toml = s.to_redacted_toml();
+        assert!(!toml.contains("one") && !toml.contains("two"), "{toml}");
+        assert!(toml.contains("amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"), "{toml}");
     }
 
     #[test]

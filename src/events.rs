@@ -58,7 +58,7 @@ macro_rules! events {
 }
 
 events! {
-    /// A session was created.
+    /// `session.create` made a session.
     SessionCreated = "agent.session.created" {
         /// The session.
         session_id: String,
@@ -69,7 +69,7 @@ events! {
         /// Its name.
         name: String,
     }
-    /// A session had no agent activity for `session_inactive_after_secs`.
+    /// The sweeper marked the session inactive: no agent activity for `session_inactive_after_secs`.
     SessionInactive = "agent.session.inactive" {
         /// The session.
         session_id: String,
@@ -78,7 +78,7 @@ events! {
         /// Its last agent activity (database clock).
         last_activity_at: DateTime<Utc>,
     }
-    /// A session was ended; its connections were closed and its open instructions cancelled in the same change.
+    /// `session.close` ended it; its connections were closed and its open instructions cancelled in the same change.
     SessionClosed = "agent.session.closed" {
         /// The session.
         session_id: String,
@@ -89,7 +89,8 @@ events! {
         /// Instructions cancelled by this (each also has its `agent.instruction.cancelled`).
         cancelled_instructions: i64,
     }
-    /// A connection was opened, or a stale-closed one restored by a heartbeat.
+    /// `connection.open`, or a heartbeat for an unknown connection (`restored: false`; `connection_type` `amqp` until
+    /// its `connection.open` completes it, without another event) or for a stale-closed one (`restored: true`).
     ConnectionOpened = "agent.connection.opened" {
         /// The connection.
         connection_id: String,
@@ -102,7 +103,7 @@ events! {
         /// `true` when a heartbeat brought back a connection closed as stale.
         restored: bool,
     }
-    /// A connection was closed by a client or by its session's close.
+    /// `connection.close` (its `reason`), or `session.close` (`session_closed`).
     ConnectionClosed = "agent.connection.closed" {
         /// The connection.
         connection_id: String,
@@ -113,7 +114,7 @@ events! {
         /// `client_disconnect` or `session_closed`.
         reason: CloseReason,
     }
-    /// A connection had no heartbeat for `connection_stale_after_secs` and was closed.
+    /// The sweeper closed it as `stale_connection`: no heartbeat for `connection_stale_after_secs`.
     ConnectionStale = "agent.connection.stale" {
         /// The connection.
         connection_id: String,
@@ -124,7 +125,7 @@ events! {
         /// Its last heartbeat (database clock).
         last_heartbeat_at: DateTime<Utc>,
     }
-    /// An instruction was created.
+    /// `instruction.create` made it.
     InstructionCreated = "agent.instruction.created" {
         /// The instruction.
         instruction_id: Uuid,
@@ -147,7 +148,7 @@ events! {
         /// The creator's metadata, as given.
         instruction_metadata: Option<Value>,
     }
-    /// An open instruction was acknowledged.
+    /// An `instruction.ack` of an open (`pending` or `sent`) instruction.
     InstructionAcknowledged = "agent.instruction.acknowledged" {
         /// The instruction.
         instruction_id: Uuid,
@@ -160,7 +161,7 @@ events! {
         /// When (database clock).
         acknowledged_at: DateTime<Utc>,
     }
-    /// An instruction passed its deadline with retries left; it is pending again with a new deadline.
+    /// The sweeper gave it another try: past its deadline with retries left, it is `pending` again with a new deadline.
     InstructionRetry = "agent.instruction.retry" {
         /// The instruction.
         instruction_id: Uuid,
@@ -174,7 +175,7 @@ events! {
         payload: Value,
         /// Its priority.
         priority: Priority,
-        /// Tries so far after the first (this one included).
+        /// Tries so far after the first, this one included (the new count).
         retry_count: i32,
         /// Tries after the first.
         max_retries: i32,
@@ -183,7 +184,7 @@ events! {
         /// The deadline it passed.
         previous_expires_at: DateTime<Utc>,
     }
-    /// An instruction passed its deadline with no retries left (final).
+    /// The sweeper expired it: past its deadline with no retries left (final).
     InstructionExpired = "agent.instruction.expired" {
         /// The instruction.
         instruction_id: Uuid,
@@ -198,7 +199,7 @@ events! {
         /// Tries after the first.
         max_retries: i32,
     }
-    /// An open instruction was cancelled by its session's close.
+    /// `session.close` cancelled it while it was open.
     InstructionCancelled = "agent.instruction.cancelled" {
         /// The instruction.
         instruction_id: Uuid,
@@ -207,7 +208,7 @@ events! {
         /// Its agent.
         agent_id: String,
     }
-    /// The sweeper did not trust a mass-stale verdict this cycle.
+    /// The stale brake held: the sweeper did not trust a mass-stale verdict this cycle.
     SweeperHeld = "agent.sweeper.held" {
         /// `mass_stale` or `heartbeat_backlog`.
         reason: String,

@@ -87,6 +87,7 @@ impl AgentConnectionManager {
         if running.is_some() {
             return Ok(());
         }
+        self.settings.validate_worker()?;
         let shutdown = CancellationToken::new();
         retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
         let worker = Worker {

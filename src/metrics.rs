@@ -39,6 +39,8 @@ pub struct Metrics {
     pub sweeper_changes: Family<NameLabel, Counter>,
     /// Duration of each sweeper task.
     pub sweeper_seconds: Family<NameLabel, Histogram>,
+    /// Sweeper task runs that failed (the task is retried next cycle; the other tasks run).
+    pub sweeper_failures: Family<NameLabel, Counter>,
     /// Cycles in which the stale brake held.
     pub brake_holds: Counter,
     /// Events published and confirmed.
@@ -82,6 +84,7 @@ impl Metrics {
             db_transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             sweeper_changes: Family::default(),
             sweeper_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            sweeper_failures: Family::default(),
             brake_holds: Counter::default(),
             events_published: Counter::default(),
             publish_confirm_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -106,6 +109,7 @@ impl Metrics {
         );
         registry.register("sweeper_changes", "Rows changed by sweeper task", m.sweeper_changes.clone());
         registry.register("sweeper_task_seconds", "Duration of sweeper tasks", m.sweeper_seconds.clone());
+        registry.register("sweeper_task_failures", "Sweeper task runs that failed", m.sweeper_failures.clone());
         registry.register("sweeper_brake_holds", "Sweeper cycles held by the stale brake", m.brake_holds.clone());
         registry.register("events_published", "Events published and confirmed", m.events_published.clone());
         registry.register(

@@ -126,18 +126,55 @@ fn messages_table() -> String {
     t
 }
 
+/// A field's type in words: `string`, `uuid`, `date-time`, `integer`, `boolean`, `any`, one of the enum's values,
+/// `... or null`.
+fn type_words(prop: &Value, defs: &Value) -> String {
+    if let Some(r) = prop["$ref"].as_str() {
+        let def = &defs[r.trim_start_matches("#/$defs/")];
+        let values: Vec<String> = def["oneOf"]
+            .as_array()
+            .map(|o| o.iter().filter_map(|v| v["const"].as_str()).map(|v| format!("`{v}`")).collect())
+            .unwrap_or_default();
+        return format!("one of {}", values.join(", "));
+    }
+    let one = |t: &str| match (t, prop["format"].as_str()) {
+        ("string", Some("uuid")) => "uuid".to_string(),
+        ("string", Some("date-time")) => "date-time".to_string(),
+        ("integer", _) => "integer".to_string(),
+        (t, _) => t.to_string(),
+    };
+    match &prop["type"] {
+        Value::String(t) => one(t),
+        Value::Array(ts) => {
+            let words: Vec<String> = ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").map(one).collect();
+            let null = if ts.iter().any(|t| t == "null") { " or null" } else { "" };
+            format!("{}{null}", words.join(" or "))
+        }
+        _ if prop["anyOf"].is_array() => "any or null".to_string(),
+        _ => "any".to_string(),
+    }
+}
+
 fn events_table() -> String {
     let all = to_value::<Event>();
-    let mut t = String::from("| `event_type` = routing key | meaning | fields besides `event_id`, `occurred_at` | schema |\n|---|---|---|---|\n");
+    let mut t = String::from("| `event_type` = routing key | fields | when | schema |\n|---|---|---|---|\n");
     for ty in EVENT_TYPES {
         let branch = all["oneOf"]
             .as_array()
             .and_then(|b| b.iter().find(|b| b["properties"]["event_type"]["const"] == *ty))
             .cloned()
             .unwrap_or(Value::Null);
-        let meaning = branch["description"].as_str().unwrap_or_default().replace('\n', " ");
-        let fields = field_list(&branch, &["event_type"]);
-        t.push_str(&format!("| `{ty}` | {meaning} | {fields} | [schema](../schema/events/{ty}.json) |\n"));
+        let when = branch["description"].as_str().unwrap_or_default().replace('\n', " ");
+        let fields: Vec<String> = branch["properties"]
+            .as_object()
+            .map(|p| {
+                p.iter()
+                    .filter(|(k, _)| k.as_str() != "event_type")
+                    .map(|(k, v)| format!("`{k}` {}", type_words(v, &all["$defs"])))
+                    .collect()
+            })
+            .unwrap_or_default();
+        t.push_str(&format!("| `{ty}` | {} | {when} | [schema](../schema/events/{ty}.json) |\n", fields.join(", ")));
     }
     t
 }

@@ -62,9 +62,11 @@ impl Worker {
         let sweeper = Sweeper::new(self.pool.clone(), self.settings.clone(), probe.clone(), self.metrics.clone());
         let sweeper = tokio::spawn(sweeper.run(shutdown.clone()));
         let mut backoff = Backoff::default();
+        // The broker node (of `amqp.url`'s list) to try first: after a session ends, the next one.
+        let mut node = 0;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            match self.session(&probe, &wake, &shutdown).await {
+            match self.session(&probe, &wake, &shutdown, &mut node).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -72,6 +74,7 @@ impl Worker {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Backoff::default();
                     }
+                    node += 1;
                     tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "broker session ended; reconnecting");
                     if !backoff.wait(&shutdown).await {
                         break;
@@ -85,18 +88,25 @@ impl Worker {
         Ok(())
     }
 
-    async fn session(&self, probe: &BacklogProbe, wake: &Arc<Notify>, shutdown: &CancellationToken) -> Result<()> {
+    async fn session(
+        &self,
+        probe: &BacklogProbe,
+        wake: &Arc<Notify>,
+        shutdown: &CancellationToken,
+        node: &mut usize,
+    ) -> Result<()> {
         let s = &self.settings;
         let topology = Topology::new(&s.amqp.prefix);
-        let conn = amqp::connect(&s.amqp.url, "agent-connection-manager").await?;
+        let (conn, connected) = amqp::connect_from(&s.amqp.url, *node, "agent-connection-manager").await?;
+        *node = connected;
+        topology.declare(&conn, s).await?;
         let setup = conn.create_channel().await?;
-        topology.declare(&setup, &s.amqp).await?;
         let publisher = amqp::confirm_channel(&conn).await?;
         let relay_channel = amqp::confirm_channel(&conn).await?;
         let heartbeat_channel = conn.create_channel().await?;
         let command_channel = conn.create_channel().await?;
         probe.set(Some((setup, topology.clone()))).await;
-        tracing::info!(prefix = %s.amqp.prefix, "connected to the broker; topology declared");
+        tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
 
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),

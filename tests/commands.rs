@@ -339,12 +339,12 @@ async fn stats_are_one_snapshot_of_the_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redelivered_commands_have_one_effect() {
+async fn a_repeated_message_id_gets_the_first_reply_and_changes_nothing() {
     let app = TestApp::start().await;
     let body = json!({"type": "session.create", "agent_id": "a1"});
     let first = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
     let second = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
-    assert_eq!(first, second, "the redelivery gets the first reply");
+    assert_eq!(first, second, "the repeat gets the first reply");
     let sessions: i64 = app.scalar("SELECT count(*) FROM agent_session").await;
     assert_eq!(sessions, 1);
     let sid = first["result"]["session_id"].as_str().unwrap().to_string();
@@ -391,7 +391,7 @@ async fn inactive_sessions_accept_commands_and_wake_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn library_api_mirrors_the_seed() {
+async fn library_api_creates_and_closes_sessions_and_reads_stats() {
     let app = TestApp::start().await;
     let sid = app.manager.create_session("lib-agent", Some("acq"), Some("named"), None, None).await.unwrap();
     let name: String = app.scalar(&format!("SELECT name FROM agent_session WHERE session_id = '{sid}'")).await;

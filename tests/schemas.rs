@@ -42,3 +42,31 @@ fn every_message_and_event_type_has_a_schema() {
         assert!(generated.iter().any(|(p, _)| *p == format!("events/{ty}.json")), "{ty}");
     }
 }
+
+/// The message and event tables of `docs/protocol.md` are generated from the registries: the file holds each
+/// between its markers exactly as `schema::protocol_tables` makes it.
+#[test]
+fn protocol_tables_are_up_to_date() {
+    use agent_connection_manager::schema::{protocol_tables, table_begin, table_end};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md");
+    let mut doc = std::fs::read_to_string(&path).unwrap();
+    let update = std::env::var_os("ACM_UPDATE_SCHEMAS").is_some();
+    for (name, table) in protocol_tables() {
+        let (begin, end) = (table_begin(name), table_end(name));
+        let start = doc.find(&begin).unwrap_or_else(|| panic!("docs/protocol.md has no `{begin}`")) + begin.len();
+        let stop = start + doc[start..].find(&end).unwrap_or_else(|| panic!("docs/protocol.md has no `{end}`"));
+        let want = format!("\n{table}");
+        if update {
+            doc.replace_range(start..stop, &want);
+        } else {
+            assert_eq!(
+                doc[start..stop],
+                want,
+                "the {name} table of docs/protocol.md is out of date: run `ACM_UPDATE_SCHEMAS=1 cargo test --test schemas`"
+            );
+        }
+    }
+    if update {
+        std::fs::write(&path, doc).unwrap();
+    }
+}

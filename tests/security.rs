@@ -199,7 +199,7 @@ async fn the_documented_least_privilege_permissions_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_over_tls() {
+async fn postgres_connections_are_encrypted_and_unverifiable_certificates_are_refused() {
     let tls = |s: &mut Settings| {
         s.database.url.push_str("?sslmode=require");
         s.database.tls_accept_invalid_certs = true; // the machine's server uses a self-signed certificate

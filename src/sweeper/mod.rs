@@ -125,6 +125,8 @@ pub struct SweepReport {
     pub processed_messages_pruned: u64,
     /// Tasks skipped because another worker was running them.
     pub skipped_tasks: Vec<String>,
+    /// Tasks that failed this cycle, with the error (each is retried next cycle; the others ran).
+    pub failed_tasks: Vec<(String, String)>,
 }
 
 /// A batch statement of a task: its last two parameters are `param` and the batch size.
@@ -288,7 +290,15 @@ impl Sweeper {
         self.metrics.sweeper_changes.get_or_create(&label).inc_by(changed);
     }
 
-    /// Runs every task once.
+    /// A task failed: logged and counted; the cycle goes on with the next task.
+    fn failed(&self, report: &mut SweepReport, task: &str, e: crate::error::Error) {
+        tracing::error!(task, error = %e, "sweeper task failed; it runs again next cycle");
+        self.metrics.sweeper_failures.get_or_create(&NameLabel { name: task.into() }).inc();
+        report.failed_tasks.push((task.into(), e.to_string()));
+    }
+
+    /// Runs every task once. A task that fails is logged, counted and reported in
+    /// [`SweepReport::failed_tasks`]; the others run all the same.
     pub async fn run_once(&self) -> Result<SweepReport> {
         let s = &self.settings;
         let mut report = SweepReport::default();
@@ -298,47 +308,51 @@ impl Sweeper {
         let stale = match self.probe.depth().await {
             Backlog::Unavailable => {
                 tracing::warn!("broker unreachable: stale connections are not judged this cycle");
-                None
+                Ok(None)
             }
-            Backlog::Ignored => stale_connections::run_once(&self.pool, &cfg, None).await?,
-            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &cfg, Some(n)).await?,
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &cfg, None).await,
+            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &cfg, Some(n)).await,
         };
         match stale {
-            None => report.skipped_tasks.push(stale_connections::TASK.into()),
-            Some(r) => {
+            Ok(None) => report.skipped_tasks.push(stale_connections::TASK.into()),
+            Ok(Some(r)) => {
                 report.stale_connections = r.closed;
                 if r.held.is_some() {
                     self.metrics.brake_holds.inc();
                 }
                 report.held = r.held;
             }
+            Err(e) => self.failed(&mut report, stale_connections::TASK, e),
         }
         self.observe(stale_connections::TASK, t, report.stale_connections);
 
         let t = Instant::now();
-        match inactive_sessions::run_once(&self.pool, &inactive_sessions::Config::from(&s.sweeper)).await? {
-            None => report.skipped_tasks.push(inactive_sessions::TASK.into()),
-            Some(n) => report.inactive_sessions = n,
+        match inactive_sessions::run_once(&self.pool, &inactive_sessions::Config::from(&s.sweeper)).await {
+            Ok(None) => report.skipped_tasks.push(inactive_sessions::TASK.into()),
+            Ok(Some(n)) => report.inactive_sessions = n,
+            Err(e) => self.failed(&mut report, inactive_sessions::TASK, e),
         }
         self.observe(inactive_sessions::TASK, t, report.inactive_sessions);
 
         let t = Instant::now();
-        match instruction_expiry::run_once(&self.pool, &instruction_expiry::Config::from(&s.sweeper)).await? {
-            None => report.skipped_tasks.push(instruction_expiry::TASK.into()),
-            Some(r) => {
+        match instruction_expiry::run_once(&self.pool, &instruction_expiry::Config::from(&s.sweeper)).await {
+            Ok(None) => report.skipped_tasks.push(instruction_expiry::TASK.into()),
+            Ok(Some(r)) => {
                 report.instructions_retried = r.retried;
                 report.instructions_expired = r.expired;
             }
+            Err(e) => self.failed(&mut report, instruction_expiry::TASK, e),
         }
         self.observe(instruction_expiry::TASK, t, report.instructions_retried + report.instructions_expired);
 
         let t = Instant::now();
-        match retention::run_once(&self.pool, &retention::Config::from(&**s)).await? {
-            None => report.skipped_tasks.push(retention::TASK.into()),
-            Some(r) => {
+        match retention::run_once(&self.pool, &retention::Config::from(&**s)).await {
+            Ok(None) => report.skipped_tasks.push(retention::TASK.into()),
+            Ok(Some(r)) => {
                 report.events_pruned = r.events;
                 report.processed_messages_pruned = r.processed_messages;
             }
+            Err(e) => self.failed(&mut report, retention::TASK, e),
         }
         self.observe(retention::TASK, t, report.events_pruned + report.processed_messages_pruned);
         Ok(report)

@@ -34,7 +34,7 @@ pub fn test_settings() -> Settings {
     let suffix = random_suffix();
     let mut s = Settings::default();
     s.database.url = format!("{}/acm_test_{suffix}", pg_base());
-    s.database.pool_size = 8;
+    s.database.pool_size = s.worker_connections();
     s.amqp.url = amqp_url();
     s.amqp.prefix = format!("acm-test-{suffix}");
     s.http.listen = String::new();
@@ -125,8 +125,8 @@ impl TestApp {
         db::migrate(&settings.database).await.expect("migrations apply");
         let manager = Arc::new(AgentConnectionManager::new(settings.clone()).expect("manager"));
         let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.expect("client connects");
-        let (conn, setup) = amqp_channel(&settings).await;
-        Topology::new(&settings.amqp.prefix).declare(&setup, &settings.amqp).await.expect("topology declares");
+        let (conn, _) = amqp_channel(&settings).await;
+        Topology::new(&settings.amqp.prefix).declare(&conn, &settings).await.expect("topology declares");
         let _ = conn.close(200, "done".into()).await;
         let events = client.subscribe("#").await.expect("subscribe to events");
         let db = db::connect(&settings.database, None).await.expect("database connects");
@@ -197,17 +197,37 @@ impl TestApp {
         out
     }
 
-    /// Events published so far, waiting until the outbox is empty (all relayed) and `quiet` passed with no event.
-    pub async fn drain_events(&mut self, quiet: Duration) -> Vec<Value> {
+    /// Every event published so far, and nothing published later: waits until the outbox has no unpublished row
+    /// (each event confirmed by the broker, so already in this test's queue), then publishes a marker straight to
+    /// the event exchange and reads until the marker arrives. The queue keeps order, so every event published before
+    /// the marker (a late duplicate included) is read before it.
+    pub async fn drain_events(&mut self) -> Vec<Value> {
+        eventually("every outbox row published", Duration::from_secs(60), || async {
+            (self.unpublished().await == 0).then_some(())
+        })
+        .await;
+        let marker = uuid::Uuid::new_v4().to_string();
+        let (conn, _) = amqp_channel(&self.settings).await;
+        let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.expect("a confirm channel");
+        agent_connection_manager::amqp::publish_confirmed(
+            &ch,
+            &self.topology().event_exchange,
+            "acm.test.marker",
+            json!({"event_type": "acm.test.marker", "marker": marker}).to_string().as_bytes(),
+            agent_connection_manager::amqp::json_properties(),
+        )
+        .await
+        .expect("the marker is published");
+        let _ = conn.close(200, "done".into()).await;
         let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.events.next_raw(quiet).await {
-                Some((_, v)) => out.push(v),
-                None => {
-                    if self.unpublished().await == 0 {
-                        return out;
-                    }
+            assert!(Instant::now() < deadline, "the marker did not arrive within 60s ({} events before it)", out.len());
+            if let Some((_, v)) = self.events.next_raw(Duration::from_millis(500)).await {
+                if v["marker"] == marker.as_str() {
+                    return out;
                 }
+                out.push(v);
             }
         }
     }

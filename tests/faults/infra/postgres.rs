@@ -1,0 +1,146 @@
+//! A private PostgreSQL cluster (`initdb` + `pg_ctl`) on a free port, stopped on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{free_port, is_root, tail};
+
+/// A private PostgreSQL 15 cluster with trust authentication on a free port.
+pub struct PgCluster {
+    data: PathBuf,
+    log: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+/// The PostgreSQL server programs: `$ACM_FAULTS_PG_BIN`, else `/usr/lib/postgresql/15/bin`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` that has `initdb`.
+fn pg_bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("ACM_FAULTS_PG_BIN") {
+        return Path::new(&dir).join(name);
+    }
+    let preferred = Path::new("/usr/lib/postgresql/15/bin");
+    if preferred.join("initdb").exists() {
+        return preferred.join(name);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin.join(name)).unwrap_or_else(|| preferred.join(name))
+}
+
+/// Runs a PostgreSQL program as the `postgres` OS user when we are root (PostgreSQL refuses to run as root).
+fn pg_command(program: &str, dir: &Path) -> Command {
+    let mut c = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(program));
+        c
+    } else {
+        Command::new(pg_bin(program))
+    };
+    c.current_dir(dir).stdin(Stdio::null());
+    c
+}
+
+impl PgCluster {
+    /// `initdb` a new cluster under `base` and start it.
+    pub fn start_new(base: &Path) -> Self {
+        let root = base.join("pg");
+        fs::create_dir_all(&root).expect("pg dir");
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status();
+            assert!(ok.is_ok_and(|s| s.success()), "chown {} to postgres", root.display());
+        }
+        let data = root.join("data");
+        let out = pg_command("initdb", &root)
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Self { data, log: root.join("postgres.log"), socket_dir: root, port: free_port(), running: false };
+        pg.start();
+        pg
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/<db>`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Starts the cluster and waits until it accepts connections.
+    pub fn start(&mut self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off \
+             -c full_page_writes=off -c shared_buffers=256MB",
+            self.port,
+            self.socket_dir.display()
+        );
+        let out = pg_command("pg_ctl", &self.socket_dir)
+            .arg("start")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "-o", &opts])
+            .output()
+            .expect("pg_ctl start runs");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log, 20)
+        );
+        self.running = true;
+    }
+
+    /// Stops the cluster (`pg_ctl stop -m fast`: clients are disconnected, nothing committed is lost).
+    pub fn stop(&mut self) {
+        self.stop_mode("fast");
+    }
+
+    fn stop_mode(&mut self, mode: &str) {
+        let out = pg_command("pg_ctl", &self.socket_dir)
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "-t", "60"])
+            .output()
+            .expect("pg_ctl stop runs");
+        assert!(
+            out.status.success() || !self.running,
+            "pg_ctl stop failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = pg_command("pg_ctl", &self.socket_dir)
+                .arg("stop")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "-t", "30"])
+                .output();
+            self.running = false;
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The lab of one scenario (its own PostgreSQL, RabbitMQ and workers) and database probes.
+
+use std::time::{Duration, Instant};
+
+use agent_connection_manager::amqp::Topology;
+use agent_connection_manager::config::Settings;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use tokio_postgres::NoTls;
+
+use crate::infra::{PgCluster, RabbitNode, TempDir, WorkerEnv, WorkerProc};
+use crate::{events_queue, PREFIX};
+
+/// A private PostgreSQL, a private RabbitMQ and the workers of one scenario. Fields drop in declaration order:
+/// workers, broker, database, files.
+pub struct Lab {
+    pub workers: Vec<WorkerProc>,
+    pub rabbit: RabbitNode,
+    pub pg: PgCluster,
+    pub env: WorkerEnv,
+    pub peak_kb: u64,
+    spawned: usize,
+    _dir: TempDir,
+}
+
+impl Lab {
+    /// Starts PostgreSQL and RabbitMQ, migrates, declares the topology and the event capture queue.
+    pub async fn new(name: &str, extra: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new(name);
+        let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
+        let rabbit = tokio::task::block_in_place(|| RabbitNode::start_new(dir.path()));
+        let mut all_extra: Vec<(String, String)> = vec![
+            ("ACM_SWEEPER__CHECK_INTERVAL_SECS".into(), "1".into()),
+            // Heartbeats stop when the workload ends; the test must not race the stale verdict.
+            ("ACM_SWEEPER__CONNECTION_STALE_AFTER_SECS".into(), "3600".into()),
+            ("ACM_OUTBOX__POLL_INTERVAL_MS".into(), "200".into()),
+        ];
+        all_extra.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = WorkerEnv {
+            database_url: pg.url("acm_faults"),
+            amqp_url: rabbit.url(),
+            prefix: PREFIX.into(),
+            extra: all_extra,
+            log_dir: dir.path().to_path_buf(),
+        };
+        tokio::task::block_in_place(|| env.migrate());
+        let lab = Self { workers: Vec::new(), rabbit, pg, env, peak_kb: 0, spawned: 0, _dir: dir };
+        let (conn, ch) = lab.amqp().await;
+        Topology::new(PREFIX).declare(&conn, &Settings::default()).await.expect("topology declares");
+        let q = events_queue();
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("event capture queue");
+        ch.queue_bind(
+            q.as_str().into(),
+            Topology::new(PREFIX).event_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind event capture queue");
+        let _ = conn.close(200, "done".into()).await;
+        lab
+    }
+
+    pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
+        let conn =
+            agent_connection_manager::amqp::connect(&self.env.amqp_url, "acm faults test").await.expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        (conn, ch)
+    }
+
+    pub fn db_url(&self) -> String {
+        self.env.database_url.clone()
+    }
+
+    /// Starts one more worker and waits until it is ready.
+    pub async fn spawn_worker(&mut self) -> usize {
+        self.spawned += 1;
+        let mut w = self.env.spawn(&format!("worker-{}", self.spawned));
+        w.wait_ready(Duration::from_secs(90)).await;
+        self.workers.push(w);
+        self.workers.len() - 1
+    }
+
+    /// SIGKILL worker `i` and start a new one in its place (ready before this returns).
+    pub async fn kill_and_restart(&mut self, i: usize) {
+        let peak = self.workers[i].sigkill();
+        self.peak_kb = self.peak_kb.max(peak);
+        self.spawned += 1;
+        let mut w = self.env.spawn(&format!("worker-{}", self.spawned));
+        w.wait_ready(Duration::from_secs(90)).await;
+        self.workers[i] = w;
+    }
+
+    /// SIGTERM every worker (each must exit cleanly) and remember their peak memory.
+    pub async fn stop_workers(&mut self) {
+        for w in &mut self.workers {
+            let peak = w.sigterm(Duration::from_secs(60)).await;
+            self.peak_kb = self.peak_kb.max(peak);
+        }
+        self.workers.clear();
+    }
+
+    /// Messages ready in a queue (`None` while the broker cannot be asked).
+    pub async fn depth(&self, queue: &str) -> Option<u32> {
+        let conn = agent_connection_manager::amqp::connect(&self.env.amqp_url, "acm faults probe").await.ok()?;
+        let q = conn
+            .create_channel()
+            .await
+            .ok()?
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .ok();
+        let _ = conn.close(200, "done".into()).await;
+        q.map(|q| q.message_count())
+    }
+}
+
+// Database probes (a fresh connection each time, so they work across a PostgreSQL restart).
+
+pub async fn db(url: &str) -> Option<tokio_postgres::Client> {
+    let (client, conn) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls)).await.ok()?.ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
+pub async fn query_i64(url: &str, sql: &str) -> Option<i64> {
+    let client = db(url).await?;
+    client.query_one(sql, &[]).await.ok().map(|r| r.get(0))
+}
+
+/// Waits (bounded) until `sql` counts `want`; fails the test otherwise.
+pub async fn wait_count(url: &str, sql: &str, want: usize, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = query_i64(url, sql).await;
+        if n == Some(want as i64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}: want {want}, last count {n:?} ({sql})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
