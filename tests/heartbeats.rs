@@ -468,3 +468,14 @@ async fn one_refused_heartbeat_among_a_queued_batch_costs_one_dead_letter() {
     assert_eq!(dead.message_count(), 0, "only the refused heartbeat was dead-lettered");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_named_by_two_agents_in_one_batch_is_the_first_ones_and_the_other_is_rejected() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let mine = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    let theirs = app.manager.create_session("a2", None, None, None, None).await.unwrap();
+    let report = apply_batch(app.manager.pool(), &[hb("a1", &mine, "dup"), hb("a2", &theirs, "dup")]).await.unwrap();
+    assert_eq!((report.received, report.opened, report.applied, report.rejected), (2, 1, 1, 1), "{report:?}");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_connection").await, 1);
+    app.cleanup().await;
+}

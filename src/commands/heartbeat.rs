@@ -281,13 +281,37 @@ async fn sessions_slow_path<'a>(
     Ok(verdicts)
 }
 
+/// One heartbeat's connection, agent, session and `client_info`, as the slow path sees it.
+type Entry<'a> = (&'a str, &'a str, &'a str, Option<&'a Value>);
+
 /// Connections the fast path did not refresh, of valid sessions: locks them in id order, then opens unknown
 /// ones, restores stale-closed ones (with their events) and rejects foreign or otherwise closed ones.
-async fn connections_slow_path(
+///
+/// A connection that another transaction inserts meanwhile (a pipelined batch, another worker, another heartbeat of
+/// this batch naming the same id for another agent) is not visible to the first pass, and its `INSERT` skips it after
+/// waiting for that transaction; a second pass then sees the row and decides as for any existing connection.
+async fn connections_slow_path(tx: &Transaction<'_>, valid: &[Entry<'_>], report: &mut BatchReport) -> Result<()> {
+    let mut events = Vec::new();
+    let missed = connections_slow_pass(tx, valid, report, &mut events).await?;
+    if !missed.is_empty() {
+        let vanished = connections_slow_pass(tx, &missed, report, &mut events).await?;
+        report.rejected += vanished.len();
+    }
+    if !events.is_empty() {
+        let now = db::now(tx).await?;
+        write_outbox(tx, now, events).await?;
+    }
+    Ok(())
+}
+
+/// One pass of [`connections_slow_path`]; returns the heartbeats of connections it found unknown but could not
+/// insert (another transaction had).
+async fn connections_slow_pass<'a>(
     tx: &Transaction<'_>,
-    valid: &[(&str, &str, &str, Option<&Value>)],
+    valid: &[Entry<'a>],
     report: &mut BatchReport,
-) -> Result<()> {
+    events: &mut Vec<EventBody>,
+) -> Result<Vec<Entry<'a>>> {
     let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
     let existing: HashMap<String, (String, String, ConnectionStatus, Option<CloseReason>, String)> = tx
         .query(
@@ -301,7 +325,7 @@ async fn connections_slow_path(
         .collect();
     let (mut upd_ids, mut upd_infos) = (Vec::new(), Vec::new());
     let (mut new_ids, mut new_sids, mut new_aids, mut new_infos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut events = Vec::new();
+    let mut missed = Vec::new();
     for &(cid, aid, sid, info) in valid {
         match existing.get(cid) {
             None => {
@@ -370,23 +394,25 @@ async fn connections_slow_path(
                 &[&new_ids, &new_sids, &new_aids, &new_infos],
             )
             .await?;
-        report.opened = inserted.len();
+        report.opened += inserted.len();
         report.applied += inserted.len();
+        let mut opened = HashSet::new();
         for r in inserted {
-            let connection_id: String = r.get(0);
+            let (connection_id, session_id, agent_id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             tracing::info!(connection_id = %connection_id, "connection opened by heartbeat");
+            opened.insert((connection_id.clone(), session_id.clone(), agent_id.clone()));
             events.push(EventBody::ConnectionOpened {
                 connection_id,
-                session_id: r.get(1),
-                agent_id: r.get(2),
+                session_id,
+                agent_id,
                 connection_type: "amqp".into(),
                 restored: false,
             });
         }
+        let tried: HashSet<&str> = new_ids.iter().copied().collect();
+        missed.extend(valid.iter().copied().filter(|&(cid, aid, sid, _)| {
+            tried.contains(cid) && !opened.contains(&(cid.to_string(), sid.to_string(), aid.to_string()))
+        }));
     }
-    if !events.is_empty() {
-        let now = db::now(tx).await?;
-        write_outbox(tx, now, events).await?;
-    }
-    Ok(())
+    Ok(missed)
 }
