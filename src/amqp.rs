@@ -1,6 +1,8 @@
 //! RabbitMQ: connecting, the topology (exchanges, queues and bindings, derived from the message registry), and
 //! confirmed publishing.
 
+use std::time::Duration;
+
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -31,6 +33,8 @@ pub fn binding_keys(queue: Queue) -> Vec<String> {
     }
     keys
 }
+/// Longest wait for the broker's answer to a query (the heartbeat backlog) or to closing a connection.
+pub const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How to give an existing heartbeat queue the current arguments (logged when they differ).
 pub const HEARTBEAT_QUEUE_UPGRADE: &str = "to upgrade it, stop the workers, delete the queue \
      (`rabbitmqctl delete_queue <prefix>.heartbeats`; the heartbeats in it are lost, which is harmless) and start \
@@ -188,15 +192,17 @@ impl Topology {
         Ok(())
     }
 
-    /// Messages ready in the heartbeat queue (how far behind the worker is).
+    /// Messages ready in the heartbeat queue (how far behind the worker is). Answers within
+    /// [`BROKER_QUERY_TIMEOUT`] or fails: while the broker blocks the connection nothing can be asked.
     pub async fn heartbeat_backlog(&self, ch: &Channel) -> Result<u64> {
-        let q = ch
-            .queue_declare(
-                self.heartbeat_queue.as_str().into(),
-                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await?;
+        let declare = ch.queue_declare(
+            self.heartbeat_queue.as_str().into(),
+            QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+            FieldTable::default(),
+        );
+        let q = tokio::time::timeout(BROKER_QUERY_TIMEOUT, declare).await.map_err(|_| {
+            Error::Timeout(format!("no answer within {BROKER_QUERY_TIMEOUT:?} for the heartbeat backlog"))
+        })??;
         Ok(u64::from(q.message_count()))
     }
 }
@@ -243,18 +249,24 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel> {
     Ok(ch)
 }
 
-/// Publishes and waits for the broker's confirm; a nack is an error.
+/// Publishes and waits for the broker's confirm, for at most `timeout` in all (handing the message to the channel
+/// included: while the broker blocks publishers nothing can be written). A nack is an error, and so is no confirm
+/// in time ([`Error::Timeout`]): either way the message counts as not published, and the caller retries (a later
+/// confirm may still make it a duplicate, which receivers tolerate by `message_id`).
 pub async fn publish_confirmed(
     ch: &Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
+    timeout: Duration,
 ) -> Result<()> {
-    let confirm = ch
-        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
-        .await?
-        .await?;
+    let publish = async {
+        ch.basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props).await?.await
+    };
+    let confirm = tokio::time::timeout(timeout, publish).await.map_err(|_| {
+        Error::Timeout(format!("no confirm within {timeout:?} for a publish to {exchange}/{routing_key}"))
+    })??;
     if confirm.is_nack() {
         return Err(Error::Nack(format!("{exchange}/{routing_key}")));
     }

@@ -115,7 +115,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, settings)) {
+    let outcome = runtime.block_on(dispatch(cli.command, settings));
+    // Tasks abandoned at the end of the shutdown grace (a connection the broker blocks) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agent-connection-manager: {e}{}", hint(&e));

@@ -29,6 +29,7 @@ pub struct Client {
     pending: Pending,
     dispatcher: JoinHandle<()>,
     user_id: Option<String>,
+    confirm_timeout: std::time::Duration,
 }
 
 /// An error reply of the worker.
@@ -89,13 +90,29 @@ impl Client {
                 }
             }
         });
-        Ok(Self { conn, channel, topology: Topology::new(prefix), reply_queue, pending, dispatcher, user_id: None })
+        Ok(Self {
+            conn,
+            channel,
+            topology: Topology::new(prefix),
+            reply_queue,
+            pending,
+            dispatcher,
+            user_id: None,
+            confirm_timeout: crate::config::Settings::default().confirm_timeout(),
+        })
     }
 
     /// Sets the AMQP `user_id` on every message from now on (the broker checks it is the connection's user; the
     /// worker, with `security.require_user_id`, that it is the message's `agent_id`).
     pub fn with_user_id(mut self, user_id: &str) -> Self {
         self.user_id = Some(user_id.to_string());
+        self
+    }
+
+    /// How long a publish may wait for the broker's confirm (default `amqp.confirm_timeout_secs`'s default);
+    /// then it fails with a timeout and counts as not published.
+    pub fn with_confirm_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.confirm_timeout = timeout;
         self
     }
 
@@ -109,7 +126,8 @@ impl Client {
         if let Some(u) = &self.user_id {
             props = props.with_user_id(ShortString::from(u.clone()));
         }
-        publish_confirmed(&self.channel, &self.topology.command_exchange, routing_key, body, props).await
+        let exchange = &self.topology.command_exchange;
+        publish_confirmed(&self.channel, exchange, routing_key, body, props, self.confirm_timeout).await
     }
 
     /// Publishes a message without waiting for a reply; the routing key is its `type`.

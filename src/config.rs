@@ -61,6 +61,13 @@ pub struct DatabaseSettings {
     pub tls_ca_file: String,
     /// With `sslmode=require`, encrypt without verifying the server certificate (self-signed development servers).
     pub tls_accept_invalid_certs: bool,
+    /// Longest a statement may run (PostgreSQL `statement_timeout` of every pooled session).
+    pub statement_timeout_secs: u64,
+    /// Longest a statement may wait for a lock (`lock_timeout`).
+    pub lock_timeout_secs: u64,
+    /// Longest a session may sit idle inside a transaction before the server ends it
+    /// (`idle_in_transaction_session_timeout`).
+    pub idle_in_transaction_timeout_secs: u64,
 }
 
 /// `amqp.*`
@@ -79,6 +86,9 @@ pub struct AmqpSettings {
     pub max_message_bytes: usize,
     /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
     pub command_delivery_limit: u32,
+    /// Longest wait for the broker's confirm of a publish (reply, dead letter, relay batch); then it counts as not
+    /// published.
+    pub confirm_timeout_secs: u64,
 }
 
 /// The type of a queue.
@@ -131,7 +141,7 @@ pub struct InstructionSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxSettings {
-    /// Events published per relay transaction.
+    /// Events claimed, published and marked per relay batch.
     pub batch_size: i64,
     /// Relay batches in flight at once: the next is claimed and published while the broker confirms the previous.
     pub pipeline: usize,
@@ -139,6 +149,9 @@ pub struct OutboxSettings {
     pub poll_interval_ms: u64,
     /// Published events (and processed-message records) are deleted after this long.
     pub retention_secs: u64,
+    /// How long a relay's claim on a batch lasts; after it another relay may publish the batch. Must exceed
+    /// `amqp.confirm_timeout_secs`.
+    pub lease_secs: u64,
 }
 
 /// `worker.*`
@@ -151,6 +164,9 @@ pub struct WorkerSettings {
     pub heartbeat_pipeline: usize,
     /// Commands applied concurrently (commands on one connection, instruction or session keep their order).
     pub command_lanes: usize,
+    /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
+    /// broker redelivers it) and the process exits.
+    pub shutdown_grace_secs: u64,
 }
 
 /// `http.*`
@@ -195,6 +211,9 @@ impl Default for DatabaseSettings {
             checkout_timeout_secs: 5,
             tls_ca_file: String::new(),
             tls_accept_invalid_certs: false,
+            statement_timeout_secs: 30,
+            lock_timeout_secs: 10,
+            idle_in_transaction_timeout_secs: 60,
         }
     }
 }
@@ -208,6 +227,7 @@ impl Default for AmqpSettings {
             command_queue_type: QueueType::Quorum,
             max_message_bytes: 1_048_576,
             command_delivery_limit: 20,
+            confirm_timeout_secs: 10,
         }
     }
 }
@@ -244,13 +264,14 @@ impl Default for OutboxSettings {
             pipeline: 4,
             poll_interval_ms: 1000,
             retention_secs: crate::sweeper::retention::RETENTION_DEFAULT.as_secs(),
+            lease_secs: 30,
         }
     }
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { heartbeat_batch_size: 1000, heartbeat_pipeline: 2, command_lanes: 8 }
+        Self { heartbeat_batch_size: 1000, heartbeat_pipeline: 2, command_lanes: 8, shutdown_grace_secs: 20 }
     }
 }
 
@@ -335,6 +356,12 @@ impl Settings {
             ("sweeper.instruction_retry_window_secs", s.instruction_retry_window_secs),
             ("instructions.default_ttl_secs", self.instructions.default_ttl_secs),
             ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
+            ("database.statement_timeout_secs", self.database.statement_timeout_secs),
+            ("database.lock_timeout_secs", self.database.lock_timeout_secs),
+            ("database.idle_in_transaction_timeout_secs", self.database.idle_in_transaction_timeout_secs),
+            ("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs),
+            ("outbox.lease_secs", self.outbox.lease_secs),
+            ("worker.shutdown_grace_secs", self.worker.shutdown_grace_secs),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1");
@@ -363,6 +390,9 @@ impl Settings {
         }
         if self.worker.command_lanes == 0 {
             return bad("worker.command_lanes", "must be at least 1");
+        }
+        if self.outbox.lease_secs <= self.amqp.confirm_timeout_secs {
+            return bad("outbox.lease_secs", "must be greater than amqp.confirm_timeout_secs");
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");
@@ -411,6 +441,16 @@ impl Settings {
         copy.amqp.url =
             crate::amqp::broker_urls(&copy.amqp.url).into_iter().map(redact_url).collect::<Vec<_>>().join(",");
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// `amqp.confirm_timeout_secs` as a duration.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.amqp.confirm_timeout_secs)
+    }
+
+    /// `worker.shutdown_grace_secs` as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.worker.shutdown_grace_secs)
     }
 
     /// `sweeper.check_interval_secs` as a duration.
@@ -498,6 +538,29 @@ mod tests {
         assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
         assert_eq!(s.http.listen, "127.0.0.1:9090");
         assert_eq!(s.amqp.max_message_bytes, 1_048_576);
+        assert_eq!(s.amqp.confirm_timeout_secs, 10);
+        assert_eq!(s.outbox.lease_secs, 30);
+        assert_eq!(s.database.statement_timeout_secs, 30);
+        assert_eq!(s.database.lock_timeout_secs, 10);
+        assert_eq!(s.database.idle_in_transaction_timeout_secs, 60);
+        assert_eq!(s.worker.shutdown_grace_secs, 20);
+    }
+
+    #[test]
+    fn every_wait_is_bounded() {
+        for (section, key) in [
+            ("amqp", "confirm_timeout_secs"),
+            ("database", "statement_timeout_secs"),
+            ("database", "lock_timeout_secs"),
+            ("database", "idle_in_transaction_timeout_secs"),
+            ("worker", "shutdown_grace_secs"),
+        ] {
+            let e = from_toml(&format!("[{section}]\n{key} = 0")).unwrap_err().to_string();
+            assert!(e.contains(&format!("{section}.{key}")), "{e}");
+        }
+        let e = from_toml("[outbox]\nlease_secs = 10").unwrap_err().to_string();
+        assert!(e.contains("outbox.lease_secs") && e.contains("amqp.confirm_timeout_secs"), "{e}");
+        from_toml("[outbox]\nlease_secs = 11").unwrap();
     }
 
     #[test]

@@ -22,6 +22,74 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()).into())
 }
 
+/// Idle time before TCP keepalive probes start on a database connection (then every [`KEEPALIVE_INTERVAL`], 3
+/// probes), unless `database.url` sets `keepalives_idle` itself: a server that vanished without a word is noticed
+/// within about a minute instead of the operating system's two hours.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Interval between TCP keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which server-side limits a session gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` (pooled sessions, the outbox
+    /// listener).
+    All,
+    /// Only `idle_in_transaction_session_timeout`: migrations may run long statements and wait on the migration
+    /// lock while another process migrates.
+    IdleInTransactionOnly,
+}
+
+/// The session settings of `limits`, as `(name, value)`.
+pub fn session_limits(settings: &DatabaseSettings, limits: Limits) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if limits == Limits::All {
+        out.push(("statement_timeout", format!("{}s", settings.statement_timeout_secs)));
+        out.push(("lock_timeout", format!("{}s", settings.lock_timeout_secs)));
+    }
+    out.push(("idle_in_transaction_session_timeout", format!("{}s", settings.idle_in_transaction_timeout_secs)));
+    out
+}
+
+/// The connection configuration of `database.url` with the bounds every wait needs: the session `limits` as
+/// startup options (`-c name=value`; a setting the URL's own `options` already names is left as the URL says), TCP
+/// keepalives, and a connect timeout of `database.checkout_timeout_secs` (unless the URL sets `connect_timeout`).
+pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tokio_postgres::Config> {
+    let mut config = pg_config(&settings.url)?;
+    let mut options = config.get_options().unwrap_or_default().to_string();
+    // A setting the options name already (`-c name=v`, `-cname=v` or `--name=v`).
+    let named = |options: &str, name: &str| {
+        options.split_whitespace().any(|t| {
+            let t = t.strip_prefix("--").or_else(|| t.strip_prefix("-c")).unwrap_or(t);
+            t.strip_prefix(name).is_some_and(|rest| rest.starts_with('='))
+        })
+    };
+    for (name, value) in session_limits(settings, limits) {
+        if !named(&options, name) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={value}"));
+        }
+    }
+    config.options(options);
+    config.keepalives(true);
+    // tokio-postgres's own default is two hours: anything else came from the URL.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(settings.checkout_timeout_secs));
+    }
+    Ok(config)
+}
+
 /// The TLS connector for `sslmode=require` (`None` otherwise: the connection is plain).
 ///
 /// The server certificate is verified against the system roots plus `database.tls_ca_file`, unless
@@ -43,9 +111,11 @@ pub fn tls(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Resu
 }
 
 /// Builds the pool. No connection is made until the first checkout; every checkout, connect and recycle is bounded
-/// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out.
+/// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out. Every
+/// session runs with `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` and TCP
+/// keepalives ([`session_config`]), so no statement, lock wait or forgotten transaction lasts without bound.
 pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
-    let pg = pg_config(&settings.url)?;
+    let pg = session_config(settings, Limits::All)?;
     let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = match tls(settings, &pg)? {
         Some(tls) => Manager::from_config(pg, tls, mc),
@@ -63,9 +133,14 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
 }
 
 /// Opens one connection outside the pool (to `dbname` instead of the configured database when given), driving it
-/// on a task of its own.
+/// on a task of its own; with every limit of the pool ([`Limits::All`]).
 pub async fn connect(settings: &DatabaseSettings, dbname: Option<&str>) -> Result<Client> {
-    let mut config = pg_config(&settings.url)?;
+    connect_with(settings, dbname, Limits::All).await
+}
+
+/// [`connect`] with the session limits of `limits`.
+pub async fn connect_with(settings: &DatabaseSettings, dbname: Option<&str>, limits: Limits) -> Result<Client> {
+    let mut config = session_config(settings, limits)?;
     if let Some(name) = dbname {
         config.dbname(name);
     }
@@ -123,7 +198,7 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<()> {
 /// once and both succeed.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
     ensure_database(settings).await?;
-    let mut client = connect(settings, None).await?;
+    let mut client = connect_with(settings, None, Limits::IdleInTransactionOnly).await?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
@@ -139,4 +214,34 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
 pub async fn now(client: &impl deadpool_postgres::GenericClient) -> Result<DateTime<Utc>> {
     let row = client.query_one("SELECT now()", &[]).await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_go_into_the_startup_options_unless_the_url_sets_them() {
+        let mut s = DatabaseSettings::default();
+        let c = session_config(&s, Limits::All).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c statement_timeout=30s -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s")
+        );
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        s.url =
+            "postgres://u@h/db?options=-c%20deadlock_timeout%3D2s%20-c%20lock_timeout%3D3s&connect_timeout=7".into();
+        let c = session_config(&s, Limits::IdleInTransactionOnly).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c deadlock_timeout=2s -c lock_timeout=3s -c idle_in_transaction_session_timeout=60s")
+        );
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(7)));
+        let c = session_config(&s, Limits::All).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some("-c deadlock_timeout=2s -c lock_timeout=3s -c statement_timeout=30s -c idle_in_transaction_session_timeout=60s")
+        );
+    }
 }

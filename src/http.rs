@@ -1,5 +1,5 @@
-//! HTTP for operators: `/healthz` (alive), `/readyz` (broker connected, database reachable, consumers running)
-//! and `/metrics` (Prometheus text format).
+//! HTTP for operators: `/healthz` (alive), `/readyz` (broker connected and not blocking publishers, database
+//! reachable, consumers running) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -39,20 +39,25 @@ async fn database_ok(m: &AgentConnectionManager) -> bool {
 async fn readyz(State(m): State<Shared>) -> impl IntoResponse {
     let broker = m.health().broker_connected.load(Ordering::Relaxed);
     let consumers = m.health().consumers_running.load(Ordering::Relaxed);
+    let blocked = m.health().blocked();
     let database = database_ok(&m).await;
-    let body = json!({ "broker": broker, "database": database, "consumers": consumers });
-    if broker && database && consumers {
+    let body = json!({ "broker": broker, "database": database, "consumers": consumers,
+                       "broker_blocked": blocked.is_some() });
+    if broker && database && consumers && blocked.is_none() {
         (StatusCode::OK, Json(json!({ "status": "ready", "checks": body })))
     } else {
         let mut reasons = Vec::new();
         if !broker {
-            reasons.push("broker not connected");
+            reasons.push("broker not connected".to_string());
+        }
+        if let Some(why) = blocked {
+            reasons.push(format!("broker blocks publishers ({why})"));
         }
         if !database {
-            reasons.push("database unreachable");
+            reasons.push("database unreachable".to_string());
         }
         if !consumers {
-            reasons.push("consumers not running");
+            reasons.push("consumers not running".to_string());
         }
         (
             StatusCode::SERVICE_UNAVAILABLE,

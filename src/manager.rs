@@ -102,13 +102,28 @@ impl AgentConnectionManager {
         Ok(())
     }
 
-    /// Stops the worker gracefully: consumers finish and acknowledge what they hold, the relay flushes.
+    /// Stops the worker gracefully: consumers stop taking deliveries, finish and acknowledge what they hold, the
+    /// relay flushes — for at most `worker.shutdown_grace_secs`. What is unfinished then is abandoned: its deliveries
+    /// stay unacknowledged (the broker redelivers them when the connection goes) and its events stay in the outbox.
     pub async fn stop(&self) -> Result<()> {
-        let Some(Running { shutdown, task }) = self.running.lock().await.take() else {
+        let Some(Running { shutdown, mut task }) = self.running.lock().await.take() else {
             return Ok(());
         };
         shutdown.cancel();
-        let result = task.await.unwrap_or_else(|e| Err(Error::Disconnected(format!("worker task failed: {e}"))));
+        let grace = self.settings.shutdown_grace();
+        let result = match tokio::time::timeout(grace, &mut task).await {
+            Ok(done) => done.unwrap_or_else(|e| Err(Error::Disconnected(format!("worker task failed: {e}")))),
+            Err(_) => {
+                task.abort();
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    blocked = ?self.health.blocked(),
+                    "shutdown grace period over: abandoning unfinished work (the broker redelivers what was not \
+                     acknowledged)"
+                );
+                Ok(())
+            }
+        };
         tracing::info!("connection manager stopped");
         result
     }

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub pending_instructions: Gauge,
     /// Sent instructions.
     pub sent_instructions: Gauge,
+    /// 1 while the broker blocks this worker's publishers (memory or disk alarm), else 0.
+    pub broker_blocked: Gauge,
+    /// Times the broker started blocking this worker's publishers.
+    pub broker_blocks: Counter,
 }
 
 impl Default for Metrics {
@@ -97,6 +101,8 @@ impl Metrics {
             active_sessions: Gauge::default(),
             pending_instructions: Gauge::default(),
             sent_instructions: Gauge::default(),
+            broker_blocked: Gauge::default(),
+            broker_blocks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("messages_consumed", "Messages consumed by type and outcome", m.messages.clone());
@@ -130,6 +136,12 @@ impl Metrics {
         registry.register("active_sessions", "Active agent sessions", m.active_sessions.clone());
         registry.register("pending_instructions", "Pending instructions", m.pending_instructions.clone());
         registry.register("sent_instructions", "Sent instructions", m.sent_instructions.clone());
+        registry.register(
+            "broker_blocked",
+            "1 while the broker blocks publishers (memory or disk alarm)",
+            m.broker_blocked.clone(),
+        );
+        registry.register("broker_blocks", "Times the broker started blocking publishers", m.broker_blocks.clone());
         Metrics { registry, ..m }
     }
 

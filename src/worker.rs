@@ -4,13 +4,21 @@
 //! and the relay live in a broker session: when the connection or a channel is lost, the session ends (deliveries of
 //! the dead channel are never acknowledged on another), and a new one is made after an exponential backoff with
 //! jitter, re-declaring the topology. On shutdown the consumers stop taking deliveries and finish the ones they
-//! hold, then the relay flushes the outbox, then the connection is closed.
+//! hold, then the relay flushes the outbox, then the connection is closed; whatever is not done within
+//! `worker.shutdown_grace_secs` is abandoned by [`crate::manager::AgentConnectionManager::stop`] (unacknowledged
+//! deliveries are redelivered by the broker).
+//!
+//! While the broker blocks the connection's publishers (a memory or disk alarm: `connection.blocked`), nothing can
+//! be written to it — no publish, acknowledgement or close. [`Health::broker_blocked`] is set (so `/readyz` says
+//! so), the relay claims nothing, and every publish gives up after `amqp.confirm_timeout_secs`; no database
+//! transaction is open across any of these waits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
+use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +39,51 @@ pub struct Health {
     pub broker_connected: AtomicBool,
     /// Both consumers are consuming.
     pub consumers_running: AtomicBool,
+    /// The broker blocks this worker's publishers (`connection.blocked`: a memory or disk alarm).
+    pub broker_blocked: Arc<AtomicBool>,
+    /// The broker's reason for the block, while it lasts.
+    pub blocked_reason: Mutex<String>,
 }
 
 impl Health {
     fn set(&self, broker: bool, consumers: bool) {
         self.broker_connected.store(broker, Ordering::Relaxed);
         self.consumers_running.store(consumers, Ordering::Relaxed);
+    }
+
+    /// Records a `connection.blocked` (with the broker's reason) or `connection.unblocked`.
+    pub fn set_blocked(&self, reason: Option<&str>, metrics: &Metrics) {
+        let was = self.broker_blocked.swap(reason.is_some(), Ordering::Relaxed);
+        if let Ok(mut r) = self.blocked_reason.lock() {
+            *r = reason.unwrap_or_default().to_string();
+        }
+        metrics.broker_blocked.set(i64::from(reason.is_some()));
+        match (was, reason) {
+            (false, Some(reason)) => {
+                metrics.broker_blocks.inc();
+                tracing::warn!(reason, "the broker blocks publishers: replies, dead letters and events wait");
+            }
+            (true, None) => tracing::info!("the broker unblocked publishers"),
+            _ => {}
+        }
+    }
+
+    /// Forgets a block when its connection is gone (a new connection starts unblocked); logs nothing, as the broker
+    /// did not say it ended.
+    fn clear_blocked(&self, metrics: &Metrics) {
+        self.broker_blocked.store(false, Ordering::Relaxed);
+        if let Ok(mut r) = self.blocked_reason.lock() {
+            r.clear();
+        }
+        metrics.broker_blocked.set(0);
+    }
+
+    /// The broker's reason for blocking publishers, while it does.
+    pub fn blocked(&self) -> Option<String> {
+        if !self.broker_blocked.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.blocked_reason.lock().map(|r| r.clone()).unwrap_or_default())
     }
 }
 
@@ -99,6 +146,18 @@ impl Worker {
         let topology = Topology::new(&s.amqp.prefix);
         let (conn, connected) = amqp::connect_from(&s.amqp.url, *node, "agent-connection-manager").await?;
         *node = connected;
+        // Watch for connection.blocked / unblocked for the whole session; a new connection starts unblocked.
+        let mut events = conn.events_listener();
+        let (health, metrics) = (self.health.clone(), self.metrics.clone());
+        let watcher = AbortOnDrop(tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    lapin::Event::ConnectionBlocked(reason) => health.set_blocked(Some(&reason), &metrics),
+                    lapin::Event::ConnectionUnblocked => health.set_blocked(None, &metrics),
+                    _ => {}
+                }
+            }
+        }));
         topology.declare(&conn, s).await?;
         let setup = conn.create_channel().await?;
         let publisher = amqp::confirm_channel(&conn).await?;
@@ -117,17 +176,25 @@ impl Worker {
         });
         let stop_consumers = shutdown.child_token();
         let stop_relay = CancellationToken::new();
+        // Should this session be abandoned (shutdown grace passed), the relay stops too.
+        let _stop_relay_on_drop = stop_relay.clone().drop_guard();
         let mut consumers = JoinSet::new();
         consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channel, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),
             channel: relay_channel,
-            exchange: topology.event_exchange.clone(),
-            batch: s.outbox.batch_size,
+            publishing: relay::Publishing {
+                exchange: topology.event_exchange.clone(),
+                batch: s.outbox.batch_size,
+                lease: Duration::from_secs(s.outbox.lease_secs),
+                confirm_timeout: s.confirm_timeout(),
+                name: relay::relay_name(),
+            },
             pipeline: s.outbox.pipeline,
             poll: Duration::from_millis(s.outbox.poll_interval_ms),
             wake: wake.clone(),
+            blocked: self.health.broker_blocked.clone(),
             metrics: self.metrics.clone(),
             shutdown: stop_relay.clone(),
         }));
@@ -162,10 +229,22 @@ impl Worker {
             }
         }
         probe.set(None).await;
-        let _ = conn.close(200, "shutting down".into()).await;
+        // Closing needs a write, which a blocked connection cannot make: give up after a moment (dropping it).
+        let _ = tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, conn.close(200, "shutting down".into())).await;
+        drop(watcher);
+        self.health.clear_blocked(&self.metrics);
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// Aborts a task when dropped (the session's `connection.blocked` watcher ends with its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

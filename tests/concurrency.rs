@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent_connection_manager::amqp::connect;
 use agent_connection_manager::metrics::Metrics;
-use agent_connection_manager::relay::relay_once;
+use agent_connection_manager::relay::{relay_once, Publishing, CLAIM};
 use agent_connection_manager::AgentConnectionManager;
 use common::{eventually, TestApp};
 use serde_json::{json, Value};
@@ -68,7 +68,7 @@ async fn two_sweepers_and_two_relays_emit_each_event_once() {
         let metrics = Metrics::new();
         let mut total = 0;
         loop {
-            let n = relay_once(&pool, &ch, &exchange, 50, &metrics).await.unwrap();
+            let n = relay_once(&pool, &ch, &Publishing::new(&exchange, 50), &metrics).await.unwrap();
             if n == 0 {
                 break total;
             }
@@ -170,5 +170,51 @@ async fn a_relay_with_batches_in_flight_publishes_each_event_once_in_outbox_orde
         .collect();
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "every event once, in outbox order");
     assert_eq!(app.unpublished().await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_that_dies_loses_its_lease_to_another_which_publishes_the_same_events() {
+    let mut app = TestApp::unstarted_with(|_| {}).await;
+    for i in 0..5 {
+        app.manager.create_session(&format!("lease-{i}"), None, None, None, None).await.unwrap();
+    }
+    // A relay claims the batch for one second and dies before publishing it.
+    let claimed: Vec<String> = app
+        .db
+        .query(CLAIM, &[&100i64, &1.0f64, &"dead relay"])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, uuid::Uuid>(1).to_string())
+        .collect();
+    assert_eq!(claimed.len(), 5);
+    let conn = connect(&app.settings.amqp.url, "lease test").await.unwrap();
+    let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.unwrap();
+    let publishing = Publishing::new(&app.topology().event_exchange, 100);
+    let metrics = Metrics::new();
+    // While the lease holds, another relay leaves the rows alone; no transaction is open meanwhile.
+    assert_eq!(relay_once(app.manager.pool(), &ch, &publishing, &metrics).await.unwrap(), 0);
+    let open: i64 = app
+        .scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()")
+        .await;
+    assert_eq!(open, 0, "a transaction stays open after the claim");
+    // Once it expires, the other relay takes the rows over and publishes them with the same event_id.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(relay_once(app.manager.pool(), &ch, &publishing, &metrics).await.unwrap(), 5);
+    assert_eq!(app.unpublished().await, 0);
+    let mut published: Vec<String> = app
+        .events_of("agent.session.created", 5)
+        .await
+        .iter()
+        .map(|v| v["event_id"].as_str().unwrap().into())
+        .collect();
+    let mut claimed = claimed;
+    claimed.sort();
+    published.sort();
+    assert_eq!(published, claimed);
+    let leased_by: String = app.scalar("SELECT min(leased_by) FROM event_outbox").await;
+    assert_eq!(leased_by, publishing.name, "the rows record which relay published them");
+    let _ = conn.close(200, "done".into()).await;
     app.cleanup().await;
 }

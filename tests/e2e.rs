@@ -283,3 +283,41 @@ async fn readiness_reports_a_missing_broker_and_logs_are_json() {
     );
     assert!(!log.contains("guest:guest"), "a secret reached the log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_sessions_bound_statements_lock_waits_and_idle_transactions() {
+    use agent_connection_manager::db;
+    use tokio_postgres::error::SqlState;
+    let mut settings = test_settings();
+    settings.database.statement_timeout_secs = 1;
+    settings.database.lock_timeout_secs = 2;
+    settings.database.idle_in_transaction_timeout_secs = 3;
+    let _guard = common::CleanupGuard::new(&settings);
+    db::migrate(&settings.database).await.unwrap();
+    let pool = db::build_pool(&settings.database).unwrap();
+    async fn show(c: &deadpool_postgres::Object, name: &str) -> String {
+        c.query_one(&format!("SHOW {name}"), &[]).await.unwrap().get(0)
+    }
+    let c = pool.get().await.unwrap();
+    assert_eq!(show(&c, "statement_timeout").await, "1s");
+    assert_eq!(show(&c, "lock_timeout").await, "2s");
+    assert_eq!(show(&c, "idle_in_transaction_session_timeout").await, "3s");
+    // A statement longer than the limit is cancelled.
+    let e = c.query_one("SELECT pg_sleep(2)", &[]).await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
+    // A transaction left idle longer than its limit is ended by the server.
+    let mut c2 = pool.get().await.unwrap();
+    let tx = c2.transaction().await.unwrap();
+    tx.query_one("SELECT 1", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(tx.query_one("SELECT 1", &[]).await.is_err(), "an idle transaction outlived its limit");
+    drop(tx);
+    drop(c2);
+    drop(c);
+    // A limit the URL's own options set is kept; the others are still added.
+    settings.database.url.push_str("?options=-c%20statement_timeout%3D7s");
+    let pool = db::build_pool(&settings.database).unwrap();
+    let c = pool.get().await.unwrap();
+    assert_eq!(show(&c, "statement_timeout").await, "7s");
+    assert_eq!(show(&c, "lock_timeout").await, "2s");
+}

@@ -28,11 +28,13 @@
 //! Layout: `infra` starts the private PostgreSQL, RabbitMQ and worker processes; `publisher` is the reliable client;
 //! `lab` puts them together for one scenario; `workload` builds the messages; `counting` compares what happened with
 //! what was sent. The scenarios: `standard` (worker killed, broker restarted, database down), `expiry` (three
-//! workers expiring instructions through their retries), `poison` (a poison storm) and `backlog` (a backlog queued
-//! before the worker starts).
+//! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
+//! before the worker starts) and `blocked` (the broker blocks publishers: a memory alarm while the worker is busy).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
+#[path = "faults/blocked.rs"]
+mod blocked;
 #[path = "faults/counting.rs"]
 mod counting;
 #[path = "faults/expiry.rs"]

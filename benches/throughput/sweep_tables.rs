@@ -124,7 +124,12 @@ fn explained_queries() -> Vec<(&'static str, String)> {
         ("stats: STATS", agent_connection_manager::commands::stats::STATS.to_string()),
         (
             "relay: CLAIM",
-            q(agent_connection_manager::relay::CLAIM, &Settings::default().outbox.batch_size.to_string(), ""),
+            q(
+                agent_connection_manager::relay::CLAIM,
+                &Settings::default().outbox.batch_size.to_string(),
+                &Settings::default().outbox.lease_secs.to_string(),
+            )
+            .replace("$3", "'bench'"),
         ),
     ]
 }

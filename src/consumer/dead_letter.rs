@@ -19,7 +19,7 @@ pub(crate) async fn reply(shared: &Shared, d: &Delivery, outcome: &Outcome) -> R
         props = props.with_correlation_id(c.clone());
     }
     let body = serde_json::to_vec(&reply_json(outcome)).unwrap_or_default();
-    publish_confirmed(&shared.publisher, "", &reply_to, &body, props).await
+    publish_confirmed(&shared.publisher, "", &reply_to, &body, props, shared.settings.confirm_timeout()).await
 }
 
 /// Dead-letters a poison delivery with its reason, replies with `error` when asked to, and counts it.
@@ -35,7 +35,8 @@ pub(crate) async fn reject(
     let message_id = prop(d.properties.message_id());
     tracing::warn!(message_id = ?message_id, message_type = ty, reason = label, routing_key = %d.routing_key, "message dead-lettered: {reason}");
     let props = dead_letter_properties(d, reason);
-    publish_confirmed(&shared.publisher, &shared.topology.dead_letter, d.routing_key.as_str(), &d.data, props).await?;
+    let (exchange, timeout) = (&shared.topology.dead_letter, shared.settings.confirm_timeout());
+    publish_confirmed(&shared.publisher, exchange, d.routing_key.as_str(), &d.data, props, timeout).await?;
     reply(shared, d, &Err(error)).await?;
     shared.metrics.message(ty, "dead_lettered");
     shared.metrics.dead_letter(label);

@@ -215,6 +215,7 @@ impl TestApp {
             "acm.test.marker",
             json!({"event_type": "acm.test.marker", "marker": marker}).to_string().as_bytes(),
             agent_connection_manager::amqp::json_properties(),
+            self.settings.confirm_timeout(),
         )
         .await
         .expect("the marker is published");

@@ -89,7 +89,7 @@ impl Row {
     }
 }
 
-fn field(v: &Value, name: &str) -> String {
+pub fn field(v: &Value, name: &str) -> String {
     match &v[name] {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -97,7 +97,7 @@ fn field(v: &Value, name: &str) -> String {
 }
 
 /// What identifies the state change an event reports.
-fn event_key(v: &Value) -> String {
+pub fn event_key(v: &Value) -> String {
     let t = field(v, "event_type");
     match t.as_str() {
         "agent.session.created" => format!("{t}/{}", field(v, "session_id")),

@@ -42,6 +42,8 @@ pub struct ReliablePublisher {
     pub republished: u64,
     /// Connections made after the first.
     pub reconnects: u64,
+    /// When set, every message asks for a reply there, with its `message_id` as `correlation_id`.
+    pub reply_to: Option<String>,
     connects: u64,
 }
 
@@ -57,6 +59,7 @@ impl ReliablePublisher {
             window: 2000,
             republished: 0,
             reconnects: 0,
+            reply_to: None,
             connects: 0,
         }
     }
@@ -147,6 +150,9 @@ impl ReliablePublisher {
                 BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
             if let Some(id) = &m.message_id {
                 props = props.with_message_id(ShortString::from(id.clone()));
+                if let Some(r) = &self.reply_to {
+                    props = props.with_reply_to(ShortString::from(r.clone())).with_correlation_id(id.as_str().into());
+                }
             }
             let publish = ch.basic_publish(
                 self.exchange.as_str().into(),

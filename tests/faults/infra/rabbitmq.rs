@@ -156,6 +156,24 @@ impl RabbitNode {
     }
 }
 
+impl RabbitNode {
+    /// Runs `rabbitmqctl` against this node (its name, epmd port and cookie) and returns its output; fails the test
+    /// when it does not succeed.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let direct = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        let mut c = Command::new(if direct.exists() { direct.into() } else { PathBuf::from("rabbitmqctl") });
+        self.env(&mut c);
+        let out = c.arg("-n").arg(&self.name).args(args).stdin(Stdio::null()).output().expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 impl Drop for RabbitNode {
     fn drop(&mut self) {
         self.stop();

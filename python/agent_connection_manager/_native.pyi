@@ -1,0 +1,140 @@
+"""Type stubs of the engine's extension module (re-exported by ``agent_connection_manager``)."""
+
+import datetime
+import uuid
+from types import TracebackType
+from typing import Any, AsyncIterator, Dict, Generator, List, Optional, Type, Union, final
+
+__all__ = [
+    "AgentConnectionManager",
+    "AgentConnectionManagerError",
+    "BrokerError",
+    "Client",
+    "CommandRefusedError",
+    "ConfigurationError",
+    "DatabaseError",
+    "RequestTimeoutError",
+    "Subscription",
+    "get_connection_manager",
+    "start_connection_manager",
+    "stop_connection_manager",
+]
+
+class AgentConnectionManagerError(Exception):
+    """Base class of the package's errors."""
+
+class DatabaseError(AgentConnectionManagerError):
+    """PostgreSQL failed, refused or did not answer in time."""
+
+class BrokerError(AgentConnectionManagerError):
+    """RabbitMQ refused, lost or did not accept a connection, channel or publish."""
+
+class RequestTimeoutError(AgentConnectionManagerError):
+    """No reply came within the request's timeout."""
+
+class ConfigurationError(AgentConnectionManagerError):
+    """The layered configuration (ACM_* variables, ACM_CONFIG, config/default.toml) is unusable."""
+
+class CommandRefusedError(AgentConnectionManagerError):
+    """The engine understood the call but refused it (not_found, conflict, forbidden)."""
+
+@final
+class AgentConnectionManager:
+    """Manages agent connections, health monitoring and the instruction lifecycle.
+
+    ``db_engine``: ``None`` (the layered configuration), a PostgreSQL URL (``postgres://``, ``postgresql://``,
+    ``postgresql+psycopg2://``, ``postgresql+asyncpg://``, ``postgresql+psycopg://``), or a SQLAlchemy ``Engine``,
+    ``AsyncEngine`` or ``URL``. ``check_interval``: seconds between sweeper cycles. Everything else (broker, prefix,
+    thresholds, HTTP endpoint) comes from the layered configuration.
+    """
+
+    def __new__(cls, db_engine: Any = None, check_interval: int = 30) -> "AgentConnectionManager": ...
+    async def start(self) -> None:
+        """Create and migrate the database if needed, then run the worker in this process."""
+    async def stop(self) -> None:
+        """Stop the worker gracefully."""
+    @property
+    def running(self) -> bool: ...
+    @property
+    def ready(self) -> bool:
+        """Whether the started worker is connected to the broker and consuming (its topology declared)."""
+    @property
+    def database_url(self) -> str:
+        """The database URL in force, password redacted."""
+    @property
+    def amqp_prefix(self) -> str: ...
+    @property
+    def check_interval(self) -> int: ...
+    def get_connection_stats(self) -> Dict[str, Any]:
+        """Counts of active connections and sessions, inactive sessions, pending and sent instructions,
+        ``total_instructions_pending`` and ``timestamp`` (a timezone-aware ``datetime``), from one snapshot."""
+    async def aget_connection_stats(self) -> Dict[str, Any]: ...
+    def create_session(
+        self,
+        agent_id: str,
+        acquisition_uuid: Optional[Union[str, uuid.UUID]] = None,
+        name: Optional[str] = None,
+        description: Optional[str] = None,
+        experimental_parameters: Optional[Dict[str, Any]] = None,
+    ) -> str:
+        """Create an active session and return its id."""
+    async def acreate_session(
+        self,
+        agent_id: str,
+        acquisition_uuid: Optional[Union[str, uuid.UUID]] = None,
+        name: Optional[str] = None,
+        description: Optional[str] = None,
+        experimental_parameters: Optional[Dict[str, Any]] = None,
+    ) -> str: ...
+    def close_session(self, session_id: str) -> bool:
+        """End a session (its connections closed, its open instructions cancelled): True when it is ended, now or
+        before; False when there is no such session."""
+    async def aclose_session(self, session_id: str) -> bool: ...
+
+def get_connection_manager() -> AgentConnectionManager:
+    """The process-wide manager, configured from the layered configuration."""
+
+async def start_connection_manager() -> None:
+    """Start the process-wide manager."""
+
+async def stop_connection_manager() -> None:
+    """Stop the process-wide manager, if it was made."""
+
+@final
+class Subscription:
+    """Events (dicts) of a ``Client.subscribe``; ``await`` it to bind its queue before acting."""
+
+    def __aiter__(self) -> AsyncIterator[Dict[str, Any]]: ...
+    async def __anext__(self) -> Dict[str, Any]: ...
+    def __await__(self) -> Generator[Any, None, "Subscription"]: ...
+    async def next(self, timeout: float) -> Optional[Dict[str, Any]]:
+        """The next event, or None when none comes within ``timeout`` seconds."""
+
+@final
+class Client:
+    """Publishes heartbeats and commands, awaits replies and subscribes to events.
+
+    ``amqp_url`` and ``prefix`` default to the layered configuration's ``amqp.url`` and ``amqp.prefix``. The
+    connection is made by ``connect()``, ``async with`` or the first call.
+    """
+
+    def __new__(cls, amqp_url: Optional[str] = None, prefix: Optional[str] = None) -> "Client": ...
+    @property
+    def prefix(self) -> str: ...
+    async def connect(self) -> None: ...
+    async def heartbeat(
+        self, agent_id: str, session_id: str, connection_id: str, client_info: Optional[Any] = None
+    ) -> None: ...
+    async def request(self, body: Dict[str, Any], timeout: float = 30.0) -> Dict[str, Any]:
+        """Send a command and return its reply: ``{"ok": True, "result": ...}`` or
+        ``{"ok": False, "error": {"code": ..., "message": ...}}``."""
+    async def send(self, body: Dict[str, Any]) -> None: ...
+    def subscribe(self, patterns: List[str]) -> Subscription: ...
+    async def close(self) -> None: ...
+    async def __aenter__(self) -> "Client": ...
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
