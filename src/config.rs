@@ -162,7 +162,7 @@ pub struct WorkerSettings {
     pub heartbeat_batch_size: usize,
     /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
     pub heartbeat_pipeline: usize,
-    /// Commands applied concurrently (each lane keeps the order of one session's commands).
+    /// Commands applied concurrently (commands on one connection, instruction or session keep their order).
     pub command_lanes: usize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
     /// broker redelivers it) and the process exits.

@@ -4,6 +4,7 @@ use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 255;
@@ -74,6 +75,62 @@ impl<'de> Deserialize<'de> for Text {
             return Err(serde::de::Error::custom("longer than 65536 bytes"));
         }
         Ok(Text(s))
+    }
+}
+
+/// Any JSON value stored as given (`payload`, `client_info`, `result`, `instruction_metadata`; with `T` = an object's
+/// map, `experimental_parameters`), refused at the edge when PostgreSQL `jsonb` could not store it: a NUL character
+/// (`\u0000`) in a string or a key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Json<T = Value>(pub T);
+
+/// The schema of the value itself (JSON Schema cannot say "no NUL in any string"; the protocol document does).
+impl<T: schemars::JsonSchema> schemars::JsonSchema for Json<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
+    }
+}
+
+impl<T> Json<T> {
+    /// The value.
+    pub fn get(&self) -> &T {
+        &self.0
+    }
+}
+
+impl Json<Map<String, Value>> {
+    /// The object as a JSON value.
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.0.clone())
+    }
+}
+
+/// Whether a JSON value holds a NUL character in a string or a key.
+pub fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Json<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        if has_nul(&v) {
+            return Err(serde::de::Error::custom("contains a NUL character (\\u0000), which jsonb cannot store"));
+        }
+        T::deserialize(v).map(Json).map_err(serde::de::Error::custom)
     }
 }
 
@@ -161,13 +218,31 @@ pg_enum! {
     /// Why a connection was closed.
     #[derive(Default)]
     CloseReason = "close_reason" {
-        /// The agent (or backend) closed it.
+        /// The agent closed it (`connection.close`).
         #[default]
         ClientDisconnect = "client_disconnect",
         /// Its session was closed.
         SessionClosed = "session_closed",
         /// No heartbeat within `connection_stale_after_secs`; undone by the next heartbeat.
         StaleConnection = "stale_connection",
+    }
+}
+
+/// The reasons a client may give in `connection.close`. `session_closed` and `stale_connection` are the worker's
+/// own (a session's close, the sweeper) and are not accepted from a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum ClientCloseReason {
+    /// The client closed the connection.
+    #[default]
+    #[serde(rename = "client_disconnect")]
+    ClientDisconnect,
+}
+
+impl From<ClientCloseReason> for CloseReason {
+    fn from(r: ClientCloseReason) -> Self {
+        match r {
+            ClientCloseReason::ClientDisconnect => CloseReason::ClientDisconnect,
+        }
     }
 }
 

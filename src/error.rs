@@ -113,12 +113,11 @@ pub enum PoisonKind {
     UnknownType,
     /// A field missing, mistyped or out of range.
     InvalidField,
-    /// The sender may not send it.
+    /// The sender may not send it: its routing key is not its `type` (or it reached a queue its type is not consumed
+    /// from), or, with `security.require_user_id`, its AMQP `user_id` is not the agent it names.
     Forbidden,
     /// A value the database cannot store.
     DatabaseRejected,
-    /// A message type consumed from another queue.
-    WrongQueue,
 }
 
 impl PoisonKind {
@@ -132,7 +131,6 @@ impl PoisonKind {
             PoisonKind::InvalidField => "invalid_field",
             PoisonKind::Forbidden => "forbidden",
             PoisonKind::DatabaseRejected => "database_rejected",
-            PoisonKind::WrongQueue => "wrong_queue",
         }
     }
 }
@@ -155,9 +153,6 @@ pub enum CommandError {
     /// The object belongs to another agent.
     #[error("forbidden: {0}")]
     Forbidden(String),
-    /// `security.require_user_id` is on and the AMQP `user_id` is not the agent: the message is dead-lettered.
-    #[error("forbidden: {0}")]
-    Unauthorized(String),
 }
 
 impl CommandError {
@@ -167,7 +162,7 @@ impl CommandError {
             CommandError::Invalid(_) => "invalid",
             CommandError::NotFound(_) => "not_found",
             CommandError::Conflict(_) => "conflict",
-            CommandError::Forbidden(_) | CommandError::Unauthorized(_) => "forbidden",
+            CommandError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -177,8 +172,7 @@ impl CommandError {
             CommandError::Invalid(m)
             | CommandError::NotFound(m)
             | CommandError::Conflict(m)
-            | CommandError::Forbidden(m)
-            | CommandError::Unauthorized(m) => m,
+            | CommandError::Forbidden(m) => m,
         }
     }
 }

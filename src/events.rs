@@ -89,8 +89,8 @@ events! {
         /// Instructions cancelled by this (each also has its `agent.instruction.cancelled`).
         cancelled_instructions: i64,
     }
-    /// `connection.open`, or a heartbeat for an unknown connection (`restored: false`) or for a stale-closed one
-    /// (`restored: true`).
+    /// `connection.open`, or a heartbeat for an unknown connection (`restored: false`; `connection_type` `amqp` until
+    /// its `connection.open` completes it, without another event) or for a stale-closed one (`restored: true`).
     ConnectionOpened = "agent.connection.opened" {
         /// The connection.
         connection_id: String,

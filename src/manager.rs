@@ -157,7 +157,12 @@ impl AgentConnectionManager {
             acquisition_uuid: text("acquisition_uuid", acquisition_uuid)?,
             name: text("name", name)?,
             description: text("description", description)?,
-            experimental_parameters,
+            experimental_parameters: experimental_parameters
+                .map(|p| {
+                    serde_json::from_value(Value::Object(p))
+                        .map_err(|e| Error::Command(CommandError::Invalid(format!("experimental_parameters: {e}"))))
+                })
+                .transpose()?,
         });
         let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
         Ok(outcome["session_id"].as_str().unwrap_or_default().to_string())

@@ -34,15 +34,15 @@ async fn malformed_messages_are_dead_lettered_with_their_reason() {
             "instruction.create",
             format!(r#"{{"type":"instruction.create","session_id":"{sid}","agent_id":"a1","instruction_type":"t","payload":"\u0000"}}"#)
                 .into_bytes(),
-            "rejected by the database",
+            "field `payload`: contains a NUL character",
         ),
         ("agent.heartbeat", br#"{"type":"agent.heartbeat","agent_id":"a1","session_id":"s"}"#.to_vec(), "missing field `connection_id`"),
-        ("agent.heartbeat", br#"{"type":"session.create","agent_id":"a1"}"#.to_vec(), "is not accepted on the heartbeat queue"),
+        ("agent.heartbeat", br#"{"type":"session.create","agent_id":"a1"}"#.to_vec(), "forbidden: routing key `agent.heartbeat` is not the message type `session.create`"),
         (
             "agent.heartbeat",
             format!(r#"{{"type":"agent.heartbeat","agent_id":"a1","session_id":"{sid}","connection_id":"c","client_info":"\u0000"}}"#)
                 .into_bytes(),
-            "rejected by the database",
+            "field `client_info`: contains a NUL character",
         ),
     ];
     for (i, (key, body, _)) in cases.iter().enumerate() {

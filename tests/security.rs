@@ -5,6 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use agent_connection_manager::amqp::json_properties;
 use agent_connection_manager::client::Client;
 use agent_connection_manager::{db, Settings};
 use common::{dead_letters, eventually, random_suffix, TestApp};
@@ -81,7 +82,10 @@ async fn agents_are_held_to_their_broker_identity() {
         )
         .await
         .unwrap();
-    as_alice.send(&json!({"type": "connection.close", "connection_id": "bob-conn"}), None).await.unwrap();
+    as_alice
+        .send(&json!({"type": "connection.close", "agent_id": bob.name, "connection_id": "bob-conn"}), None)
+        .await
+        .unwrap();
     as_alice.send(&json!({"type": "connection.open", "agent_id": bob.name, "session_id": sb}), None).await.unwrap();
     // A message without user_id claiming an agent is forbidden too.
     app.client.heartbeat(&alice.name, &sa, "anonymous").await.unwrap();
@@ -106,7 +110,10 @@ async fn agents_are_held_to_their_broker_identity() {
         )
         .await
         .unwrap();
-    as_bob.send(&json!({"type": "connection.close", "connection_id": "bob-conn"}), None).await.unwrap();
+    as_bob
+        .send(&json!({"type": "connection.close", "agent_id": bob.name, "connection_id": "bob-conn"}), None)
+        .await
+        .unwrap();
     eventually("Bob's own commands applied", Duration::from_secs(20), || async {
         let i: String = app.scalar("SELECT status::text FROM agent_instruction").await;
         let c: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'bob-conn'").await;
@@ -146,7 +153,7 @@ async fn the_documented_least_privilege_permissions_work() {
     let backend = BrokerUser::with_permissions("backend", client_perms);
     backend.topic_permissions(
         &format!("{}.commands", settings.amqp.prefix),
-        "^(session\\..*|instruction\\.(create|sent)|connection\\.close|stats\\.get)$",
+        "^(session\\..*|instruction\\.(create|sent)|stats\\.get)$",
     );
     settings.amqp.url = worker.url();
     settings.security.require_user_id = true;
@@ -231,4 +238,188 @@ fn sql_is_never_built_from_input() {
             }
         }
     }
+}
+
+/// A user with the agent's documented permissions (for this test's prefix) that may publish `allowed` routing keys.
+fn agent_with_documented_permissions(prefix: &str) -> BrokerUser {
+    let p = prefix.replace('.', "\\.");
+    let agent = BrokerUser::with_permissions(
+        "agent",
+        ["^amq\\.gen-.*", &format!("^({p}\\.commands|amq\\.gen-.*)$"), &format!("^({p}\\.events|amq\\.gen-.*)$")],
+    );
+    agent.topic_permissions(&format!("{prefix}.commands"), "^(agent\\.heartbeat|instruction\\.ack|connection\\..*)$");
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_key_that_is_not_the_type_is_forbidden_and_changes_nothing() {
+    let app = TestApp::start().await;
+    let prefix = app.settings.amqp.prefix.clone();
+    let agent = agent_with_documented_permissions(&prefix);
+    let sid = app.session(&agent.name).await;
+    let as_agent = Client::connect(&agent.url(), &prefix).await.unwrap();
+    let t = Duration::from_secs(20);
+    // A backend command the agent may not publish, under a routing key it may.
+    let close = json!({"type": "session.close", "session_id": sid}).to_string();
+    let reply = as_agent.request_raw("connection.open", close.as_bytes(), None, t).await.unwrap();
+    assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+    let create = json!({"type": "instruction.create", "agent_id": agent.name, "session_id": sid,
+                        "instruction_type": "t", "payload": 1})
+    .to_string();
+    let reply = as_agent.request_raw("instruction.ack", create.as_bytes(), None, t).await.unwrap();
+    assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+    // A heartbeat under a command's routing key, and a command under the heartbeat's.
+    let hb = json!({"type": "agent.heartbeat", "agent_id": agent.name, "session_id": sid, "connection_id": "hb"});
+    as_agent.publish_raw("connection.close", hb.to_string().as_bytes(), json_properties()).await.unwrap();
+    let open = json!({"type": "connection.open", "agent_id": agent.name, "session_id": sid, "connection_id": "op"});
+    as_agent.publish_raw("agent.heartbeat", open.to_string().as_bytes(), json_properties()).await.unwrap();
+    let mut letters: Vec<String> = dead_letters(&app.settings, 4).await.into_iter().map(|l| l.0).collect();
+    letters.sort();
+    assert_eq!(
+        letters,
+        [
+            "forbidden: routing key `agent.heartbeat` is not the message type `connection.open`",
+            "forbidden: routing key `connection.close` is not the message type `agent.heartbeat`",
+            "forbidden: routing key `connection.open` is not the message type `session.close`",
+            "forbidden: routing key `instruction.ack` is not the message type `instruction.create`",
+        ]
+    );
+    // The same agent's honest messages still work, and nothing of the above happened.
+    let reply = as_agent
+        .request(
+            &json!({"type": "connection.open", "agent_id": agent.name, "session_id": sid, "connection_id": "ok"}),
+            None,
+            t,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["result"]["connection_id"], "ok", "{reply}");
+    let status: String =
+        app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
+    assert_eq!(status, "active", "the session was not closed");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction").await, 0, "no instruction created");
+    let ids: Vec<String> = app
+        .db
+        .query("SELECT connection_id FROM agent_connection", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, ["ok"]);
+    as_agent.close().await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_close_another_agents_connection() {
+    let app = TestApp::start().await;
+    assert!(!app.settings.security.require_user_id, "the default: only the named agent_id counts");
+    let sa = app.session("agent-a").await;
+    app.ok(json!({"type": "connection.open", "agent_id": "agent-a", "session_id": sa, "connection_id": "a-conn"}))
+        .await;
+    let code = app.refused(json!({"type": "connection.close", "agent_id": "agent-b", "connection_id": "a-conn"})).await;
+    assert_eq!(code, "forbidden");
+    let status: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'a-conn'").await;
+    assert_eq!(status, "active");
+    assert_eq!(
+        app.scalar::<i64>("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.closed'").await,
+        0
+    );
+    // Naming no agent is poison; the owner closes it.
+    let reply = app.request(json!({"type": "connection.close", "connection_id": "a-conn"})).await;
+    assert_eq!(reply["error"]["code"], "invalid", "{reply}");
+    let r = app.ok(json!({"type": "connection.close", "agent_id": "agent-a", "connection_id": "a-conn"})).await;
+    assert_eq!(r["closed"], true);
+    // The refusal was a reply; only the message without agent_id was dead-lettered.
+    let letters = dead_letters(&app.settings, 1).await;
+    assert!(letters[0].0.contains("missing field `agent_id`"), "{}", letters[0].0);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_close_with_the_workers_reasons() {
+    let app = TestApp::start().await;
+    let sid = app.session("a1").await;
+    app.ok(json!({"type": "connection.open", "agent_id": "a1", "session_id": sid, "connection_id": "c1"})).await;
+    for reason in ["stale_connection", "session_closed"] {
+        let reply = app
+            .request(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "c1", "reason": reason}))
+            .await;
+        assert_eq!(reply["error"]["code"], "invalid", "{reply}");
+    }
+    let letters = dead_letters(&app.settings, 2).await;
+    assert!(letters.iter().all(|(r, _)| r.starts_with("field `reason`")), "{letters:?}");
+    let status: String = app.scalar("SELECT status::text FROM agent_connection WHERE connection_id = 'c1'").await;
+    assert_eq!(status, "active", "nothing changed");
+    let r = app
+        .ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "c1", "reason": "client_disconnect"}))
+        .await;
+    assert_eq!(r["closed"], true);
+    let reason: String = app.scalar("SELECT close_reason::text FROM agent_connection WHERE connection_id = 'c1'").await;
+    assert_eq!(reason, "client_disconnect");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_another_body_is_a_conflict_and_changes_nothing() {
+    let app = TestApp::start().await;
+    let t = Duration::from_secs(20);
+    let first = json!({"type": "session.create", "agent_id": "a1", "session_id": "s1"});
+    let other = json!({"type": "session.create", "agent_id": "a1", "session_id": "s2"});
+    let a = app.client.request(&first, Some("m-1"), t).await.unwrap();
+    assert_eq!(a["result"]["session_id"], "s1", "{a}");
+    let b = app.client.request(&other, Some("m-1"), t).await.unwrap();
+    assert_eq!(b["error"]["code"], "conflict", "{b}");
+    assert_eq!(b["error"]["message"], "message_id m-1 was already used for a different message");
+    // The same body again is a redelivery: the first reply.
+    assert_eq!(app.client.request(&first, Some("m-1"), t).await.unwrap(), a);
+    let ids: Vec<String> =
+        app.db.query("SELECT session_id FROM agent_session", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, ["s1"], "the second command was not applied");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM event_outbox").await, 1);
+    // The same message_id for another type is another key.
+    let close =
+        app.client.request(&json!({"type": "session.close", "session_id": "s1"}), Some("m-1"), t).await.unwrap();
+    assert_eq!(close["result"]["closed"], true, "{close}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_may_use_the_same_message_id() {
+    let app = TestApp::start().await;
+    let prefix = app.settings.amqp.prefix.clone();
+    let one = BrokerUser::create("backend-one");
+    let two = BrokerUser::create("backend-two");
+    let as_one = Client::connect(&one.url(), &prefix).await.unwrap().with_user_id(&one.name);
+    let as_two = Client::connect(&two.url(), &prefix).await.unwrap().with_user_id(&two.name);
+    let t = Duration::from_secs(20);
+    let b1 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-one"});
+    let b2 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-two"});
+    let (r1, r2) = tokio::join!(as_one.request(&b1, Some("same"), t), as_two.request(&b2, Some("same"), t));
+    assert_eq!(r1.unwrap()["result"]["session_id"], "s-one");
+    assert_eq!(r2.unwrap()["result"]["session_id"], "s-two");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 2, "both applied");
+    let senders: Vec<String> = app
+        .db
+        .query("SELECT sender FROM processed_message WHERE message_id = 'same' ORDER BY sender", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = vec![one.name.clone(), two.name.clone()];
+    expected.sort();
+    assert_eq!(senders, expected, "each sender's key is its own");
+    // Without a user_id the sender is '', a key of its own too.
+    let r = app
+        .client
+        .request(&json!({"type": "session.create", "agent_id": "x", "session_id": "s-anon"}), Some("same"), t)
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["session_id"], "s-anon", "{r}");
+    for c in [as_one, as_two] {
+        c.close().await;
+    }
+    app.cleanup().await;
 }

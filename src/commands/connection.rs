@@ -2,13 +2,12 @@
 
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::replies::{result, Closed, ConnectionOpened};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db;
-use crate::domain::{CloseReason, ConnectionStatus, Ident, SessionStatus};
+use crate::domain::{ClientCloseReason, CloseReason, ConnectionStatus, Ident, Json, SessionStatus};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -27,17 +26,20 @@ pub struct Open {
     pub connection_type: Option<Ident>,
     /// Any JSON.
     #[serde(default)]
-    pub client_info: Option<Value>,
+    pub client_info: Option<Json>,
 }
 
-/// `connection.close`.
+/// `connection.close`: the agent closes one of its connections.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Close {
+    /// The agent; must own the connection.
+    pub agent_id: Ident,
     /// The connection to close.
     pub connection_id: Ident,
-    /// Defaults to `client_disconnect`.
+    /// Defaults to `client_disconnect`, the only reason a client may give (`session_closed` and `stale_connection`
+    /// are the worker's).
     #[serde(default)]
-    pub reason: Option<CloseReason>,
+    pub reason: Option<ClientCloseReason>,
 }
 
 impl Message for Open {
@@ -45,8 +47,9 @@ impl Message for Open {
     const SENDER: Sender = Sender::Agent;
     type Reply = ConnectionOpened;
 
+    /// Its connection, so that a close of the same connection stays behind it; the session without an id.
     fn order_key(&self) -> String {
-        self.session_id.to_string()
+        self.connection_id.as_ref().unwrap_or(&self.session_id).to_string()
     }
 
     fn agent_id(&self) -> Option<&Ident> {
@@ -67,8 +70,12 @@ impl Message for Close {
         self.connection_id.to_string()
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
-        close(tx, self, ctx).await
+    fn agent_id(&self) -> Option<&Ident> {
+        Some(&self.agent_id)
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
+        close(tx, self).await
     }
 }
 
@@ -96,7 +103,9 @@ pub(crate) async fn lock_agent_session(
     Ok(Ok(status))
 }
 
-/// Opens the connection; the same id again in the same session is the same connection.
+/// Opens the connection; the same id again in the same session is the same connection. A connection a heartbeat
+/// opened first (as `amqp`, already announced) is completed: its `connection_type` and `client_info` become the
+/// open's, with no second `agent.connection.opened`.
 pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
     let aid = cmd.agent_id.as_str();
@@ -105,23 +114,38 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
     }
     let cid = cmd.connection_id.as_ref().map(|c| c.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
     let ctype = cmd.connection_type.as_ref().map(|t| t.as_str()).unwrap_or("amqp");
+    let info = cmd.client_info.as_ref().map(Json::get);
     let inserted = tx
         .execute(
             "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
              created_at, last_heartbeat_at) VALUES ($1, $2, $3, $4, $5, now(), now()) \
              ON CONFLICT (connection_id) DO NOTHING",
-            &[&cid, &sid, &aid, &ctype, &cmd.client_info],
+            &[&cid, &sid, &aid, &ctype, &info],
         )
         .await?;
     if inserted == 0 {
         let row = tx
-            .query_one("SELECT session_id, agent_id, status FROM agent_connection WHERE connection_id = $1", &[&cid])
+            .query_one(
+                "SELECT session_id, agent_id, status, opened_by_heartbeat FROM agent_connection \
+                 WHERE connection_id = $1 FOR NO KEY UPDATE",
+                &[&cid],
+            )
             .await?;
         let same = row.get::<_, String>(0) == sid && row.get::<_, String>(1) == aid;
-        if same && row.get::<_, ConnectionStatus>(2) == ConnectionStatus::Active {
-            return Ok(Ok(result(ConnectionOpened { connection_id: cid })));
+        if !same || row.get::<_, ConnectionStatus>(2) != ConnectionStatus::Active {
+            return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
         }
-        return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
+        if row.get::<_, bool>(3) {
+            tx.execute(
+                "UPDATE agent_connection SET connection_type = $2, client_info = coalesce($3, client_info), \
+                 opened_by_heartbeat = false WHERE connection_id = $1",
+                &[&cid, &ctype, &info],
+            )
+            .await?;
+            touch_session(tx, sid).await?;
+            tracing::info!(connection_id = %cid, session_id = sid, agent_id = aid, connection_type = ctype, "connection opened by a heartbeat completed by its open");
+        }
+        return Ok(Ok(result(ConnectionOpened { connection_id: cid })));
     }
     touch_session(tx, sid).await?;
     let now = db::now(tx).await?;
@@ -141,8 +165,9 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
     Ok(Ok(result(ConnectionOpened { connection_id: cid })))
 }
 
-/// Closes the connection: `{closed: false}` when there is no such connection; closing a closed one changes nothing.
-pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Result<Outcome> {
+/// Closes the agent's connection: `{closed: false}` when there is no such connection, `forbidden` when it is another
+/// agent's; closing a closed one changes nothing.
+pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
     let cid = cmd.connection_id.as_str();
     let Some(row) =
         tx.query_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
@@ -151,14 +176,12 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
     };
     let sid: String = row.get(0);
     let aid: String = row.get(1);
-    if let Some(user) = ctx.required_user {
-        if user != aid {
-            return Ok(Err(CommandError::Unauthorized(format!("user_id does not own connection {cid}"))));
-        }
+    if aid != cmd.agent_id.as_str() {
+        return Ok(Err(CommandError::Forbidden(format!("connection {cid} belongs to another agent"))));
     }
     // Lock order everywhere: session, then its connections.
     tx.query_opt("SELECT 1 FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&sid]).await?;
-    let reason = cmd.reason.unwrap_or_default();
+    let reason = CloseReason::from(cmd.reason.unwrap_or_default());
     let closed = tx
         .execute(
             "UPDATE agent_connection SET status = 'closed', close_reason = $2, closed_at = now() \

@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db;
-use crate::domain::{CloseReason, ConnectionStatus, Ident, SessionStatus, Timestamp};
-use crate::error::{CommandError, Result};
+use crate::domain::{CloseReason, ConnectionStatus, Ident, Json, SessionStatus, Timestamp};
+use crate::error::{CommandError, Poison, Result};
 use crate::events::{write_outbox, EventBody};
 
 /// `agent.heartbeat`.
@@ -33,7 +33,7 @@ pub struct Heartbeat {
     pub sent_at: Option<Timestamp>,
     /// Replaces the connection's client info when given.
     #[serde(default)]
-    pub client_info: Option<Value>,
+    pub client_info: Option<Json>,
 }
 
 impl Message for Heartbeat {
@@ -98,6 +98,50 @@ pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: im
     Ok(report)
 }
 
+/// Applies a batch in one transaction with a savepoint per heartbeat: a heartbeat the database refuses (SQLSTATE
+/// class 22 or 23) is rolled back to its savepoint and returned with its reason (by its index in `heartbeats`), the
+/// others are committed together. `applied` is called as in [`apply_batch_then`].
+///
+/// This is the fallback for a batch that failed as a whole on a refused value: one bad heartbeat costs itself, not a
+/// transaction per heartbeat. Heartbeats are applied in (session, connection) order, so locks are taken in about the
+/// order of a whole batch; the last `client_info` given for a connection is still written last.
+pub async fn apply_batch_isolating(
+    pool: &Pool,
+    heartbeats: &[Heartbeat],
+    applied: impl FnOnce(),
+) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut order: Vec<usize> = (0..heartbeats.len()).collect();
+    order.sort_by_key(|&i| (heartbeats[i].session_id.as_str(), heartbeats[i].connection_id.as_str()));
+    let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
+    let mut refused = Vec::new();
+    for i in order {
+        tx.batch_execute("SAVEPOINT heartbeat").await?;
+        match apply_in(&tx, std::slice::from_ref(&heartbeats[i])).await {
+            Ok(one) => {
+                tx.batch_execute("RELEASE SAVEPOINT heartbeat").await?;
+                report.applied += one.applied;
+                report.opened += one.opened;
+                report.restored += one.restored;
+                report.reactivated_sessions += one.reactivated_sessions;
+                report.rejected += one.rejected;
+            }
+            Err(e) => match e.poison_reason() {
+                Some(why) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT heartbeat").await?;
+                    tracing::warn!(connection_id = %heartbeats[i].connection_id, "heartbeat refused by the database: {why}");
+                    refused.push((i, why));
+                }
+                None => return Err(e),
+            },
+        }
+    }
+    applied();
+    tx.commit().await?;
+    Ok((report, refused))
+}
+
 /// Moves the activity of active sessions forward; the pairs are (session, agent), sorted, so locks are taken in
 /// session order. Returns the sessions it touched: active, and owned by the agent named with them.
 const TOUCH_ACTIVE_SESSIONS: &str =
@@ -127,8 +171,8 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let mut latest: BTreeMap<(&str, &str, &str), Option<&Value>> = BTreeMap::new();
     for h in heartbeats {
         let entry = latest.entry((h.connection_id.as_str(), h.agent_id.as_str(), h.session_id.as_str())).or_default();
-        if h.client_info.is_some() {
-            *entry = h.client_info.as_ref();
+        if let Some(info) = &h.client_info {
+            *entry = Some(info.get());
         }
     }
     let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
@@ -237,13 +281,37 @@ async fn sessions_slow_path<'a>(
     Ok(verdicts)
 }
 
+/// One heartbeat's connection, agent, session and `client_info`, as the slow path sees it.
+type Entry<'a> = (&'a str, &'a str, &'a str, Option<&'a Value>);
+
 /// Connections the fast path did not refresh, of valid sessions: locks them in id order, then opens unknown
 /// ones, restores stale-closed ones (with their events) and rejects foreign or otherwise closed ones.
-async fn connections_slow_path(
+///
+/// A connection that another transaction inserts meanwhile (a pipelined batch, another worker, another heartbeat of
+/// this batch naming the same id for another agent) is not visible to the first pass, and its `INSERT` skips it after
+/// waiting for that transaction; a second pass then sees the row and decides as for any existing connection.
+async fn connections_slow_path(tx: &Transaction<'_>, valid: &[Entry<'_>], report: &mut BatchReport) -> Result<()> {
+    let mut events = Vec::new();
+    let missed = connections_slow_pass(tx, valid, report, &mut events).await?;
+    if !missed.is_empty() {
+        let vanished = connections_slow_pass(tx, &missed, report, &mut events).await?;
+        report.rejected += vanished.len();
+    }
+    if !events.is_empty() {
+        let now = db::now(tx).await?;
+        write_outbox(tx, now, events).await?;
+    }
+    Ok(())
+}
+
+/// One pass of [`connections_slow_path`]; returns the heartbeats of connections it found unknown but could not
+/// insert (another transaction had).
+async fn connections_slow_pass<'a>(
     tx: &Transaction<'_>,
-    valid: &[(&str, &str, &str, Option<&Value>)],
+    valid: &[Entry<'a>],
     report: &mut BatchReport,
-) -> Result<()> {
+    events: &mut Vec<EventBody>,
+) -> Result<Vec<Entry<'a>>> {
     let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
     let existing: HashMap<String, (String, String, ConnectionStatus, Option<CloseReason>, String)> = tx
         .query(
@@ -257,7 +325,7 @@ async fn connections_slow_path(
         .collect();
     let (mut upd_ids, mut upd_infos) = (Vec::new(), Vec::new());
     let (mut new_ids, mut new_sids, mut new_aids, mut new_infos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut events = Vec::new();
+    let mut missed = Vec::new();
     for &(cid, aid, sid, info) in valid {
         match existing.get(cid) {
             None => {
@@ -319,30 +387,32 @@ async fn connections_slow_path(
         let inserted = tx
             .query(
                 "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
-                 created_at, last_heartbeat_at) \
-                 SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now() \
+                 created_at, last_heartbeat_at, opened_by_heartbeat) \
+                 SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now(), true \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS v(id, sid, aid, info) \
                  ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id, session_id, agent_id",
                 &[&new_ids, &new_sids, &new_aids, &new_infos],
             )
             .await?;
-        report.opened = inserted.len();
+        report.opened += inserted.len();
         report.applied += inserted.len();
+        let mut opened = HashSet::new();
         for r in inserted {
-            let connection_id: String = r.get(0);
+            let (connection_id, session_id, agent_id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             tracing::info!(connection_id = %connection_id, "connection opened by heartbeat");
+            opened.insert((connection_id.clone(), session_id.clone(), agent_id.clone()));
             events.push(EventBody::ConnectionOpened {
                 connection_id,
-                session_id: r.get(1),
-                agent_id: r.get(2),
+                session_id,
+                agent_id,
                 connection_type: "amqp".into(),
                 restored: false,
             });
         }
+        let tried: HashSet<&str> = new_ids.iter().copied().collect();
+        missed.extend(valid.iter().copied().filter(|&(cid, aid, sid, _)| {
+            tried.contains(cid) && !opened.contains(&(cid.to_string(), sid.to_string(), aid.to_string()))
+        }));
     }
-    if !events.is_empty() {
-        let now = db::now(tx).await?;
-        write_outbox(tx, now, events).await?;
-    }
-    Ok(())
+    Ok(missed)
 }

@@ -3,13 +3,12 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::connection::lock_agent_session;
 use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as InstructionStatusResult};
 use super::{touch_session, Context, Message, Outcome, Sender};
-use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Priority, Text, Timestamp};
+use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Json, Priority, Text, Timestamp};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -28,7 +27,7 @@ pub struct Create {
     /// What the agent is asked to do.
     pub instruction_type: Ident,
     /// Any JSON (required, may be null).
-    pub payload: Value,
+    pub payload: Json,
     /// Client-chosen id (idempotency key); generated when absent.
     #[serde(default)]
     pub instruction_id: Option<Uuid>,
@@ -49,7 +48,7 @@ pub struct Create {
     pub max_retries: Option<u32>,
     /// Any JSON.
     #[serde(default)]
-    pub instruction_metadata: Option<Value>,
+    pub instruction_metadata: Option<Json>,
 }
 
 impl Message for Create {
@@ -72,8 +71,13 @@ impl Message for Create {
         Ok(())
     }
 
+    /// Its instruction, so that its `instruction.sent` and `instruction.ack` stay behind it; the session without an
+    /// id.
     fn order_key(&self) -> String {
-        self.session_id.to_string()
+        match &self.instruction_id {
+            Some(id) => id.to_string(),
+            None => self.session_id.to_string(),
+        }
     }
 
     async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
@@ -104,7 +108,7 @@ pub struct Ack {
     pub status: AckStatus,
     /// Any JSON.
     #[serde(default)]
-    pub result: Option<Value>,
+    pub result: Option<Json>,
     /// Free text.
     #[serde(default)]
     pub error_message: Option<Text>,
@@ -136,7 +140,7 @@ impl Message for Ack {
     type Reply = AckResult;
 
     fn order_key(&self) -> String {
-        self.session_id.to_string()
+        self.instruction_id.to_string()
     }
 
     fn agent_id(&self) -> Option<&Ident> {
@@ -176,13 +180,13 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
                 &sid,
                 &aid,
                 &cmd.instruction_type.as_str(),
-                &cmd.payload,
+                cmd.payload.get(),
                 &cmd.sequence_number,
                 &priority,
                 &absolute,
                 &ttl,
                 &max_retries,
-                &cmd.instruction_metadata,
+                &cmd.instruction_metadata.as_ref().map(Json::get),
             ],
         )
         .await?;
@@ -209,12 +213,12 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
             session_id: sid.to_string(),
             agent_id: aid.to_string(),
             instruction_type: cmd.instruction_type.to_string(),
-            payload: cmd.payload.clone(),
+            payload: cmd.payload.get().clone(),
             sequence_number: cmd.sequence_number,
             priority,
             expires_at,
             max_retries,
-            instruction_metadata: cmd.instruction_metadata.clone(),
+            instruction_metadata: cmd.instruction_metadata.as_ref().map(|m| m.get().clone()),
         }],
     )
     .await?;
@@ -302,7 +306,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
             &aid,
             &sid,
             &cmd.status,
-            &cmd.result,
+            &cmd.result.as_ref().map(Json::get),
             &cmd.error_message.as_ref().map(|t| t.as_str()),
             &cmd.processing_time_ms.map(i64::from),
             &cmd.processed_at.map(|t| t.0),

@@ -72,7 +72,8 @@ pub trait Message: DeserializeOwned + JsonSchema + Debug + Clone + Send + Sync +
     /// Commands with the same key are applied in the order they were received; others run concurrently.
     fn order_key(&self) -> String;
 
-    /// The agent an agent's message names (`None` for backend messages).
+    /// The agent an agent's message names: every [`Sender::Agent`] message names one (`Some`), and acts only on
+    /// that agent's objects; `None` for backend messages.
     fn agent_id(&self) -> Option<&Ident> {
         None
     }
@@ -244,21 +245,27 @@ impl Command {
     }
 }
 
-/// Where a command came from: AMQP properties that count.
+/// Where a command came from: AMQP properties that count, and the body's digest.
 #[derive(Debug, Clone, Default)]
 pub struct Meta {
-    /// AMQP `message_id`: a redelivery with the same id gets the first reply and changes nothing.
+    /// AMQP `message_id`: with the same sender and body, a redelivery gets the first reply and changes nothing.
     pub message_id: Option<String>,
-    /// Broker-validated AMQP `user_id`.
+    /// Broker-validated AMQP `user_id`; part of the idempotency key (`''` when absent).
     pub user_id: Option<String>,
+    /// SHA-256 of the raw body ([`body_digest`]): a `message_id` reused with another body is refused.
+    pub body_digest: Option<Vec<u8>>,
+}
+
+/// The SHA-256 of a message body, kept with its idempotency record.
+pub fn body_digest(body: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(body).to_vec()
 }
 
 /// What handlers may read besides their command.
 pub struct Context<'a> {
     /// The service settings.
     pub settings: &'a Settings,
-    /// The message's `user_id`, when `security.require_user_id` is on.
-    pub required_user: Option<&'a str>,
 }
 
 /// A reply body: `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message"}}`.
@@ -282,37 +289,49 @@ fn outcome_from_reply(reply: &Value) -> Outcome {
     })
 }
 
-const CLAIM_MESSAGE: &str = "INSERT INTO processed_message (message_type, message_id) VALUES ($1, $2) \
-     ON CONFLICT DO NOTHING";
-const STORED_REPLY: &str = "SELECT reply FROM processed_message WHERE message_type = $1 AND message_id = $2";
-const STORE_REPLY: &str = "UPDATE processed_message SET reply = $3 WHERE message_type = $1 AND message_id = $2";
+const CLAIM_MESSAGE: &str = "INSERT INTO processed_message (sender, message_type, message_id, body_digest) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+const STORED_REPLY: &str =
+    "SELECT reply, body_digest FROM processed_message WHERE sender = $1 AND message_type = $2 AND message_id = $3";
+const STORE_REPLY: &str =
+    "UPDATE processed_message SET reply = $4 WHERE sender = $1 AND message_type = $2 AND message_id = $3";
 
 /// Applies one command in one transaction and returns its outcome (heartbeats from their queue go through
 /// [`heartbeat::apply_batch`] instead).
 ///
-/// With a `message_id`, the first delivery's outcome is stored with its effect; a redelivery (or a concurrent
-/// duplicate on another worker, which waits on the key) returns the stored outcome and changes nothing. Read-only
-/// commands keep no record.
+/// With a `message_id`, the first delivery's outcome is stored with its effect, keyed by (sender, type,
+/// `message_id`) where the sender is the AMQP `user_id` (`''` without one), together with the body's digest. A
+/// redelivery (or a concurrent duplicate on another worker, which waits on the key) with the same body returns the
+/// stored outcome and changes nothing; the same key with another body is refused with `conflict` and changes
+/// nothing. Read-only commands keep no record.
 pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Meta) -> Result<Outcome> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let ty = cmd.type_name();
+    let sender = meta.user_id.as_deref().unwrap_or("");
     let record = meta.message_id.as_ref().filter(|_| !cmd.entry.read_only);
     if let Some(mid) = record {
-        if tx.execute(CLAIM_MESSAGE, &[&ty, mid]).await? == 0 {
-            let row = tx.query_one(STORED_REPLY, &[&ty, mid]).await?;
+        if tx.execute(CLAIM_MESSAGE, &[&sender, &ty, mid, &meta.body_digest]).await? == 0 {
+            let row = tx.query_one(STORED_REPLY, &[&sender, &ty, mid]).await?;
             let reply: Option<Value> = row.get(0);
+            let digest: Option<Vec<u8>> = row.get(1);
             tx.commit().await?;
+            if let (Some(first), Some(this)) = (&digest, &meta.body_digest) {
+                if first != this {
+                    tracing::warn!(message_id = %mid, message_type = ty, sender, "message_id reused for another body");
+                    return Ok(Err(CommandError::Conflict(format!(
+                        "message_id {mid} was already used for a different message"
+                    ))));
+                }
+            }
             tracing::info!(message_id = %mid, message_type = ty, "duplicate message: replying as before");
             return Ok(reply.as_ref().map(outcome_from_reply).unwrap_or_else(|| Ok(Value::Null)));
         }
     }
-    let required_user =
-        if settings.security.require_user_id { Some(meta.user_id.as_deref().unwrap_or("")) } else { None };
-    let ctx = Context { settings, required_user };
+    let ctx = Context { settings };
     let outcome = cmd.msg.apply(&tx, &ctx).await?;
     if let Some(mid) = record {
-        tx.execute(STORE_REPLY, &[&ty, mid, &reply_json(&outcome)]).await?;
+        tx.execute(STORE_REPLY, &[&sender, &ty, mid, &reply_json(&outcome)]).await?;
     }
     tx.commit().await?;
     Ok(outcome)
@@ -415,5 +434,120 @@ mod tests {
         let close = parse(r#"{"type":"session.close","session_id":"s"}"#).unwrap();
         assert_eq!(close.entry().sender, Sender::Backend);
         assert!(close.claimed_agent().is_none());
+    }
+
+    /// One valid body of every registered type.
+    fn samples() -> Vec<Value> {
+        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
+        vec![
+            json!({"type": "agent.heartbeat", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
+            json!({"type": "session.create", "agent_id": "a"}),
+            json!({"type": "session.close", "session_id": "s"}),
+            json!({"type": "connection.open", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
+            json!({"type": "connection.close", "agent_id": "a", "connection_id": "c"}),
+            json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t",
+                   "payload": 1, "instruction_id": iid}),
+            json!({"type": "instruction.sent", "instruction_id": iid}),
+            json!({"type": "instruction.ack", "agent_id": "a", "session_id": "s", "instruction_id": iid,
+                   "status": "processed"}),
+            json!({"type": "stats.get"}),
+        ]
+    }
+
+    #[test]
+    fn every_agent_message_names_its_agent() {
+        let samples = samples();
+        for e in REGISTRY {
+            let body = samples
+                .iter()
+                .find(|b| b["type"] == e.type_name)
+                .unwrap_or_else(|| panic!("no sample of {}", e.type_name));
+            let cmd = parse(&body.to_string()).unwrap_or_else(|why| panic!("{body}: {why}"));
+            match e.sender {
+                Sender::Agent => assert_eq!(
+                    cmd.claimed_agent().map(Ident::as_str),
+                    Some("a"),
+                    "{} is an agent message: it must name its agent_id",
+                    e.type_name
+                ),
+                Sender::Backend => assert!(cmd.claimed_agent().is_none(), "{}", e.type_name),
+            }
+        }
+        let e = parse(r#"{"type":"connection.close","connection_id":"c"}"#).unwrap_err();
+        assert!(e.contains("missing field `agent_id`"), "{e}");
+    }
+
+    #[test]
+    fn commands_on_the_same_object_share_an_order_key() {
+        let key = |s: &str| parse(s).unwrap().order_key();
+        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
+        let open = key(r#"{"type":"connection.open","agent_id":"a","session_id":"s","connection_id":"c"}"#);
+        let close = key(r#"{"type":"connection.close","agent_id":"a","connection_id":"c"}"#);
+        assert_eq!(open, close);
+        assert_eq!(key(r#"{"type":"connection.open","agent_id":"a","session_id":"s"}"#), "s");
+        let create = key(&format!(
+            r#"{{"type":"instruction.create","agent_id":"a","session_id":"s","instruction_type":"t","payload":1,"instruction_id":"{iid}"}}"#
+        ));
+        let sent = key(&format!(r#"{{"type":"instruction.sent","instruction_id":"{iid}"}}"#));
+        let ack = key(&format!(
+            r#"{{"type":"instruction.ack","agent_id":"a","session_id":"s","instruction_id":"{iid}","status":"received"}}"#
+        ));
+        assert_eq!((&create, &sent), (&ack, &ack));
+        assert_eq!(
+            key(r#"{"type":"instruction.create","agent_id":"a","session_id":"s","instruction_type":"t","payload":1}"#),
+            "s"
+        );
+    }
+
+    #[test]
+    fn a_nul_in_any_json_field_is_poison_naming_the_field() {
+        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
+        let cases = [
+            (
+                "client_info",
+                json!({"type": "agent.heartbeat", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
+            ),
+            ("client_info", json!({"type": "connection.open", "agent_id": "a", "session_id": "s"})),
+            (
+                "payload",
+                json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t"}),
+            ),
+            (
+                "instruction_metadata",
+                json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t", "payload": 1}),
+            ),
+            (
+                "result",
+                json!({"type": "instruction.ack", "agent_id": "a", "session_id": "s", "instruction_id": iid, "status": "failed"}),
+            ),
+            ("experimental_parameters", json!({"type": "session.create", "agent_id": "a"})),
+        ];
+        for (field, base) in cases {
+            for bad in [json!({"deep": ["ok", "x\u{0}y"]}), json!({"k\u{0}": 1})] {
+                let mut body = base.clone();
+                body[field] = bad;
+                let p = Command::parse(body.to_string().as_bytes(), 1 << 20).unwrap_err();
+                assert_eq!(p.kind, PoisonKind::InvalidField, "{body}");
+                assert!(p.detail.contains(&format!("field `{field}`")) && p.detail.contains("NUL"), "{}", p.detail);
+            }
+            let mut body = base.clone();
+            body[field] = json!({"fine": "x"});
+            assert!(parse(&body.to_string()).is_ok(), "{body}");
+        }
+        let e = parse(r#"{"type":"session.create","agent_id":"a","experimental_parameters":[1]}"#).unwrap_err();
+        assert!(e.contains("experimental_parameters"), "{e}");
+    }
+
+    #[test]
+    fn a_client_closes_only_with_client_disconnect() {
+        let close = |reason: &str| {
+            parse(&format!(r#"{{"type":"connection.close","agent_id":"a","connection_id":"c","reason":"{reason}"}}"#))
+        };
+        let c = close("client_disconnect").unwrap();
+        assert!(c.downcast_ref::<connection::Close>().is_some());
+        for reason in ["stale_connection", "session_closed", "whatever"] {
+            let e = close(reason).unwrap_err();
+            assert!(e.contains("field `reason`"), "{e}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::replies::{result, Closed, SessionCreated};
 use super::{Context, Message, Outcome, Sender};
 use crate::db;
-use crate::domain::{CloseReason, Ident, SessionStatus, Text};
+use crate::domain::{CloseReason, Ident, Json, SessionStatus, Text};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
 
@@ -31,7 +31,7 @@ pub struct Create {
     pub description: Option<Text>,
     /// Any JSON object.
     #[serde(default)]
-    pub experimental_parameters: Option<Map<String, Value>>,
+    pub experimental_parameters: Option<Json<Map<String, Value>>>,
 }
 
 /// `session.close`: end a session, close its connections, cancel its open instructions.
@@ -79,7 +79,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
     };
     let acquisition = cmd.acquisition_uuid.as_ref().map(|t| t.as_str());
     let description = cmd.description.as_ref().map(|t| t.as_str());
-    let params = cmd.experimental_parameters.clone().map(Value::Object);
+    let params = cmd.experimental_parameters.as_ref().map(Json::to_value);
     let inserted = tx
         .execute(
             "INSERT INTO agent_session (session_id, agent_id, acquisition_uuid, name, description, \

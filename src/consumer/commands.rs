@@ -16,13 +16,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::{reject, reply};
-use super::{ack, prop, user_mismatch, Shared};
-use crate::commands::{execute, Command, Meta};
-use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
+use super::{ack, authorize, prop, Shared};
+use crate::commands::{body_digest, execute, Command, Meta, Queue};
+use crate::error::{CommandError, Error, Poison, Result};
 use crate::retry::retry_transient;
 
 /// Consumes the command queue until shutdown. Commands run in `worker.command_lanes` lanes; a lane is chosen by
-/// the command's session (or instruction/connection), so one session's commands keep their order.
+/// the command's order key (the object it changes), so commands on the same object are applied in the order this
+/// worker received them.
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
@@ -108,19 +109,19 @@ async fn command(
         }
     };
     let ty = cmd.type_name();
-    if let Some(why) = cmd.claimed_agent().and_then(|a| user_mismatch(s, d, a.as_str())) {
+    if let Some(why) = authorize(s, d, &cmd, Queue::Commands) {
         reject(shared, d, ty, &why, CommandError::Forbidden(why.to_string())).await?;
         return ack(d, false).await;
     }
-    let meta = Meta { message_id: prop(d.properties.message_id()), user_id: prop(d.properties.user_id()) };
+    let meta = Meta {
+        message_id: prop(d.properties.message_id()),
+        user_id: prop(d.properties.user_id()),
+        body_digest: Some(body_digest(&d.data)),
+    };
     let started = Instant::now();
     let result = retry_transient(ty, shutdown, || execute(&shared.pool, s, &cmd, &meta)).await;
     shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(Err(CommandError::Unauthorized(why))) => {
-            let why = Poison::new(PoisonKind::Forbidden, format!("forbidden: {why}"));
-            reject(shared, d, ty, &why, CommandError::Forbidden(why.to_string())).await?;
-        }
         Ok(outcome) => {
             match &outcome {
                 Ok(_) => shared.metrics.message(ty, "ok"),

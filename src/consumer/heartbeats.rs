@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
-use super::{ack, user_mismatch, Shared};
-use crate::commands::heartbeat::{apply_batch, apply_batch_then, Heartbeat};
-use crate::commands::Command;
+use super::{ack, authorize, Shared};
+use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat};
+use crate::commands::{Command, Queue};
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
 
@@ -147,53 +147,50 @@ async fn heartbeat_batch(
                 continue;
             }
         };
+        if let Some(why) = authorize(s, d, &cmd, Queue::Heartbeats) {
+            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
+            continue;
+        }
+        // `authorize` admits only the heartbeat queue's types, and heartbeats are its only one; refuse anything else
+        // all the same rather than trust that.
         let Some(h) = cmd.downcast_ref::<Heartbeat>() else {
-            let why = Poison::new(
-                PoisonKind::WrongQueue,
-                format!("type `{}` is not accepted on the heartbeat queue", cmd.type_name()),
-            );
-            reject(shared, d, cmd.type_name(), &why, CommandError::Invalid(why.to_string())).await?;
+            let why =
+                Poison::new(PoisonKind::Forbidden, format!("forbidden: `{}` is not a heartbeat", cmd.type_name()));
+            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
             continue;
         };
-        match user_mismatch(s, d, h.agent_id.as_str()) {
-            Some(why) => reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?,
-            None => valid.push((i, h.clone())),
-        }
+        valid.push((i, h.clone()));
     }
-    if !valid.is_empty() {
-        let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
-        let started = Instant::now();
-        let result =
-            retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
-        match result {
-            Ok(report) => {
-                shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
-                let ok = report.received - report.rejected.min(report.received);
-                for _ in 0..ok {
-                    shared.metrics.message("agent.heartbeat", "ok");
-                }
-                for _ in 0..report.rejected {
-                    shared.metrics.message("agent.heartbeat", "rejected");
-                }
-            }
-            Err(e) if e.poison_reason().is_some() => {
-                // One value in the batch is unstorable: apply one by one and dead-letter the culprits.
-                for (i, h) in &valid {
-                    let one = std::slice::from_ref(h);
-                    match retry_transient("applying a heartbeat", shutdown, || apply_batch(&shared.pool, one)).await {
-                        Ok(_) => shared.metrics.message("agent.heartbeat", "ok"),
-                        Err(e) => match e.poison_reason() {
-                            Some(why) => {
-                                let error = CommandError::Invalid(why.to_string());
-                                reject(shared, &batch[*i], "agent.heartbeat", &why, error).await?
-                            }
-                            None => return Err(e),
-                        },
-                    }
-                }
-            }
-            Err(e) => return Err(e),
+    if valid.is_empty() {
+        return Ok(());
+    }
+    let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
+    let started = Instant::now();
+    let result =
+        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
+    let (report, refused) = match result {
+        Ok(report) => (report, Vec::new()),
+        Err(e) if e.poison_reason().is_some() => {
+            // A value in the batch is one the database refuses: apply the batch again in one transaction with a
+            // savepoint per heartbeat, so that only the refused ones are left out; they are dead-lettered once the
+            // rest is committed.
+            retry_transient("applying heartbeats with a savepoint each", shutdown, || {
+                apply_batch_isolating(&shared.pool, &hbs, signal)
+            })
+            .await?
         }
+        Err(e) => return Err(e),
+    };
+    shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
+    let ok = report.received.saturating_sub(report.rejected + refused.len());
+    for _ in 0..ok {
+        shared.metrics.message("agent.heartbeat", "ok");
+    }
+    for _ in 0..report.rejected {
+        shared.metrics.message("agent.heartbeat", "rejected");
+    }
+    for (n, why) in refused {
+        reject(shared, &batch[valid[n].0], "agent.heartbeat", &why, CommandError::Invalid(why.to_string())).await?;
     }
     Ok(())
 }

@@ -24,7 +24,9 @@ use lapin::options::BasicAckOptions;
 use lapin::Channel;
 
 use crate::amqp::Topology;
+use crate::commands::{Command, Queue, Sender};
 use crate::config::Settings;
+use crate::domain::Ident;
 use crate::error::{Error, Poison, PoisonKind, Result};
 use crate::metrics::Metrics;
 
@@ -60,17 +62,35 @@ pub(crate) async fn ack(d: &Delivery, multiple: bool) -> Result<()> {
     }
 }
 
-/// Why an agent's message may not be accepted from this sender: with `security.require_user_id`, its AMQP
-/// `user_id` (which the broker vouches for) must be the agent it names.
-pub(crate) fn user_mismatch(settings: &Settings, d: &Delivery, agent: &str) -> Option<Poison> {
+/// Why a parsed message may not be applied from this delivery, if it may not; the same check in both consumers.
+///
+/// What the broker vouches for decides: the routing key (which the broker's topic permissions restrict per user)
+/// must be the message's `type`, so a user allowed only some routing keys can have only those types applied; the
+/// message must be consumed from its type's queue (only an extra binding someone added could bring it elsewhere);
+/// and with `security.require_user_id` an agent message's AMQP `user_id` must be the agent it names.
+pub(crate) fn authorize(settings: &Settings, d: &Delivery, cmd: &Command, queue: Queue) -> Option<Poison> {
+    let forbidden = |why: String| Some(Poison::new(PoisonKind::Forbidden, format!("forbidden: {why}")));
+    let ty = cmd.type_name();
+    let key = d.routing_key.as_str();
+    if key != ty {
+        let shown: String = key.chars().take(100).collect();
+        return forbidden(format!("routing key `{shown}` is not the message type `{ty}`"));
+    }
+    if cmd.entry().queue != queue {
+        return forbidden(format!("type `{ty}` is not consumed from this queue"));
+    }
+    if cmd.entry().sender != Sender::Agent {
+        return None;
+    }
+    let Some(agent) = cmd.claimed_agent().map(Ident::as_str) else {
+        return forbidden(format!("agent message `{ty}` names no agent_id"));
+    };
     if !settings.security.require_user_id {
         return None;
     }
     match prop(d.properties.user_id()) {
         Some(u) if u == agent => None,
-        Some(_) => {
-            Some(Poison::new(PoisonKind::Forbidden, format!("forbidden: user_id does not match agent_id {agent}")))
-        }
-        None => Some(Poison::new(PoisonKind::Forbidden, format!("forbidden: no user_id for agent_id {agent}"))),
+        Some(_) => forbidden(format!("user_id does not match agent_id {agent}")),
+        None => forbidden(format!("no user_id for agent_id {agent}")),
     }
 }

@@ -42,8 +42,8 @@ pub const PRUNE_EVENTS: &str = "DELETE FROM event_outbox WHERE id IN ( \
      SELECT id FROM event_outbox WHERE published_at IS NOT NULL \
        AND published_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 /// Deletes up to $2 idempotency records older than $1 seconds.
-pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (message_type, message_id) IN ( \
-     SELECT message_type, message_id FROM processed_message \
+pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (sender, message_type, message_id) IN ( \
+     SELECT sender, message_type, message_id FROM processed_message \
      WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 
 /// Runs once; `None` when another worker is running this task.
