@@ -44,7 +44,7 @@ impl AgentConnectionManager {
         Ok(Self::with_pool(settings, pool))
     }
 
-    /// A manager on an existing pool (the seed's `db_engine`).
+    /// A manager on an existing pool (the `db_engine` of the Python API).
     pub fn with_pool(settings: Settings, pool: Pool) -> Self {
         Self {
             settings: Arc::new(settings),
