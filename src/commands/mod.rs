@@ -8,22 +8,25 @@
 //! refusal commits nothing but the idempotency record.
 
 pub mod connection;
+mod execute;
 pub mod heartbeat;
 pub mod instruction;
 pub mod replies;
 pub mod session;
 pub mod stats;
 
+pub use execute::{body_digest, execute, reply_json, Meta};
+
 use std::any::Any;
 use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
 
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Transaction;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::Settings;
 use crate::domain::{Ident, SessionStatus};
@@ -239,102 +242,21 @@ impl Command {
         self.msg.order_key()
     }
 
+    /// Applies the command in the caller's transaction.
+    pub(crate) async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        self.msg.apply(tx, ctx).await
+    }
+
     /// The typed message, when it is a `T`.
     pub fn downcast_ref<T: Message>(&self) -> Option<&T> {
         self.msg.as_any().downcast_ref()
     }
 }
 
-/// Where a command came from: AMQP properties that count, and the body's digest.
-#[derive(Debug, Clone, Default)]
-pub struct Meta {
-    /// AMQP `message_id`: with the same sender and body, a redelivery gets the first reply and changes nothing.
-    pub message_id: Option<String>,
-    /// Broker-validated AMQP `user_id`; part of the idempotency key (`''` when absent).
-    pub user_id: Option<String>,
-    /// SHA-256 of the raw body ([`body_digest`]): a `message_id` reused with another body is refused.
-    pub body_digest: Option<Vec<u8>>,
-}
-
-/// The SHA-256 of a message body, kept with its idempotency record.
-pub fn body_digest(body: &[u8]) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(body).to_vec()
-}
-
 /// What handlers may read besides their command.
 pub struct Context<'a> {
     /// The service settings.
     pub settings: &'a Settings,
-}
-
-/// A reply body: `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message"}}`.
-pub fn reply_json(outcome: &Outcome) -> Value {
-    match outcome {
-        Ok(result) => json!({ "ok": true, "result": result }),
-        Err(e) => json!({ "ok": false, "error": { "code": e.code(), "message": e.message() } }),
-    }
-}
-
-fn outcome_from_reply(reply: &Value) -> Outcome {
-    if reply["ok"] == Value::Bool(true) {
-        return Ok(reply["result"].clone());
-    }
-    let message = reply["error"]["message"].as_str().unwrap_or_default().to_string();
-    Err(match reply["error"]["code"].as_str() {
-        Some("not_found") => CommandError::NotFound(message),
-        Some("conflict") => CommandError::Conflict(message),
-        Some("forbidden") => CommandError::Forbidden(message),
-        _ => CommandError::Invalid(message),
-    })
-}
-
-const CLAIM_MESSAGE: &str = "INSERT INTO processed_message (sender, message_type, message_id, body_digest) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
-const STORED_REPLY: &str =
-    "SELECT reply, body_digest FROM processed_message WHERE sender = $1 AND message_type = $2 AND message_id = $3";
-const STORE_REPLY: &str =
-    "UPDATE processed_message SET reply = $4 WHERE sender = $1 AND message_type = $2 AND message_id = $3";
-
-/// Applies one command in one transaction and returns its outcome (heartbeats from their queue go through
-/// [`heartbeat::apply_batch`] instead).
-///
-/// With a `message_id`, the first delivery's outcome is stored with its effect, keyed by (sender, type,
-/// `message_id`) where the sender is the AMQP `user_id` (`''` without one), together with the body's digest. A
-/// redelivery (or a concurrent duplicate on another worker, which waits on the key) with the same body returns the
-/// stored outcome and changes nothing; the same key with another body is refused with `conflict` and changes
-/// nothing. Read-only commands keep no record.
-pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Meta) -> Result<Outcome> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let ty = cmd.type_name();
-    let sender = meta.user_id.as_deref().unwrap_or("");
-    let record = meta.message_id.as_ref().filter(|_| !cmd.entry.read_only);
-    if let Some(mid) = record {
-        if tx.execute(CLAIM_MESSAGE, &[&sender, &ty, mid, &meta.body_digest]).await? == 0 {
-            let row = tx.query_one(STORED_REPLY, &[&sender, &ty, mid]).await?;
-            let reply: Option<Value> = row.get(0);
-            let digest: Option<Vec<u8>> = row.get(1);
-            tx.commit().await?;
-            if let (Some(first), Some(this)) = (&digest, &meta.body_digest) {
-                if first != this {
-                    tracing::warn!(message_id = %mid, message_type = ty, sender, "message_id reused for another body");
-                    return Ok(Err(CommandError::Conflict(format!(
-                        "message_id {mid} was already used for a different message"
-                    ))));
-                }
-            }
-            tracing::info!(message_id = %mid, message_type = ty, "duplicate message: replying as before");
-            return Ok(reply.as_ref().map(outcome_from_reply).unwrap_or_else(|| Ok(Value::Null)));
-        }
-    }
-    let ctx = Context { settings };
-    let outcome = cmd.msg.apply(&tx, &ctx).await?;
-    if let Some(mid) = record {
-        tx.execute(STORE_REPLY, &[&sender, &ty, mid, &reply_json(&outcome)]).await?;
-    }
-    tx.commit().await?;
-    Ok(outcome)
 }
 
 /// Marks a session as touched by its agent: activity moves forward, an inactive session becomes active.
@@ -356,198 +278,4 @@ pub(crate) async fn touch_session(tx: &Transaction<'_>, session_id: &str) -> Res
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(s: &str) -> std::result::Result<Command, String> {
-        Command::parse(s.as_bytes(), 1 << 20).map_err(|p| p.to_string())
-    }
-
-    #[test]
-    fn poison_reasons_are_precise() {
-        assert!(parse("nope").unwrap_err().starts_with("not JSON"));
-        assert_eq!(parse("[1]").unwrap_err(), "not a JSON object");
-        assert_eq!(parse("{}").unwrap_err(), "missing field `type`");
-        assert_eq!(parse(r#"{"type":1}"#).unwrap_err(), "field `type`: must be a string");
-        assert_eq!(parse(r#"{"type":"x.y"}"#).unwrap_err(), "unknown type `x.y`");
-        let e = parse(r#"{"type":"session.close"}"#).unwrap_err();
-        assert!(e.contains("missing field `session_id`"), "{e}");
-        let e = parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":{},"max_retries":"3"}"#)
-            .unwrap_err();
-        assert!(e.contains("max_retries"), "{e}");
-        let e = parse(r#"{"type":"agent.heartbeat","agent_id":"","session_id":"s","connection_id":"c"}"#).unwrap_err();
-        assert!(e.contains("agent_id") && e.contains("empty"), "{e}");
-        let too_large = Command::parse(&[b' '; 10], 5).unwrap_err();
-        assert_eq!(too_large.kind, PoisonKind::TooLarge);
-        assert!(too_large.to_string().starts_with("too large"));
-    }
-
-    #[test]
-    fn poison_kinds_follow_the_failure() {
-        let kind = |s: &str| Command::parse(s.as_bytes(), 1 << 20).unwrap_err().kind;
-        assert_eq!(kind("nope"), PoisonKind::NotJson);
-        assert_eq!(kind("[1]"), PoisonKind::NotObject);
-        assert_eq!(kind(r#"{"type":"x.y"}"#), PoisonKind::UnknownType);
-        assert_eq!(kind(r#"{"type":"session.close"}"#), PoisonKind::InvalidField);
-    }
-
-    #[test]
-    fn payload_is_required_but_may_be_null() {
-        let e = parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t"}"#)
-            .unwrap_err();
-        assert!(e.contains("payload"), "{e}");
-        assert!(parse(
-            r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":null}"#
-        )
-        .is_ok());
-    }
-
-    #[test]
-    fn expires_at_null_is_not_absent() {
-        let cmd =
-            parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":1,"expires_at":null}"#).unwrap();
-        let c = cmd.downcast_ref::<instruction::Create>().expect("an instruction.create");
-        assert_eq!(c.expires_at, Some(None));
-        let e = parse(r#"{"type":"instruction.create","session_id":"s","agent_id":"a","instruction_type":"t","payload":1,"expires_at":null,"ttl_seconds":5}"#).unwrap_err();
-        assert!(e.contains("ttl_seconds"), "{e}");
-    }
-
-    #[test]
-    fn stored_replies_round_trip() {
-        for o in [Ok(json!({"closed": true})), Err(CommandError::NotFound("no such session".into()))] {
-            assert_eq!(outcome_from_reply(&reply_json(&o)), o);
-        }
-    }
-
-    #[test]
-    fn the_registry_has_each_type_once_and_parses_it_to_its_own_type() {
-        let mut seen = std::collections::HashSet::new();
-        for e in REGISTRY {
-            assert!(seen.insert(e.type_name), "{} registered twice", e.type_name);
-            assert_eq!(entry(e.type_name).map(|x| x.type_name), Some(e.type_name));
-        }
-        let hb = parse(r#"{"type":"agent.heartbeat","agent_id":"a","session_id":"s","connection_id":"c"}"#).unwrap();
-        assert_eq!(hb.type_name(), "agent.heartbeat");
-        assert!(hb.downcast_ref::<heartbeat::Heartbeat>().is_some());
-        assert!(hb.downcast_ref::<session::Close>().is_none());
-        assert_eq!(hb.claimed_agent().map(Ident::as_str), Some("a"));
-        let close = parse(r#"{"type":"session.close","session_id":"s"}"#).unwrap();
-        assert_eq!(close.entry().sender, Sender::Backend);
-        assert!(close.claimed_agent().is_none());
-    }
-
-    /// One valid body of every registered type.
-    fn samples() -> Vec<Value> {
-        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
-        vec![
-            json!({"type": "agent.heartbeat", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
-            json!({"type": "session.create", "agent_id": "a"}),
-            json!({"type": "session.close", "session_id": "s"}),
-            json!({"type": "connection.open", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
-            json!({"type": "connection.close", "agent_id": "a", "connection_id": "c"}),
-            json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t",
-                   "payload": 1, "instruction_id": iid}),
-            json!({"type": "instruction.sent", "instruction_id": iid}),
-            json!({"type": "instruction.ack", "agent_id": "a", "session_id": "s", "instruction_id": iid,
-                   "status": "processed"}),
-            json!({"type": "stats.get"}),
-        ]
-    }
-
-    #[test]
-    fn every_agent_message_names_its_agent() {
-        let samples = samples();
-        for e in REGISTRY {
-            let body = samples
-                .iter()
-                .find(|b| b["type"] == e.type_name)
-                .unwrap_or_else(|| panic!("no sample of {}", e.type_name));
-            let cmd = parse(&body.to_string()).unwrap_or_else(|why| panic!("{body}: {why}"));
-            match e.sender {
-                Sender::Agent => assert_eq!(
-                    cmd.claimed_agent().map(Ident::as_str),
-                    Some("a"),
-                    "{} is an agent message: it must name its agent_id",
-                    e.type_name
-                ),
-                Sender::Backend => assert!(cmd.claimed_agent().is_none(), "{}", e.type_name),
-            }
-        }
-        let e = parse(r#"{"type":"connection.close","connection_id":"c"}"#).unwrap_err();
-        assert!(e.contains("missing field `agent_id`"), "{e}");
-    }
-
-    #[test]
-    fn commands_on_the_same_object_share_an_order_key() {
-        let key = |s: &str| parse(s).unwrap().order_key();
-        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
-        let open = key(r#"{"type":"connection.open","agent_id":"a","session_id":"s","connection_id":"c"}"#);
-        let close = key(r#"{"type":"connection.close","agent_id":"a","connection_id":"c"}"#);
-        assert_eq!(open, close);
-        assert_eq!(key(r#"{"type":"connection.open","agent_id":"a","session_id":"s"}"#), "s");
-        let create = key(&format!(
-            r#"{{"type":"instruction.create","agent_id":"a","session_id":"s","instruction_type":"t","payload":1,"instruction_id":"{iid}"}}"#
-        ));
-        let sent = key(&format!(r#"{{"type":"instruction.sent","instruction_id":"{iid}"}}"#));
-        let ack = key(&format!(
-            r#"{{"type":"instruction.ack","agent_id":"a","session_id":"s","instruction_id":"{iid}","status":"received"}}"#
-        ));
-        assert_eq!((&create, &sent), (&ack, &ack));
-        assert_eq!(
-            key(r#"{"type":"instruction.create","agent_id":"a","session_id":"s","instruction_type":"t","payload":1}"#),
-            "s"
-        );
-    }
-
-    #[test]
-    fn a_nul_in_any_json_field_is_poison_naming_the_field() {
-        let iid = "6f1c2a8e-8d3b-4c5e-9f00-123456789abc";
-        let cases = [
-            (
-                "client_info",
-                json!({"type": "agent.heartbeat", "agent_id": "a", "session_id": "s", "connection_id": "c"}),
-            ),
-            ("client_info", json!({"type": "connection.open", "agent_id": "a", "session_id": "s"})),
-            (
-                "payload",
-                json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t"}),
-            ),
-            (
-                "instruction_metadata",
-                json!({"type": "instruction.create", "agent_id": "a", "session_id": "s", "instruction_type": "t", "payload": 1}),
-            ),
-            (
-                "result",
-                json!({"type": "instruction.ack", "agent_id": "a", "session_id": "s", "instruction_id": iid, "status": "failed"}),
-            ),
-            ("experimental_parameters", json!({"type": "session.create", "agent_id": "a"})),
-        ];
-        for (field, base) in cases {
-            for bad in [json!({"deep": ["ok", "x\u{0}y"]}), json!({"k\u{0}": 1})] {
-                let mut body = base.clone();
-                body[field] = bad;
-                let p = Command::parse(body.to_string().as_bytes(), 1 << 20).unwrap_err();
-                assert_eq!(p.kind, PoisonKind::InvalidField, "{body}");
-                assert!(p.detail.contains(&format!("field `{field}`")) && p.detail.contains("NUL"), "{}", p.detail);
-            }
-            let mut body = base.clone();
-            body[field] = json!({"fine": "x"});
-            assert!(parse(&body.to_string()).is_ok(), "{body}");
-        }
-        let e = parse(r#"{"type":"session.create","agent_id":"a","experimental_parameters":[1]}"#).unwrap_err();
-        assert!(e.contains("experimental_parameters"), "{e}");
-    }
-
-    #[test]
-    fn a_client_closes_only_with_client_disconnect() {
-        let close = |reason: &str| {
-            parse(&format!(r#"{{"type":"connection.close","agent_id":"a","connection_id":"c","reason":"{reason}"}}"#))
-        };
-        let c = close("client_disconnect").unwrap();
-        assert!(c.downcast_ref::<connection::Close>().is_some());
-        for reason in ["stale_connection", "session_closed", "whatever"] {
-            let e = close(reason).unwrap_err();
-            assert!(e.contains("field `reason`"), "{e}");
-        }
-    }
-}
+mod tests;

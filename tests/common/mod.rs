@@ -233,6 +233,16 @@ impl TestApp {
         }
     }
 
+    /// Heartbeat batches the worker applied so far (its batch-size histogram's count).
+    pub fn heartbeat_batches(&self) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.manager.metrics().registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("acm_heartbeat_batch_size_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("batch size histogram")
+    }
+
     /// Outbox rows not yet published.
     pub async fn unpublished(&self) -> i64 {
         self.db.query_one("SELECT count(*) FROM event_outbox WHERE published_at IS NULL", &[]).await.unwrap().get(0)

@@ -1,0 +1,123 @@
+//! The configuration's unit tests: defaults, layering, validation, redaction.
+
+use super::*;
+
+fn from_toml(s: &str) -> Result<Settings, ConfigError> {
+    Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(s)))
+}
+
+#[test]
+fn defaults_are_valid_and_as_documented() {
+    let s = Settings::default();
+    s.validate().unwrap();
+    s.validate_worker().unwrap();
+    assert_eq!(s.database.pool_size, 20);
+    assert_eq!(s.amqp.prefix, "agent");
+    assert_eq!(s.amqp.prefetch, 2000);
+    assert_eq!(s.amqp.command_queue_type, QueueType::Quorum);
+    assert_eq!(s.sweeper.check_interval_secs, 30);
+    assert_eq!(s.sweeper.connection_stale_after_secs, 120);
+    assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
+    assert_eq!(s.http.listen, "127.0.0.1:9090");
+    assert_eq!(s.amqp.max_message_bytes, 1_048_576);
+    assert_eq!(s.amqp.confirm_timeout_secs, 10);
+    assert_eq!(s.outbox.lease_secs, 30);
+    assert_eq!(s.database.statement_timeout_secs, 30);
+    assert_eq!(s.database.lock_timeout_secs, 10);
+    assert_eq!(s.database.idle_in_transaction_timeout_secs, 60);
+    assert_eq!(s.worker.shutdown_grace_secs, 20);
+}
+
+#[test]
+fn every_wait_is_bounded() {
+    for (section, key) in [
+        ("amqp", "confirm_timeout_secs"),
+        ("database", "statement_timeout_secs"),
+        ("database", "lock_timeout_secs"),
+        ("database", "idle_in_transaction_timeout_secs"),
+        ("worker", "shutdown_grace_secs"),
+    ] {
+        let e = from_toml(&format!("[{section}]\n{key} = 0")).unwrap_err().to_string();
+        assert!(e.contains(&format!("{section}.{key}")), "{e}");
+    }
+    let e = from_toml("[outbox]\nlease_secs = 10").unwrap_err().to_string();
+    assert!(e.contains("outbox.lease_secs") && e.contains("amqp.confirm_timeout_secs"), "{e}");
+    from_toml("[outbox]\nlease_secs = 11").unwrap();
+}
+
+#[test]
+fn the_repo_defaults_file_equals_the_built_in_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+    let from_file: Settings = Figment::from(Toml::file(path)).extract().unwrap();
+    assert_eq!(from_file, Settings::default());
+}
+
+#[test]
+fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
+    let mut s = Settings::default();
+    s.amqp.prefetch = 1000;
+    let e = s.validate_worker().unwrap_err().to_string();
+    assert!(e.contains("amqp.prefetch:") && e.contains("worker.heartbeat_pipeline"), "{e}");
+    let mut s = Settings::default();
+    s.database.pool_size = 17;
+    let e = s.validate_worker().unwrap_err().to_string();
+    assert!(e.contains("database.pool_size:") && e.contains("18"), "{e}");
+    assert!(!e.contains('\n'));
+    s.worker.command_lanes = 7;
+    s.validate_worker().unwrap();
+}
+
+#[test]
+fn a_bad_value_names_its_key_on_one_line() {
+    let e = from_toml("[database]\npool_size = \"many\"").unwrap_err().to_string();
+    assert!(e.contains("database.pool_size"), "{e}");
+    assert!(!e.contains('\n'));
+    let e = from_toml("[amqp]\ncommand_queue_type = \"stream\"").unwrap_err().to_string();
+    assert!(e.contains("amqp.command_queue_type"), "{e}");
+    let e = from_toml("[sweeper]\nstale_brake_ratio = 1.5").unwrap_err().to_string();
+    assert!(e.contains("sweeper.stale_brake_ratio"), "{e}");
+    let e = from_toml("[amqp]\nurl = \"http://x\"").unwrap_err().to_string();
+    assert!(e.contains("amqp.url"), "{e}");
+    let e = from_toml("[amqp]\nnope = 1").unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
+fn only_section_variables_are_keys() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ACM_DATABASE__POOL_SIZE", "3");
+        jail.set_env("ACM_TEST_PG_BASE", "postgres://elsewhere");
+        jail.set_env("ACM_CONFIG", "/nonexistent-but-not-read-here.toml");
+        let s = Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
+            .map_err(|e| e.to_string())?;
+        assert_eq!(s.database.pool_size, 3);
+        jail.set_env("ACM_DATABASE__POOL_SIZ", "3");
+        let e = Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool_siz"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn redaction_hides_the_password_of_every_broker_node() {
+    let mut s = Settings::default();
+    s.amqp.url = "amqp://u:one@a:5672/%2f, amqp://u:two@b:5672/%2f".into();
+    s.validate().unwrap();
+    let toml = s.to_redacted_toml();
+    assert!(!toml.contains("one") && !toml.contains("two"), "{toml}");
+    assert!(toml.contains("amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"), "{toml}");
+}
+
+#[test]
+fn redaction_hides_passwords() {
+    assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+    assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    assert_eq!(redact_url("host=h user=u password=secret"), "host=h user=u password=***");
+    let mut s = Settings::default();
+    s.database.url = "postgres://acm:hunter2@db/acm".into();
+    assert!(!s.to_redacted_toml().contains("hunter2"));
+    assert!(!s.to_redacted_toml().contains("guest:guest"));
+}

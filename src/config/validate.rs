@@ -1,0 +1,130 @@
+//! Validation: each value on its own, then the combinations a running worker needs.
+
+use std::net::SocketAddr;
+
+use super::{ConfigError, Settings};
+
+impl Settings {
+    /// Checks every value that its type alone does not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.database.url.parse::<tokio_postgres::Config>().is_err() {
+            return bad("database.url", "not a valid PostgreSQL URL or key=value string");
+        }
+        if self.database.pool_size == 0 {
+            return bad("database.pool_size", "must be at least 1");
+        }
+        if self.database.checkout_timeout_secs == 0 {
+            return bad("database.checkout_timeout_secs", "must be at least 1");
+        }
+        let urls = crate::amqp::broker_urls(&self.amqp.url);
+        if urls.is_empty() {
+            return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas");
+        }
+        for u in urls {
+            match url::Url::parse(u) {
+                Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
+                _ => return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas"),
+            }
+        }
+        let prefix_ok = !self.amqp.prefix.is_empty()
+            && self.amqp.prefix.len() <= 200
+            && self.amqp.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !prefix_ok {
+            return bad("amqp.prefix", "must be 1-200 characters of letters, digits, '-', '_', '.', ':'");
+        }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch", "must be at least 1");
+        }
+        if self.amqp.max_message_bytes == 0 {
+            return bad("amqp.max_message_bytes", "must be at least 1");
+        }
+        if self.amqp.command_delivery_limit == 0 {
+            return bad("amqp.command_delivery_limit", "must be at least 1");
+        }
+        let s = &self.sweeper;
+        for (key, v) in [
+            ("sweeper.check_interval_secs", s.check_interval_secs),
+            ("sweeper.connection_stale_after_secs", s.connection_stale_after_secs),
+            ("sweeper.session_inactive_after_secs", s.session_inactive_after_secs),
+            ("sweeper.instruction_retry_window_secs", s.instruction_retry_window_secs),
+            ("instructions.default_ttl_secs", self.instructions.default_ttl_secs),
+            ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
+            ("database.statement_timeout_secs", self.database.statement_timeout_secs),
+            ("database.lock_timeout_secs", self.database.lock_timeout_secs),
+            ("database.idle_in_transaction_timeout_secs", self.database.idle_in_transaction_timeout_secs),
+            ("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs),
+            ("outbox.lease_secs", self.outbox.lease_secs),
+            ("worker.shutdown_grace_secs", self.worker.shutdown_grace_secs),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if !(s.stale_brake_ratio > 0.0 && s.stale_brake_ratio <= 1.0) {
+            return bad("sweeper.stale_brake_ratio", "must be greater than 0 and at most 1");
+        }
+        if s.batch_size < 1 {
+            return bad("sweeper.batch_size", "must be at least 1");
+        }
+        if s.parallel_batches == 0 {
+            return bad("sweeper.parallel_batches", "must be at least 1");
+        }
+        if self.outbox.batch_size < 1 {
+            return bad("outbox.batch_size", "must be at least 1");
+        }
+        if self.worker.heartbeat_batch_size == 0 {
+            return bad("worker.heartbeat_batch_size", "must be at least 1");
+        }
+        if self.outbox.pipeline == 0 {
+            return bad("outbox.pipeline", "must be at least 1");
+        }
+        if self.worker.heartbeat_pipeline == 0 {
+            return bad("worker.heartbeat_pipeline", "must be at least 1");
+        }
+        if self.worker.command_lanes == 0 {
+            return bad("worker.command_lanes", "must be at least 1");
+        }
+        if self.outbox.lease_secs <= self.amqp.confirm_timeout_secs {
+            return bad("outbox.lease_secs", "must be greater than amqp.confirm_timeout_secs");
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");
+        }
+        Ok(())
+    }
+
+    /// Pooled connections a running worker holds at once at full load: one per heartbeat batch in flight, command
+    /// lane, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`.
+    pub fn worker_connections(&self) -> usize {
+        self.worker.heartbeat_pipeline
+            + self.worker.command_lanes
+            + self.outbox.pipeline
+            + self.sweeper.parallel_batches
+            + 1
+    }
+
+    /// Checks what running the worker needs beyond [`Settings::validate`]: settings that are each valid but cannot
+    /// work together. Library calls that do not start the worker (creating or closing a session, statistics) do not
+    /// need them.
+    pub fn validate_worker(&self) -> Result<(), ConfigError> {
+        let w = &self.worker;
+        let needed = w.heartbeat_batch_size.saturating_mul(w.heartbeat_pipeline);
+        if usize::from(self.amqp.prefetch) < needed {
+            return Err(ConfigError(format!(
+                "amqp.prefetch: {} is below worker.heartbeat_batch_size x worker.heartbeat_pipeline ({needed}); \
+                 the later batches of the pipeline would never fill",
+                self.amqp.prefetch
+            )));
+        }
+        let held = self.worker_connections();
+        if self.database.pool_size < held {
+            return Err(ConfigError(format!(
+                "database.pool_size: {} is below the {held} connections a worker holds at once \
+                 (worker.heartbeat_pipeline + worker.command_lanes + outbox.pipeline + sweeper.parallel_batches + 1)",
+                self.database.pool_size
+            )));
+        }
+        Ok(())
+    }
+}
