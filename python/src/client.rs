@@ -1,0 +1,226 @@
+//! The `Client` class: heartbeats, commands and replies over the engine's own AMQP client.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use acm::client::Client as EngineClient;
+use agent_connection_manager as acm;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use serde_json::{json, Map, Value};
+use tokio::sync::{Mutex, OnceCell, RwLock};
+
+use crate::config::load_settings;
+use crate::convert::{json_to_py, non_empty, py_to_json, py_to_object};
+use crate::errors::{to_py, AgentConnectionManagerError, BrokerError};
+use crate::subscription::{Subscription, SubscriptionInner};
+
+/// Longest wait for a broker connection from `Client`.
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection behind a `Client`: made on first use, gone after `close`.
+pub(crate) struct ClientState {
+    amqp_url: String,
+    prefix: String,
+    client: RwLock<Option<EngineClient>>,
+    closed: AtomicBool,
+}
+
+impl ClientState {
+    /// Connects when not yet connected.
+    pub(crate) async fn connected(&self) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(AgentConnectionManagerError::new_err("the client is closed"));
+        }
+        if self.client.read().await.is_none() {
+            let mut slot = self.client.write().await;
+            if slot.is_none() && !self.closed.load(Ordering::Acquire) {
+                let connect = EngineClient::connect(&self.amqp_url, &self.prefix);
+                let client = tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connect).await.map_err(|_| {
+                    BrokerError::new_err(format!("broker: no connection within {}s", BROKER_CONNECT_TIMEOUT.as_secs()))
+                })?;
+                *slot = Some(client.map_err(to_py)?);
+            }
+        }
+        let guard = self.client.read().await;
+        if guard.is_none() {
+            return Err(AgentConnectionManagerError::new_err("the client is closed"));
+        }
+        Ok(guard)
+    }
+}
+
+/// Publishes heartbeats and commands, awaits replies and subscribes to events, over the engine's own client.
+#[pyclass(module = "agent_connection_manager", frozen)]
+pub(crate) struct Client {
+    state: Arc<ClientState>,
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (amqp_url=None, prefix=None))]
+    fn new(amqp_url: Option<String>, prefix: Option<String>) -> PyResult<Self> {
+        let (amqp_url, prefix) = match (amqp_url, prefix) {
+            (Some(u), Some(p)) => (u, p),
+            (u, p) => {
+                let settings = load_settings()?;
+                (u.unwrap_or(settings.amqp.url), p.unwrap_or(settings.amqp.prefix))
+            }
+        };
+        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
+            return Err(PyValueError::new_err("amqp_url must be an amqp:// or amqps:// URL"));
+        }
+        non_empty(&prefix, "prefix")?;
+        Ok(Self {
+            state: Arc::new(ClientState {
+                amqp_url,
+                prefix,
+                client: RwLock::new(None),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The AMQP prefix this client publishes under.
+    #[getter]
+    fn prefix(&self) -> String {
+        self.state.prefix.clone()
+    }
+
+    /// Connects now (otherwise the first call connects).
+    fn connect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            drop(state.connected().await?);
+            Ok(())
+        })
+    }
+
+    /// Publishes a heartbeat (confirmed by the broker); an unknown `connection_id` opens that connection.
+    #[pyo3(signature = (agent_id, session_id, connection_id, client_info=None))]
+    fn heartbeat<'py>(
+        &self,
+        py: Python<'py>,
+        agent_id: String,
+        session_id: String,
+        connection_id: String,
+        client_info: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        non_empty(&agent_id, "agent_id")?;
+        non_empty(&session_id, "session_id")?;
+        non_empty(&connection_id, "connection_id")?;
+        let client_info = match client_info {
+            Some(i) if !i.is_none() => Some(py_to_json(i, "client_info")?),
+            _ => None,
+        };
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let guard = state.connected().await?;
+            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            match client_info {
+                None => client.heartbeat(&agent_id, &session_id, &connection_id).await.map_err(to_py),
+                Some(info) => {
+                    let body = json!({
+                        "type": "agent.heartbeat",
+                        "agent_id": agent_id,
+                        "session_id": session_id,
+                        "connection_id": connection_id,
+                        "sent_at": chrono::Utc::now().to_rfc3339(),
+                        "client_info": info,
+                    });
+                    client.send(&body, None).await.map_err(to_py)
+                }
+            }
+        })
+    }
+
+    /// Sends a command and returns its reply (`{"ok": True, "result": ...}` or `{"ok": False, "error": ...}`).
+    #[pyo3(signature = (body, timeout=30.0))]
+    fn request<'py>(&self, py: Python<'py>, body: &Bound<'py, PyAny>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+        let body = command_body(body)?;
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(PyValueError::new_err("timeout must be a positive number of seconds"));
+        }
+        let timeout = Duration::from_secs_f64(timeout);
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let guard = state.connected().await?;
+            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            let reply = client.request(&Value::Object(body), None, timeout).await.map_err(to_py)?;
+            Python::attach(|py| json_to_py(py, &reply))
+        })
+    }
+
+    /// Publishes a command without waiting for a reply (confirmed by the broker).
+    fn send<'py>(&self, py: Python<'py>, body: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let body = command_body(body)?;
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let guard = state.connected().await?;
+            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            client.send(&Value::Object(body), None).await.map_err(to_py)
+        })
+    }
+
+    /// Events whose routing key matches any of `patterns` (`#` for all), as an async iterator of dicts. Awaiting
+    /// it binds the queue before returning; iterating without awaiting binds on the first step.
+    fn subscribe(&self, patterns: Vec<String>) -> PyResult<Subscription> {
+        if patterns.is_empty() {
+            return Err(PyValueError::new_err("patterns must name at least one routing key pattern"));
+        }
+        for p in &patterns {
+            non_empty(p, "a pattern")?;
+        }
+        Ok(Subscription {
+            inner: Arc::new(SubscriptionInner {
+                client: self.state.clone(),
+                patterns,
+                events: OnceCell::new(),
+                seen: Mutex::new((HashSet::new(), VecDeque::new())),
+            }),
+        })
+    }
+
+    /// Closes the connection; its subscriptions end.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            state.closed.store(true, Ordering::Release);
+            let client = state.client.write().await.take();
+            if let Some(c) = client {
+                c.close().await;
+            }
+            Ok(())
+        })
+    }
+
+    fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let state = slf.get().state.clone();
+        let object = slf.clone().unbind();
+        pyo3_async_runtimes::tokio::future_into_py(slf.py(), async move {
+            drop(state.connected().await?);
+            Ok(object)
+        })
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __aexit__<'py>(&self, py: Python<'py>, _exc: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.close(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Client(amqp_url={:?}, prefix={:?})", acm::config::redact_url(&self.state.amqp_url), self.state.prefix)
+    }
+}
+
+/// A command body: a dict with a non-empty string `type`.
+fn command_body(body: &Bound<'_, PyAny>) -> PyResult<Map<String, Value>> {
+    let body = py_to_object(body, "body")?;
+    match body.get("type") {
+        Some(Value::String(t)) if !t.is_empty() => Ok(body),
+        _ => Err(PyValueError::new_err("body must have a non-empty string \"type\"")),
+    }
+}

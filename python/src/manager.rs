@@ -1,0 +1,179 @@
+//! The `AgentConnectionManager` class and the process-wide manager's functions.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use acm::Error;
+use agent_connection_manager as acm;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::config::{engine_url, load_settings};
+use crate::engine::{Engine, SessionArgs};
+use crate::errors::to_py;
+use crate::runtime::wait;
+
+/// Manages agent connections, health monitoring and the instruction lifecycle (the engine inside this process).
+#[pyclass(module = "agent_connection_manager", frozen)]
+pub(crate) struct AgentConnectionManager {
+    engine: Engine,
+}
+
+#[pymethods]
+impl AgentConnectionManager {
+    #[new]
+    #[pyo3(signature = (db_engine=None, check_interval=None), text_signature = "(db_engine=None, check_interval=30)")]
+    fn new(db_engine: Option<&Bound<'_, PyAny>>, check_interval: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let check_interval: i64 = match check_interval {
+            None => 30,
+            Some(c) if c.is_instance_of::<pyo3::types::PyBool>() => -1,
+            Some(c) => c.extract().map_err(|_| PyValueError::new_err("check_interval must be an int (seconds)"))?,
+        };
+        if check_interval <= 0 {
+            return Err(PyValueError::new_err("check_interval must be positive (seconds)"));
+        }
+        let mut settings = load_settings()?;
+        let url = match db_engine {
+            Some(e) if !e.is_none() => Some(engine_url(e)?),
+            _ => None,
+        };
+        if let Some(url) = &url {
+            settings.database.url = url.clone();
+        }
+        settings.sweeper.check_interval_secs = check_interval as u64;
+        let manager = acm::AgentConnectionManager::new(settings).map_err(|e| match (&url, e) {
+            (Some(_), Error::Config(c)) if c.0.starts_with("database.url") => PyValueError::new_err(c.0),
+            (_, e) => to_py(e),
+        })?;
+        Ok(Self { engine: Engine::new(manager) })
+    }
+
+    /// Migrates the database if needed, then runs the worker (consumers, sweeper, relay, HTTP when configured).
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().start())
+    }
+
+    /// Stops the worker gracefully.
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().stop())
+    }
+
+    /// Whether the worker runs.
+    #[getter]
+    fn running(&self, py: Python<'_>) -> PyResult<bool> {
+        let engine = self.engine.clone();
+        wait(py, async move { Ok(engine.manager.is_running().await) })
+    }
+
+    /// Whether the started worker has its broker connection and runs its consumers (its topology is declared).
+    #[getter]
+    fn ready(&self) -> bool {
+        let health = self.engine.manager.health();
+        health.broker_connected.load(Ordering::Acquire) && health.consumers_running.load(Ordering::Acquire)
+    }
+
+    /// The database URL in force, password redacted.
+    #[getter]
+    fn database_url(&self) -> String {
+        acm::config::redact_url(&self.engine.manager.settings().database.url)
+    }
+
+    /// The AMQP prefix in force.
+    #[getter]
+    fn amqp_prefix(&self) -> String {
+        self.engine.manager.settings().amqp.prefix.clone()
+    }
+
+    /// The sweeper's interval in seconds.
+    #[getter]
+    fn check_interval(&self) -> u64 {
+        self.engine.manager.settings().sweeper.check_interval_secs
+    }
+
+    fn get_connection_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        wait(py, self.engine.clone().stats())
+    }
+
+    fn aget_connection_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().stats())
+    }
+
+    #[pyo3(signature = (agent_id, acquisition_uuid=None, name=None, description=None, experimental_parameters=None))]
+    fn create_session(
+        &self,
+        py: Python<'_>,
+        agent_id: String,
+        acquisition_uuid: Option<&Bound<'_, PyAny>>,
+        name: Option<String>,
+        description: Option<String>,
+        experimental_parameters: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<String> {
+        let args = SessionArgs::new(agent_id, acquisition_uuid, name, description, experimental_parameters)?;
+        wait(py, self.engine.clone().create_session(args))
+    }
+
+    #[pyo3(signature = (agent_id, acquisition_uuid=None, name=None, description=None, experimental_parameters=None))]
+    fn acreate_session<'py>(
+        &self,
+        py: Python<'py>,
+        agent_id: String,
+        acquisition_uuid: Option<&Bound<'py, PyAny>>,
+        name: Option<String>,
+        description: Option<String>,
+        experimental_parameters: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = SessionArgs::new(agent_id, acquisition_uuid, name, description, experimental_parameters)?;
+        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().create_session(args))
+    }
+
+    fn close_session(&self, py: Python<'_>, session_id: String) -> PyResult<bool> {
+        wait(py, self.engine.clone().close_session(session_id))
+    }
+
+    fn aclose_session<'py>(&self, py: Python<'py>, session_id: String) -> PyResult<Bound<'py, PyAny>> {
+        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().close_session(session_id))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "AgentConnectionManager(database={:?}, prefix={:?}, check_interval={})",
+            self.database_url(),
+            self.amqp_prefix(),
+            self.check_interval()
+        )
+    }
+}
+
+/// The Python object of the process-wide manager.
+static GLOBAL: OnceLock<Py<AgentConnectionManager>> = OnceLock::new();
+
+/// The process-wide manager, configured from the layered configuration on first use.
+#[pyfunction]
+pub(crate) fn get_connection_manager(py: Python<'_>) -> PyResult<Py<AgentConnectionManager>> {
+    if let Some(m) = GLOBAL.get() {
+        return Ok(m.clone_ref(py));
+    }
+    let manager = acm::AgentConnectionManager::new(load_settings()?).map_err(to_py)?;
+    let object = Py::new(py, AgentConnectionManager { engine: Engine::new(manager) })?;
+    Ok(GLOBAL.get_or_init(|| object).clone_ref(py))
+}
+
+/// Starts the process-wide manager.
+#[pyfunction]
+pub(crate) fn start_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let m = get_connection_manager(py)?;
+    let engine = m.get().engine.clone();
+    pyo3_async_runtimes::tokio::future_into_py(py, engine.start())
+}
+
+/// Stops the process-wide manager, if it was made.
+#[pyfunction]
+pub(crate) fn stop_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let engine = GLOBAL.get().map(|m| m.get().engine.clone());
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        match engine {
+            Some(e) => e.stop().await,
+            None => Ok(()),
+        }
+    })
+}
