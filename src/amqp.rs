@@ -139,9 +139,12 @@ impl Topology {
         Ok(())
     }
 
-    /// The heartbeat queue's arguments: a heartbeat lives at most the stale window.
+    /// The heartbeat queue's arguments: a heartbeat lives at most the stale window; a quorum queue when configured.
     pub fn heartbeat_queue_arguments(settings: &Settings) -> FieldTable {
         let mut args = FieldTable::default();
+        if settings.amqp.heartbeat_queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
         let ttl_ms = settings.sweeper.connection_stale_after_secs.saturating_mul(1000);
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64));
         args

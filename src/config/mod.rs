@@ -83,6 +83,8 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Type of the command queue.
     pub command_queue_type: QueueType,
+    /// Type of the heartbeat queue: `classic` (one node) or `quorum` (replicated over a cluster's nodes).
+    pub heartbeat_queue_type: QueueType,
     /// Largest accepted message body in bytes.
     pub max_message_bytes: usize,
     /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
@@ -226,6 +228,7 @@ impl Default for AmqpSettings {
             prefix: "agent".into(),
             prefetch: 2000,
             command_queue_type: QueueType::Quorum,
+            heartbeat_queue_type: QueueType::Classic,
             max_message_bytes: 1_048_576,
             command_delivery_limit: 20,
             confirm_timeout_secs: 10,
