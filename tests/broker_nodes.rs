@@ -10,7 +10,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
     // A port nothing listens on, then the real broker.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = common::free_port();
     let app =
         TestApp::start_with(|s| s.amqp.url = format!("amqp://guest:guest@127.0.0.1:{dead}/%2f,{}", s.amqp.url)).await;
     let sid = app.session("a1").await;
@@ -23,11 +23,7 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
 async fn the_heartbeat_queue_can_be_a_quorum_queue() {
     let app = TestApp::start_with(|s| s.amqp.heartbeat_queue_type = QueueType::Quorum).await;
     let queue = app.topology().heartbeat_queue;
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "type"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    let listed = common::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]);
     let kind = listed.lines().find_map(|l| l.split_once('\t').filter(|(n, _)| *n == queue).map(|(_, t)| t.trim()));
     assert_eq!(kind, Some("quorum"), "{queue} in: {listed}");
     let sid = app.session("a1").await;

@@ -25,15 +25,8 @@ async fn a_heartbeat_that_waited_longer_than_the_stale_window_refreshes_nothing(
     let (_c, ch) = common::amqp_channel(&app.settings).await;
     let queue = app.topology().heartbeat_queue;
     eventually("the broker to drop the heartbeat older than the stale window", Duration::from_secs(30), || async {
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        (q.message_count() == 0).then_some(())
+        let q = common::queue_counts(&ch, &queue).await;
+        (q.0 == 0).then_some(())
     })
     .await;
     app.manager.start().await.unwrap();

@@ -85,15 +85,8 @@ async fn one_refused_heartbeat_among_a_queued_batch_costs_one_dead_letter() {
     let (_c, ch) = common::amqp_channel(&app.settings).await;
     let queue = app.topology().heartbeat_queue;
     eventually("the heartbeat queue drained and acknowledged", Duration::from_secs(20), || async {
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        (q.message_count() == 0 && q.consumer_count() == 1).then_some(())
+        let q = common::queue_counts(&ch, &queue).await;
+        (q == (0, 1)).then_some(())
     })
     .await;
     // Each batch committed once, the one with the refused heartbeat included: no transaction per heartbeat.
@@ -105,15 +98,8 @@ async fn one_refused_heartbeat_among_a_queued_batch_costs_one_dead_letter() {
         n + 1
     );
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_connection WHERE connection_id = 'bad'").await, 0);
-    let dead = ch
-        .queue_declare(
-            app.topology().dead_letter.as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(dead.message_count(), 0, "only the refused heartbeat was dead-lettered");
+    let dead = common::queue_counts(&ch, &app.topology().dead_letter).await;
+    assert_eq!(dead.0, 0, "only the refused heartbeat was dead-lettered");
     app.cleanup().await;
 }
 

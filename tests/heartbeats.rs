@@ -41,15 +41,8 @@ async fn queued_heartbeats_are_applied_in_few_batches_and_acknowledged() {
     .await;
     let (_c, ch) = common::amqp_channel(&app.settings).await;
     eventually("the heartbeat queue drained and acknowledged", Duration::from_secs(20), || async {
-        let q = ch
-            .queue_declare(
-                app.topology().heartbeat_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        (q.message_count() == 0).then_some(())
+        let q = common::queue_counts(&ch, &app.topology().heartbeat_queue).await;
+        (q.0 == 0).then_some(())
     })
     .await;
     let batches = app.heartbeat_batches();

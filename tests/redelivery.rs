@@ -5,14 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, TestApp};
+use common::{eventually, rabbitmqctl, TestApp};
 use serde_json::json;
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 /// The broker connection (its pid) of whoever consumes `queue`.
 fn consumer_connection(queue: &str) -> String {

@@ -8,18 +8,13 @@ use std::time::Duration;
 use agent_connection_manager::amqp::json_properties;
 use agent_connection_manager::client::Client;
 use agent_connection_manager::{db, Settings};
-use common::{dead_letters, eventually, random_suffix, TestApp};
+use common::{dead_letters, eventually, rabbitmqctl, random_suffix, TestApp};
 use serde_json::json;
 
 /// A RabbitMQ user that exists for the test's lifetime.
 struct BrokerUser {
     name: String,
     password: String,
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl BrokerUser {

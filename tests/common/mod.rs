@@ -271,6 +271,45 @@ pub async fn amqp_channel(settings: &Settings) -> (lapin::Connection, lapin::Cha
     (conn, ch)
 }
 
+/// A queue's ready messages and consumers, read with a passive declare on `ch`.
+pub async fn queue_counts(ch: &lapin::Channel, queue: &str) -> (u32, u32) {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+    (q.message_count(), q.consumer_count())
+}
+
+/// Runs `rabbitmqctl` on the test broker, failing the test with its error output; returns its standard output.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A port nothing listens on yet.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port()
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status and the body, `None` while nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
 /// Drops the test database and deletes the test topology.
 pub async fn cleanup(settings: &Settings) {
     let (conn, ch) = amqp_channel(settings).await;

@@ -186,7 +186,12 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
 
     // A new worker starts while the alarm is still on, then the alarm is cleared.
     let mut w = lab.env.spawn("worker-after-block");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let new_port = w.http_port;
+    eventually("the new worker to connect to the blocked broker", Duration::from_secs(60), || async {
+        let (_, body) = http_get(new_port, "/readyz").await?;
+        (!body.contains("broker not connected")).then_some(())
+    })
+    .await;
     lab.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     w.wait_ready(Duration::from_secs(90)).await;
     lab.workers.push(w);
