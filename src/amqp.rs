@@ -106,16 +106,7 @@ impl Topology {
         .await?;
 
         self.declare_heartbeat_queue(conn, settings).await?;
-        for key in binding_keys(Queue::Heartbeats) {
-            ch.queue_bind(
-                self.heartbeat_queue.as_str().into(),
-                self.command_exchange.as_str().into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
+        self.bind(&ch, Queue::Heartbeats).await?;
 
         let amqp = &settings.amqp;
         let mut cmd_args = FieldTable::default();
@@ -125,9 +116,24 @@ impl Topology {
             cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(amqp.command_delivery_limit as i64));
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
-        for key in binding_keys(Queue::Commands) {
+        self.bind(&ch, Queue::Commands).await?;
+        let _ = ch.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// The name of a queue of the registry.
+    pub fn queue_name(&self, queue: Queue) -> &str {
+        match queue {
+            Queue::Heartbeats => &self.heartbeat_queue,
+            Queue::Commands => &self.command_queue,
+        }
+    }
+
+    /// Binds a queue to the command exchange with its [`binding_keys`].
+    async fn bind(&self, ch: &Channel, queue: Queue) -> Result<()> {
+        for key in binding_keys(queue) {
             ch.queue_bind(
-                self.command_queue.as_str().into(),
+                self.queue_name(queue).into(),
                 self.command_exchange.as_str().into(),
                 key.as_str().into(),
                 QueueBindOptions::default(),
@@ -135,7 +141,6 @@ impl Topology {
             )
             .await?;
         }
-        let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
     }
 

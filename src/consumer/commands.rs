@@ -8,15 +8,14 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicCancelOptions;
 use lapin::Channel;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::{reject, reply};
-use super::{ack, authorize, prop, Shared};
+use super::{ack, authorize, consume, prop, Shared};
 use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::retry::retry_transient;
@@ -26,15 +25,7 @@ use crate::retry::retry_transient;
 /// worker received them.
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
-    channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            shared.topology.command_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
     let lanes = s.worker.command_lanes;
     let mut senders = Vec::with_capacity(lanes);
     let mut set = JoinSet::new();

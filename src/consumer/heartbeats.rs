@@ -7,14 +7,13 @@ use std::time::Instant;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicCancelOptions;
 use lapin::Channel;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
-use super::{ack, authorize, Shared};
+use super::{ack, authorize, consume, Shared};
 use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat};
 use crate::commands::{Command, Queue};
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
@@ -29,15 +28,7 @@ use crate::retry::retry_transient;
 /// acknowledged.
 pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
-    channel.basic_qos(s.amqp.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            shared.topology.heartbeat_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&shared, &channel, Queue::Heartbeats).await?;
     let max = s.worker.heartbeat_batch_size;
     let depth = s.worker.heartbeat_pipeline.max(1);
     let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Delivery, Result<()>)>> = FuturesOrdered::new();

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
-use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
 
 use crate::amqp::Topology;
 use crate::commands::{Command, Queue, Sender};
@@ -47,6 +48,20 @@ pub struct Shared {
 /// A short-string AMQP property as text.
 pub(crate) fn prop(p: &Option<lapin::types::ShortString>) -> Option<String> {
     p.as_ref().map(|s| s.as_str().to_string())
+}
+
+/// Starts consuming `queue` on `channel` with `amqp.prefetch` unacknowledged deliveries at most.
+pub(crate) async fn consume(shared: &Shared, channel: &Channel, queue: Queue) -> Result<Consumer> {
+    channel.basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default()).await?;
+    let consumer = channel
+        .basic_consume(
+            shared.topology.queue_name(queue).into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(consumer)
 }
 
 /// Acknowledges a delivery (with `multiple`, every earlier one of its channel too), failing when the channel was
