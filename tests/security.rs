@@ -185,8 +185,11 @@ async fn the_documented_least_privilege_permissions_work() {
         as_agent.send(&json!({"type": "session.create", "agent_id": agent.name}), None).await.is_err(),
         "an agent published session.create"
     );
-    let stats = manager.get_connection_stats().await.unwrap();
-    assert_eq!(stats.active_connections, 1);
+    // The heartbeat travels on its own queue, so it may be applied after the ack's reply.
+    eventually("the agent's heartbeat to open its connection", t, || async {
+        (manager.get_connection_stats().await.unwrap().active_connections == 1).then_some(())
+    })
+    .await;
     for c in [as_agent, as_backend] {
         c.close().await;
     }
