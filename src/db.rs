@@ -1,4 +1,10 @@
-//! PostgreSQL: the pool (with checkout timeouts), creating the database, and applying the migrations in `sql/`.
+//! PostgreSQL: the pool (with checkout timeouts), creating the database, applying the migrations in `sql/`, and
+//! one-round-trip statements ([`Sql`]) that work directly and behind PgBouncer.
+
+mod migrate;
+mod sql;
+
+pub use sql::{enum_label, Param, PgType, Sql};
 
 use std::time::Duration;
 
@@ -15,11 +21,20 @@ mod embedded {
     refinery::embed_migrations!("sql");
 }
 
-/// Key of the session-level advisory lock that serialises concurrent `migrate` runs.
-const MIGRATION_LOCK_KEY: i64 = 0x0061_636d_5f6d_6967; // "acm_mig"
-
 fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()).into())
+}
+
+/// What `database.url` points at (`database.pooler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// PostgreSQL itself: the session limits go in the startup packet.
+    #[default]
+    None,
+    /// PgBouncer, in session or transaction pooling mode: no startup options (PgBouncer refuses them, and in
+    /// transaction mode they would not reach the server connections); the limits come from the role or database.
+    Pgbouncer,
 }
 
 /// Idle time before TCP keepalive probes start on a database connection (then every [`KEEPALIVE_INTERVAL`], 3
@@ -40,9 +55,15 @@ pub enum Limits {
     IdleInTransactionOnly,
 }
 
-/// The session settings of `limits`, as `(name, value)`.
+/// The session settings of `limits`, as `(name, value)`; none behind PgBouncer (`database.pooler = "pgbouncer"`),
+/// which refuses unknown startup parameters and in transaction pooling mode would not pass them on to the server
+/// connections anyway: there the limits are set on the role or database (`ALTER ROLE ... SET statement_timeout`) and
+/// in pgbouncer.ini (README.md, Operations).
 pub fn session_limits(settings: &DatabaseSettings, limits: Limits) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
+    if settings.pooler != Pooler::None {
+        return out;
+    }
     if limits == Limits::All {
         out.push(("statement_timeout", format!("{}s", settings.statement_timeout_secs)));
         out.push(("lock_timeout", format!("{}s", settings.lock_timeout_secs)));
@@ -72,7 +93,9 @@ pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tok
             options.push_str(&format!("-c {name}={value}"));
         }
     }
-    config.options(options);
+    if !options.is_empty() {
+        config.options(options);
+    }
     config.keepalives(true);
     // tokio-postgres's own default is two hours: anything else came from the URL.
     if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
@@ -194,16 +217,13 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<()> {
 
 /// Creates the database if missing and applies every migration in `sql/` that is not yet applied.
 ///
-/// A session-level advisory lock serialises concurrent runs, so two processes starting at once apply each migration
-/// once and both succeed.
+/// The whole run is one transaction that first takes a transaction-level advisory lock, so two processes starting
+/// at once apply each migration once and both succeed, on a direct connection as behind PgBouncer (any pooling
+/// mode that keeps a transaction on one server connection: session or transaction).
 pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
     ensure_database(settings).await?;
     let mut client = connect_with(settings, None, Limits::IdleInTransactionOnly).await?;
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
-    let report = embedded::migrations::runner().run_async(&mut client).await;
-    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
-    let report = report.map_err(|e| Error::Migration(e.to_string()))?;
-    unlock?;
+    let report = migrate::run(&mut client, embedded::migrations::runner()).await?;
     for m in report.applied_migrations() {
         tracing::info!(migration = %m, "applied migration");
     }
@@ -211,8 +231,8 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
 }
 
 /// The database clock: every deadline, threshold and event time is taken from it.
-pub async fn now(client: &impl deadpool_postgres::GenericClient) -> Result<DateTime<Utc>> {
-    let row = client.query_one("SELECT now()", &[]).await?;
+pub async fn now(client: &impl Sql) -> Result<DateTime<Utc>> {
+    let row = client.typed_one("SELECT now()", &[]).await?;
     Ok(row.get(0))
 }
 
@@ -243,5 +263,14 @@ mod tests {
             c.get_options(),
             Some("-c deadlock_timeout=2s -c lock_timeout=3s -c statement_timeout=30s -c idle_in_transaction_session_timeout=60s")
         );
+    }
+
+    #[test]
+    fn behind_pgbouncer_no_startup_options_are_sent() {
+        let mut s = DatabaseSettings { pooler: Pooler::Pgbouncer, ..DatabaseSettings::default() };
+        assert_eq!(session_config(&s, Limits::All).unwrap().get_options(), None);
+        // The URL's own options are left as they are (an operator who lists them in ignore_startup_parameters).
+        s.url = "postgres://u@h/db?options=-c%20lock_timeout%3D3s".into();
+        assert_eq!(session_config(&s, Limits::All).unwrap().get_options(), Some("-c lock_timeout=3s"));
     }
 }

@@ -168,7 +168,7 @@ macro_rules! pg_enum {
         $(#[$meta])*
         #[derive(
             Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
-            postgres_types::ToSql, postgres_types::FromSql,
+            postgres_types::ToSql,
         )]
         #[postgres(name = $pg)]
         pub enum $name {
@@ -181,6 +181,38 @@ macro_rules! pg_enum {
                 match self {
                     $($name::$variant => $label),+
                 }
+            }
+        }
+
+        /// Read from the enum type or from `text`: the worker's statements return enum columns cast to `text`, so
+        /// that tokio-postgres never looks an enum type up (it would with a named statement that it keeps, which
+        /// behind PgBouncer in transaction pooling mode may not exist on the next server connection).
+        impl<'a> postgres_types::FromSql<'a> for $name {
+            fn from_sql(
+                _: &postgres_types::Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                match std::str::from_utf8(raw)? {
+                    $($label => Ok($name::$variant),)+
+                    other => Err(format!("{}: unknown label {other:?}", $pg).into()),
+                }
+            }
+
+            fn accepts(ty: &postgres_types::Type) -> bool {
+                ty.name() == $pg || matches!(*ty, postgres_types::Type::TEXT | postgres_types::Type::VARCHAR)
+            }
+        }
+
+        /// Sent as its label, its type inferred by the server from the statement.
+        impl crate::db::Param for $name {
+            fn value(&self) -> &(dyn postgres_types::ToSql + Sync) {
+                match self {
+                    $($name::$variant => crate::db::enum_label(&$label)),+
+                }
+            }
+
+            fn pg_type(&self) -> postgres_types::Type {
+                postgres_types::Type::UNKNOWN
             }
         }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::db::Sql;
 use crate::domain::{AckStatus, CloseReason, Priority};
 use crate::error::Result;
 
@@ -223,11 +224,7 @@ const INSERT_OUTBOX: &str = "INSERT INTO event_outbox (event_id, event_type, pay
      SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])";
 
 /// Writes events to the outbox in the caller's transaction, all with `occurred_at` = `now` (the database clock).
-pub async fn write_outbox(
-    tx: &impl deadpool_postgres::GenericClient,
-    now: DateTime<Utc>,
-    bodies: Vec<EventBody>,
-) -> Result<()> {
+pub async fn write_outbox(tx: &impl Sql, now: DateTime<Utc>, bodies: Vec<EventBody>) -> Result<()> {
     if bodies.is_empty() {
         return Ok(());
     }
@@ -241,7 +238,7 @@ pub async fn write_outbox(
         types.push(event.body.event_type().to_string());
         payloads.push(serde_json::to_value(&event).expect("events serialize to JSON"));
     }
-    tx.execute(INSERT_OUTBOX, &[&ids, &types, &payloads]).await?;
+    tx.typed_execute(INSERT_OUTBOX, &[&ids, &types, &payloads]).await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::Sql;
 use crate::manager::AgentConnectionManager;
 use crate::relay;
 
@@ -31,7 +32,7 @@ pub fn router(manager: Shared) -> Router {
 async fn database_ok(m: &AgentConnectionManager) -> bool {
     let check = async {
         let client = m.pool().get().await.ok()?;
-        client.query_one("SELECT 1", &[]).await.ok()
+        client.typed_one("SELECT 1", &[]).await.ok()
     };
     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Some(_)))
 }

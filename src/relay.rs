@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::amqp::json_properties;
 use crate::config::DatabaseSettings;
+use crate::db::Sql;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
@@ -100,7 +101,7 @@ async fn relay_batch(
 ) -> Result<usize> {
     let rows = {
         let client = pool.get().await?;
-        client.query(CLAIM, &[&p.batch, &p.lease.as_secs_f64(), &p.name]).await?
+        client.typed_query(CLAIM, &[&p.batch, &p.lease.as_secs_f64(), &p.name]).await?
     };
     if rows.is_empty() {
         if let Some(tx) = published {
@@ -126,13 +127,13 @@ async fn relay_batch(
     if let Err(e) = outcome {
         // Not published: give the lease back (when the database answers; otherwise it expires).
         if let Ok(client) = pool.get().await {
-            let _ = client.execute(RELEASE, &[&ids, &p.name]).await;
+            let _ = client.typed_execute(RELEASE, &[&ids, &p.name]).await;
         }
         return Err(e);
     }
     metrics.publish_confirm_seconds.observe(started.elapsed().as_secs_f64());
     let client = pool.get().await?;
-    client.execute(MARK, &[&ids]).await?;
+    client.typed_execute(MARK, &[&ids]).await?;
     metrics.events_published.inc_by(ids.len() as u64);
     Ok(ids.len())
 }
@@ -176,7 +177,7 @@ async fn publish(
 pub async fn backlog(pool: &Pool) -> Result<(i64, f64)> {
     let client = pool.get().await?;
     let row = client
-        .query_one("SELECT count(*), min(created_at), now() FROM event_outbox WHERE published_at IS NULL", &[])
+        .typed_one("SELECT count(*), min(created_at), now() FROM event_outbox WHERE published_at IS NULL", &[])
         .await?;
     let oldest: Option<DateTime<Utc>> = row.get(1);
     let now: DateTime<Utc> = row.get(2);

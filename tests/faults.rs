@@ -29,12 +29,16 @@
 //! `lab` puts them together for one scenario; `workload` builds the messages; `counting` compares what happened with
 //! what was sent. The scenarios: `standard` (worker killed, broker restarted, database down), `expiry` (three
 //! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
-//! before the worker starts) and `blocked` (the broker blocks publishers: a memory alarm while the worker is busy).
+//! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy) and
+//! `pgbouncer` (ten in-process workers through PgBouncer in transaction pooling mode, in front of the machine's
+//! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
 #[path = "faults/blocked.rs"]
 mod blocked;
+#[path = "common/mod.rs"]
+mod common;
 #[path = "faults/counting.rs"]
 mod counting;
 #[path = "faults/expiry.rs"]
@@ -43,6 +47,8 @@ mod expiry;
 mod infra;
 #[path = "faults/lab.rs"]
 mod lab;
+#[path = "faults/pgbouncer.rs"]
+mod pgbouncer;
 #[path = "faults/poison.rs"]
 mod poison;
 #[path = "faults/publisher.rs"]

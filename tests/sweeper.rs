@@ -334,16 +334,25 @@ async fn a_task_runs_on_one_worker_at_a_time_commits_per_batch_and_releases_its_
         )
         .await
         .unwrap();
-    let lock = |task: &str| format!("SELECT pg_advisory_lock(hashtextextended('acm.sweeper.{task}', 0))");
-    let unlock = |task: &str| format!("SELECT pg_advisory_unlock(hashtextextended('acm.sweeper.{task}', 0))");
-
-    // Another worker holds the task: this one skips it and changes nothing.
-    app.db.execute(&lock("instruction_expiry"), &[]).await.unwrap();
+    // Another worker holds the task's lease: this one skips it and changes nothing.
+    app.db
+        .batch_execute(
+            "INSERT INTO sweeper_lease (task, holder, expires_at) \
+             VALUES ('instruction_expiry', 'another-worker', now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
     let r = app.sweep().await;
     assert_eq!(r.skipped_tasks, ["instruction_expiry"]);
     assert_eq!(r.instructions_expired, 0);
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction WHERE status = 'pending'").await, 5);
-    app.db.execute(&unlock("instruction_expiry"), &[]).await.unwrap();
+    // That worker's lease runs out (it died): the task is free again.
+    app.db
+        .batch_execute(
+            "UPDATE sweeper_lease SET expires_at = now() - interval '1 second' WHERE task = 'instruction_expiry'",
+        )
+        .await
+        .unwrap();
 
     // Released: 5 due instructions in batches of 2 are 3 transactions, each committing rows and events together.
     let xid_before: i64 = app.scalar("SELECT pg_current_xact_id()::text::bigint").await;
@@ -369,12 +378,10 @@ async fn a_task_runs_on_one_worker_at_a_time_commits_per_batch_and_releases_its_
         app.scalar("SELECT last_run_at FROM sweeper_state WHERE task = 'instruction_expiry'").await;
     assert!(last_run.is_some(), "the run that changed something is recorded");
 
-    // Every claim was released: another session can take each task's lock now.
-    for task in ["stale_connections", "inactive_sessions", "instruction_expiry", "retention"] {
-        let free: bool =
-            app.scalar(&format!("SELECT pg_try_advisory_lock(hashtextextended('acm.sweeper.{task}', 0))")).await;
-        assert!(free, "{task} is still claimed after the cycle");
-        app.db.execute(&unlock(task), &[]).await.unwrap();
-    }
+    // Every task was claimed, and every claim was released: no lease is held after the cycle.
+    let claimed: i64 = app.scalar("SELECT count(*) FROM sweeper_lease WHERE holder <> 'another-worker'").await;
+    assert_eq!(claimed, 4, "each of the four tasks was claimed by the sweeping worker");
+    let held: i64 = app.scalar("SELECT count(*) FROM sweeper_lease WHERE expires_at > now()").await;
+    assert_eq!(held, 0, "a lease is still held after the cycle");
     app.cleanup().await;
 }

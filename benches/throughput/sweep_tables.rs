@@ -113,7 +113,10 @@ fn explained_queries() -> Vec<(&'static str, String)> {
     use agent_connection_manager::sweeper::{inactive_sessions, instruction_expiry, retention, stale_connections};
     let q = |sql: &str, p1: &str, p2: &str| sql.replace("$1", p1).replace("$2", p2);
     vec![
-        ("claim_task", q(agent_connection_manager::sweeper::CLAIM_TASK, "'stale_connections'", "")),
+        (
+            "claim_task",
+            q(agent_connection_manager::sweeper::CLAIM_TASK, "'stale_connections'", "'bench'").replace("$3", "60"),
+        ),
         ("stale: COUNT_CANDIDATES", q(stale_connections::COUNT_CANDIDATES, "120", "")),
         ("stale: COUNT_ACTIVE", stale_connections::COUNT_ACTIVE.to_string()),
         ("stale: CLOSE_BATCH", q(stale_connections::CLOSE_BATCH, "120", "1000")),

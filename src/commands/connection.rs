@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::replies::{result, Closed, ConnectionOpened};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db;
+use crate::db::Sql;
 use crate::domain::{ClientCloseReason, CloseReason, ConnectionStatus, Ident, Json, SessionStatus};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
@@ -87,7 +88,10 @@ pub(crate) async fn lock_agent_session(
     reject_ended: bool,
 ) -> Result<std::result::Result<SessionStatus, CommandError>> {
     let Some(row) = tx
-        .query_opt("SELECT agent_id, status FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&session_id])
+        .typed_opt(
+            "SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE",
+            &[&session_id],
+        )
         .await?
     else {
         return Ok(Err(CommandError::NotFound(format!("no session {session_id}"))));
@@ -116,7 +120,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
     let ctype = cmd.connection_type.as_ref().map(|t| t.as_str()).unwrap_or("amqp");
     let info = cmd.client_info.as_ref().map(Json::get);
     let inserted = tx
-        .execute(
+        .typed_execute(
             "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
              created_at, last_heartbeat_at) VALUES ($1, $2, $3, $4, $5, now(), now()) \
              ON CONFLICT (connection_id) DO NOTHING",
@@ -125,8 +129,8 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
         .await?;
     if inserted == 0 {
         let row = tx
-            .query_one(
-                "SELECT session_id, agent_id, status, opened_by_heartbeat FROM agent_connection \
+            .typed_one(
+                "SELECT session_id, agent_id, status::text, opened_by_heartbeat FROM agent_connection \
                  WHERE connection_id = $1 FOR NO KEY UPDATE",
                 &[&cid],
             )
@@ -136,7 +140,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
             return Ok(Err(CommandError::Conflict(format!("connection {cid} already exists"))));
         }
         if row.get::<_, bool>(3) {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE agent_connection SET connection_type = $2, client_info = coalesce($3, client_info), \
                  opened_by_heartbeat = false WHERE connection_id = $1",
                 &[&cid, &ctype, &info],
@@ -170,7 +174,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
 pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
     let cid = cmd.connection_id.as_str();
     let Some(row) =
-        tx.query_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
+        tx.typed_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
     else {
         return Ok(Ok(result(Closed { closed: false })));
     };
@@ -180,10 +184,10 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
         return Ok(Err(CommandError::Forbidden(format!("connection {cid} belongs to another agent"))));
     }
     // Lock order everywhere: session, then its connections.
-    tx.query_opt("SELECT 1 FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&sid]).await?;
+    tx.typed_opt("SELECT 1 FROM agent_session WHERE session_id = $1 FOR NO KEY UPDATE", &[&sid]).await?;
     let reason = CloseReason::from(cmd.reason.unwrap_or_default());
     let closed = tx
-        .execute(
+        .typed_execute(
             "UPDATE agent_connection SET status = 'closed', close_reason = $2, closed_at = now() \
              WHERE connection_id = $1 AND status = 'active'",
             &[&cid, &reason],

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::{Command, Context, Outcome};
 use crate::config::Settings;
+use crate::db::Sql;
 use crate::error::{CommandError, Result};
 
 /// Where a command came from: AMQP properties that count, and the body's digest.
@@ -68,8 +69,8 @@ pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Met
     let sender = meta.user_id.as_deref().unwrap_or("");
     let record = meta.message_id.as_ref().filter(|_| !cmd.entry().read_only);
     if let Some(mid) = record {
-        if tx.execute(CLAIM_MESSAGE, &[&sender, &ty, mid, &meta.body_digest]).await? == 0 {
-            let row = tx.query_one(STORED_REPLY, &[&sender, &ty, mid]).await?;
+        if tx.typed_execute(CLAIM_MESSAGE, &[&sender, &ty, mid, &meta.body_digest]).await? == 0 {
+            let row = tx.typed_one(STORED_REPLY, &[&sender, &ty, mid]).await?;
             let reply: Option<Value> = row.get(0);
             let digest: Option<Vec<u8>> = row.get(1);
             tx.commit().await?;
@@ -88,7 +89,7 @@ pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Met
     let ctx = Context { settings };
     let outcome = cmd.apply(&tx, &ctx).await?;
     if let Some(mid) = record {
-        tx.execute(STORE_REPLY, &[&sender, &ty, mid, &reply_json(&outcome)]).await?;
+        tx.typed_execute(STORE_REPLY, &[&sender, &ty, mid, &reply_json(&outcome)]).await?;
     }
     tx.commit().await?;
     Ok(outcome)

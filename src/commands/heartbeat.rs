@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db;
+use crate::db::Sql;
 use crate::domain::{CloseReason, ConnectionStatus, Ident, Json, SessionStatus, Timestamp};
 use crate::error::{CommandError, Poison, Result};
 use crate::events::{write_outbox, EventBody};
@@ -178,8 +179,12 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
     let (sids, aids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
     // Session id → owner, of the sessions touched.
-    let touched: HashMap<String, String> =
-        tx.query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+    let touched: HashMap<String, String> = tx
+        .typed_query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     // Each pair's verdict: the fast path accepted the pairs of the sessions it touched; the slow path decides the rest.
     let mut verdicts: HashMap<(&str, &str), Verdict> = pairs
         .iter()
@@ -210,9 +215,12 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let vaids: Vec<&str> = valid.iter().map(|v| v.1).collect();
     let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
     let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
-    let touch_connections = tx.prepare_cached(TOUCH_ACTIVE_CONNECTIONS).await?;
-    let refreshed: HashSet<String> =
-        tx.query(&touch_connections, &[&ids, &vsids, &vaids, &infos]).await?.into_iter().map(|r| r.get(0)).collect();
+    let refreshed: HashSet<String> = tx
+        .typed_query(TOUCH_ACTIVE_CONNECTIONS, &[&ids, &vsids, &vaids, &infos])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
     report.applied += refreshed.len();
     let rest: Vec<_> = valid.into_iter().filter(|v| !refreshed.contains(v.0)).collect();
     if !rest.is_empty() {
@@ -243,8 +251,8 @@ async fn sessions_slow_path<'a>(
     let mut session_ids: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     session_ids.dedup();
     let sessions: HashMap<String, (String, SessionStatus)> = tx
-        .query(
-            "SELECT session_id, agent_id, status FROM agent_session WHERE session_id = ANY($1) \
+        .typed_query(
+            "SELECT session_id, agent_id, status::text FROM agent_session WHERE session_id = ANY($1) \
              ORDER BY session_id FOR NO KEY UPDATE",
             &[&session_ids],
         )
@@ -271,7 +279,7 @@ async fn sessions_slow_path<'a>(
         verdicts.push(((sid, aid), verdict));
     }
     if !reactivate.is_empty() {
-        tx.execute(
+        tx.typed_execute(
             "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
              WHERE session_id = ANY($1) AND status <> 'ended'",
             &[&reactivate],
@@ -314,8 +322,8 @@ async fn connections_slow_pass<'a>(
 ) -> Result<Vec<Entry<'a>>> {
     let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
     let existing: HashMap<String, (String, String, ConnectionStatus, Option<CloseReason>, String)> = tx
-        .query(
-            "SELECT connection_id, session_id, agent_id, status, close_reason, connection_type \
+        .typed_query(
+            "SELECT connection_id, session_id, agent_id, status::text, close_reason::text, connection_type \
              FROM agent_connection WHERE connection_id = ANY($1) ORDER BY connection_id FOR NO KEY UPDATE",
             &[&connection_ids],
         )
@@ -373,7 +381,7 @@ async fn connections_slow_pass<'a>(
     }
     if !upd_ids.is_empty() {
         report.applied += tx
-            .execute(
+            .typed_execute(
                 "UPDATE agent_connection c SET last_heartbeat_at = greatest(c.last_heartbeat_at, now()), \
                  status = 'active', close_reason = NULL, closed_at = NULL, \
                  client_info = coalesce(v.info, c.client_info) \
@@ -385,7 +393,7 @@ async fn connections_slow_pass<'a>(
     }
     if !new_ids.is_empty() {
         let inserted = tx
-            .query(
+            .typed_query(
                 "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
                  created_at, last_heartbeat_at, opened_by_heartbeat) \
                  SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now(), true \

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::connection::lock_agent_session;
 use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as InstructionStatusResult};
 use super::{touch_session, Context, Message, Outcome, Sender};
+use crate::db::Sql;
 use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Json, Priority, Text, Timestamp};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
@@ -169,7 +170,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
     let priority = cmd.priority.unwrap_or_default();
     let max_retries = cmd.max_retries.unwrap_or(ctx.settings.instructions.default_max_retries) as i32;
     let row = tx
-        .query_opt(
+        .typed_opt(
             "INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, \
              sequence_number, priority, expires_at, max_retries, instruction_metadata, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, \
@@ -192,7 +193,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
         .await?;
     let Some(row) = row else {
         let row = tx
-            .query_one(
+            .typed_one(
                 "SELECT session_id, agent_id, expires_at FROM agent_instruction WHERE instruction_id = $1",
                 &[&id],
             )
@@ -230,7 +231,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
 pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
     let cid = cmd.connection_id.as_ref().map(|c| c.as_str());
     let updated = tx
-        .execute(
+        .typed_execute(
             "UPDATE agent_instruction SET status = 'sent', sent_at = now(), connection_id = coalesce($2, connection_id) \
              WHERE instruction_id = $1 AND status = 'pending'",
             &[&cmd.instruction_id, &cid],
@@ -240,7 +241,9 @@ pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
         tracing::info!(instruction_id = %cmd.instruction_id, "instruction sent");
         return Ok(Ok(result(InstructionStatusResult { status: InstructionStatus::Sent })));
     }
-    match tx.query_opt("SELECT status FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id]).await?
+    match tx
+        .typed_opt("SELECT status::text FROM agent_instruction WHERE instruction_id = $1", &[&cmd.instruction_id])
+        .await?
     {
         Some(row) => Ok(Ok(result(InstructionStatusResult { status: row.get(0) }))),
         None => Ok(Err(CommandError::NotFound(format!("no instruction {}", cmd.instruction_id)))),
@@ -255,8 +258,8 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
         return Ok(Err(e));
     }
     let Some(row) = tx
-        .query_opt(
-            "SELECT session_id, agent_id, status FROM agent_instruction WHERE instruction_id = $1 FOR UPDATE",
+        .typed_opt(
+            "SELECT session_id, agent_id, status::text FROM agent_instruction WHERE instruction_id = $1 FOR UPDATE",
             &[&cmd.instruction_id],
         )
         .await?
@@ -273,7 +276,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
     let accepted = status.is_open();
     if accepted {
         let row = tx
-            .query_one(
+            .typed_one(
                 "UPDATE agent_instruction SET status = 'acknowledged', acknowledged_at = now(), \
                  ack_status = $2 WHERE instruction_id = $1 RETURNING acknowledged_at",
                 &[&cmd.instruction_id, &cmd.status],
@@ -297,7 +300,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
     } else {
         tracing::info!(instruction_id = %cmd.instruction_id, agent_id = aid, status = %status, "late acknowledgement recorded, nothing changed");
     }
-    tx.execute(
+    tx.typed_execute(
         "INSERT INTO agent_instruction_acknowledgement (instruction_id, agent_id, session_id, status, result, \
          error_message, processing_time_ms, processed_at, accepted, acknowledged_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",

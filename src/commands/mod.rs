@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::Settings;
+use crate::db::Sql;
 use crate::domain::{Ident, SessionStatus};
 use crate::error::{CommandError, Poison, PoisonKind, Result};
 
@@ -262,10 +263,10 @@ pub struct Context<'a> {
 /// Marks a session as touched by its agent: activity moves forward, an inactive session becomes active.
 pub(crate) async fn touch_session(tx: &Transaction<'_>, session_id: &str) -> Result<()> {
     let rows = tx
-        .query(
+        .typed_query(
             "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
              WHERE session_id = $1 AND status <> 'ended' \
-             RETURNING (SELECT status FROM agent_session o WHERE o.session_id = $1)",
+             RETURNING (SELECT status::text FROM agent_session o WHERE o.session_id = $1)",
             &[&session_id],
         )
         .await?;

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::replies::{result, Closed, SessionCreated};
 use super::{Context, Message, Outcome, Sender};
 use crate::db;
+use crate::db::Sql;
 use crate::domain::{CloseReason, Ident, Json, SessionStatus, Text};
 use crate::error::{CommandError, Result};
 use crate::events::{write_outbox, EventBody};
@@ -81,7 +82,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
     let description = cmd.description.as_ref().map(|t| t.as_str());
     let params = cmd.experimental_parameters.as_ref().map(Json::to_value);
     let inserted = tx
-        .execute(
+        .typed_execute(
             "INSERT INTO agent_session (session_id, agent_id, acquisition_uuid, name, description, \
              experimental_parameters, created_at, last_activity_at) VALUES ($1, $2, $3, $4, $5, $6, now(), now()) \
              ON CONFLICT (session_id) DO NOTHING",
@@ -89,7 +90,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
         )
         .await?;
     if inserted == 0 {
-        let row = tx.query_one("SELECT agent_id FROM agent_session WHERE session_id = $1", &[&session_id]).await?;
+        let row = tx.typed_one("SELECT agent_id FROM agent_session WHERE session_id = $1", &[&session_id]).await?;
         let owner: String = row.get(0);
         if owner != cmd.agent_id.as_str() {
             return Ok(Err(CommandError::Conflict(format!("session {session_id} exists for another agent"))));
@@ -114,8 +115,9 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
 /// Ends the session: `{closed: false}` when there is no such session, `{closed: true}` otherwise (again: no change).
 pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
-    let Some(row) =
-        tx.query_opt("SELECT agent_id, status FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid]).await?
+    let Some(row) = tx
+        .typed_opt("SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid])
+        .await?
     else {
         return Ok(Ok(result(Closed { closed: false })));
     };
@@ -125,16 +127,17 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
         return Ok(Ok(result(Closed { closed: true })));
     }
     let now = db::now(tx).await?;
-    tx.execute("UPDATE agent_session SET status = 'ended', ended_at = now() WHERE session_id = $1", &[&sid]).await?;
+    tx.typed_execute("UPDATE agent_session SET status = 'ended', ended_at = now() WHERE session_id = $1", &[&sid])
+        .await?;
     let connections = tx
-        .query(
+        .typed_query(
             "UPDATE agent_connection SET status = 'closed', close_reason = 'session_closed', closed_at = now() \
              WHERE session_id = $1 AND status = 'active' RETURNING connection_id, agent_id",
             &[&sid],
         )
         .await?;
     let instructions = tx
-        .query(
+        .typed_query(
             "UPDATE agent_instruction SET status = 'cancelled' \
              WHERE session_id = $1 AND status IN ('pending', 'sent') RETURNING instruction_id, agent_id",
             &[&sid],

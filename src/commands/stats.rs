@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::replies::result;
 use super::{Context, Message, Outcome, Sender};
+use crate::db::Sql;
 use crate::error::Result;
 
 /// `stats.get`: the statistics, as the reply.
@@ -56,8 +57,8 @@ pub const STATS: &str = "SELECT \
     now()";
 
 /// Reads the statistics.
-pub async fn get(client: &impl deadpool_postgres::GenericClient) -> Result<ConnectionStats> {
-    let row = client.query_one(STATS, &[]).await?;
+pub async fn get(client: &impl Sql) -> Result<ConnectionStats> {
+    let row = client.typed_one(STATS, &[]).await?;
     let pending: i64 = row.get(3);
     let sent: i64 = row.get(4);
     Ok(ConnectionStats {

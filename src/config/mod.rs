@@ -14,6 +14,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::db::Pooler;
+
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// Environment variable that names an extra configuration file.
@@ -69,6 +71,8 @@ pub struct DatabaseSettings {
     /// Longest a session may sit idle inside a transaction before the server ends it
     /// (`idle_in_transaction_session_timeout`).
     pub idle_in_transaction_timeout_secs: u64,
+    /// What `url` points at: the server itself or PgBouncer (then no session settings go in the startup packet).
+    pub pooler: Pooler,
 }
 
 /// `amqp.*`
@@ -128,6 +132,8 @@ pub struct SweeperSettings {
     pub batch_size: i64,
     /// Batch transactions a task runs at once when more than one batch is due.
     pub parallel_batches: usize,
+    /// Length of a task's lease; 0: derived from `check_interval_secs` ([`crate::sweeper::lease::length`]).
+    pub task_lease_secs: u64,
 }
 
 /// `instructions.*`
@@ -217,6 +223,7 @@ impl Default for DatabaseSettings {
             statement_timeout_secs: 30,
             lock_timeout_secs: 10,
             idle_in_transaction_timeout_secs: 60,
+            pooler: Pooler::None,
         }
     }
 }
@@ -251,6 +258,7 @@ impl Default for SweeperSettings {
             stale_brake_max_hold_secs: stale_connections::MAX_HOLD_DEFAULT.as_secs(),
             batch_size: crate::sweeper::BATCH_SIZE_DEFAULT,
             parallel_batches: crate::sweeper::PARALLEL_BATCHES_DEFAULT,
+            task_lease_secs: 0,
         }
     }
 }

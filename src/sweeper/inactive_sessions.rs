@@ -1,10 +1,12 @@
 //! Marks active sessions without agent activity for `session_inactive_after_secs` as inactive.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{in_batches, secs, Batches, Claim};
+use super::lease::{Claim, Lease};
+use super::{in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -46,8 +48,8 @@ pub const MARK_BATCH: &str = "WITH due AS ( \
      RETURNING s.session_id, s.agent_id, s.last_activity_at";
 
 /// Runs once; `None` when another worker is running this task. Returns the sessions marked.
-pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
-    let Some(mut claim) = Claim::take(pool, TASK).await? else {
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<u64>> {
+    let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
     let batches = Batches {

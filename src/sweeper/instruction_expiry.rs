@@ -2,13 +2,15 @@
 //! `retry_count` + 1, back to `pending`, deadline now + retry window, `retry` event; otherwise `expired` (final),
 //! `retry_count` unchanged, `expired` event.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{in_batches, secs, Batches, Claim};
+use super::lease::{Claim, Lease};
+use super::{in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::domain::InstructionStatus;
 use crate::error::Result;
@@ -62,12 +64,12 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
                           ELSE now() + $1::float8 * interval '1 second' END \
      FROM due WHERE i.instruction_id = due.instruction_id \
        AND i.status IN ('pending', 'sent') AND i.expires_at <= now() \
-     RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority, \
-       i.status, i.retry_count, i.max_retries, i.expires_at, due.previous";
+     RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority::text, \
+       i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
-    let Some(mut claim) = Claim::take(pool, TASK).await? else {
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
+    let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
     let mut report = Report::default();

@@ -1,12 +1,14 @@
 //! The sweeper: small periodic tasks, each with named defaults and a `run_once` that reports what it changed.
 //!
-//! Every task first claims itself with a session-level advisory lock ([`CLAIM_TASK`]), so with several workers one
-//! of them runs a given task at a time and the others skip it. Rows are then changed in bounded batches, each in its
-//! own transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that changes them, and their
+//! Every task first claims itself with a lease row in one statement ([`lease::CLAIM_TASK`]), so with several
+//! workers one of them runs a given task at a time and the others skip it; no session state is involved, so this
+//! holds behind PgBouncer in transaction pooling mode too. Rows are then changed in bounded batches, each in its own
+//! transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that changes them, and their
 //! events written to the outbox in the same transaction.
 
 pub mod inactive_sessions;
 pub mod instruction_expiry;
+pub mod lease;
 pub mod retention;
 pub mod stale_connections;
 
@@ -19,11 +21,15 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+pub use lease::{Lease, CLAIM_TASK, RELEASE_TASK};
+
 use crate::amqp::Topology;
 use crate::config::Settings;
+use crate::db::Sql;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
 use crate::metrics::{Metrics, NameLabel};
+use lease::Claim;
 
 /// Default `sweeper.check_interval_secs`: time between cycles.
 pub const CHECK_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
@@ -143,7 +149,7 @@ pub(crate) struct Batches<'a> {
     pub parallel: usize,
 }
 
-/// Runs a batch statement until batches come back short, each batch in its own transaction that also writes one
+/// Runs a batch statement until batches come back short (or the task's lease is lost), each batch in its own transaction that also writes one
 /// event per returned row to the outbox, so events reach the relay while the sweep goes on and row locks are held
 /// for one batch only. The first batch runs on the claim's connection; when it comes back full, `parallel` loops
 /// (the claim's connection and pooled ones) go on at once, kept disjoint by `SKIP LOCKED`. The first batch that
@@ -163,24 +169,29 @@ pub(crate) async fn in_batches(
     if (first as i64) < b.size {
         return Ok(first as u64);
     }
+    let lost = claim.lost();
     let others = (1..b.parallel.max(1)).map(|_| async {
         let mut client = pool.get().await?;
-        batch_loop(&mut client, &b, &event, &marked, &total).await
+        batch_loop(&mut client, &b, &event, &marked, &total, &lost).await
     });
-    let mine = batch_loop(claim.client(), &b, &event, &marked, &total);
+    let mine = batch_loop(claim.client(), &b, &event, &marked, &total, &lost);
     futures_util::future::try_join(mine, futures_util::future::try_join_all(others)).await?;
     Ok(total.load(Ordering::Relaxed))
 }
 
-/// Batches until one comes back short.
+/// Batches until one comes back short, or the task's lease was lost to another worker.
 async fn batch_loop(
     client: &mut Object,
     b: &Batches<'_>,
     event: &std::sync::Mutex<impl FnMut(&tokio_postgres::Row) -> EventBody>,
     marked: &AtomicBool,
     total: &AtomicU64,
+    lost: &AtomicBool,
 ) -> Result<()> {
     loop {
+        if lost.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let n = one_batch(client, b, event, marked).await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
         if (n as i64) < b.size {
@@ -197,7 +208,7 @@ async fn one_batch(
     marked: &AtomicBool,
 ) -> Result<usize> {
     let tx = client.transaction().await?;
-    let rows = tx.query(b.sql, &[&b.param, &b.size]).await?;
+    let rows = tx.typed_query(b.sql, &[&b.param, &b.size]).await?;
     if !rows.is_empty() {
         let now = crate::db::now(&tx).await?;
         let bodies: Vec<EventBody> = {
@@ -213,59 +224,9 @@ async fn one_batch(
     Ok(rows.len())
 }
 
-/// Takes the session-level advisory lock of task $1; `false` when another worker holds it.
-pub const CLAIM_TASK: &str = "SELECT pg_try_advisory_lock(hashtextextended('acm.sweeper.' || $1, 0))";
-/// Releases the lock [`CLAIM_TASK`] took.
-pub const RELEASE_TASK: &str = "SELECT pg_advisory_unlock(hashtextextended('acm.sweeper.' || $1, 0))";
-
-/// A task claimed by this worker: a session-level advisory lock on one pooled connection, held across the task's
-/// transactions so that one worker at a time runs a task. An advisory lock writes nothing, so a cycle that finds
-/// nothing due writes nothing and commits without waiting for the disk.
-///
-/// [`Claim::release`] unlocks and returns the connection to the pool. A claim dropped without it (an error, a
-/// cancelled cycle) discards its connection: the database session ends and the lock with it. Rows are still
-/// claimed with `FOR UPDATE SKIP LOCKED` and re-checked, so a lock lost with its connection costs at most some
-/// duplicated effort, never a duplicated change.
-pub(crate) struct Claim {
-    client: Option<Object>,
-    task: &'static str,
-}
-
-impl Claim {
-    /// Claims `task`; `None` when another worker holds it.
-    pub(crate) async fn take(pool: &Pool, task: &'static str) -> Result<Option<Claim>> {
-        let client = pool.get().await?;
-        let claimed: bool = client.query_one(CLAIM_TASK, &[&task]).await?.get(0);
-        Ok(claimed.then_some(Claim { client: Some(client), task }))
-    }
-
-    /// The connection that holds the lock.
-    pub(crate) fn client(&mut self) -> &mut Object {
-        self.client.as_mut().expect("a claim holds its connection until released")
-    }
-
-    /// Unlocks and returns the connection to the pool (or discards it when the unlock fails).
-    pub(crate) async fn release(mut self) {
-        let Some(client) = self.client.take() else { return };
-        if let Err(e) = client.query_one(RELEASE_TASK, &[&self.task]).await {
-            tracing::warn!(task = self.task, error = %e, "cannot release the sweeper task's lock; dropping its connection");
-            drop(Object::take(client));
-        }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            tracing::debug!(task = self.task, "sweeper task ended early; its connection (and lock) is dropped");
-            drop(Object::take(client));
-        }
-    }
-}
-
 /// Records in `sweeper_state.last_run_at` that a task changed something (the transaction's start time).
-pub(crate) async fn mark_run(client: &impl GenericClient, task: &str) -> Result<()> {
-    client.execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
+pub(crate) async fn mark_run(client: &impl Sql, task: &str) -> Result<()> {
+    client.typed_execute("UPDATE sweeper_state SET last_run_at = now() WHERE task = $1", &[&task]).await?;
     Ok(())
 }
 
@@ -276,12 +237,20 @@ pub struct Sweeper {
     settings: Arc<Settings>,
     probe: BacklogProbe,
     metrics: Arc<Metrics>,
+    lease: Arc<Lease>,
 }
 
 impl Sweeper {
-    /// A sweeper on this pool, reading the heartbeat backlog through `probe`.
+    /// A sweeper on this pool, reading the heartbeat backlog through `probe`, claiming its tasks as a holder of its
+    /// own with leases of `sweeper.task_lease_secs` ([`lease::length`]).
     pub fn new(pool: Pool, settings: Arc<Settings>, probe: BacklogProbe, metrics: Arc<Metrics>) -> Self {
-        Self { pool, settings, probe, metrics }
+        let lease = Arc::new(Lease::new(lease::length(&settings.sweeper)));
+        Self { pool, settings, probe, metrics, lease }
+    }
+
+    /// The holder name and lease length this sweeper claims its tasks with.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     fn observe(&self, task: &str, started: Instant, changed: u64) {
@@ -310,8 +279,8 @@ impl Sweeper {
                 tracing::warn!("broker unreachable: stale connections are not judged this cycle");
                 Ok(None)
             }
-            Backlog::Ignored => stale_connections::run_once(&self.pool, &cfg, None).await,
-            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &cfg, Some(n)).await,
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None).await,
+            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n)).await,
         };
         match stale {
             Ok(None) => report.skipped_tasks.push(stale_connections::TASK.into()),
@@ -327,7 +296,7 @@ impl Sweeper {
         self.observe(stale_connections::TASK, t, report.stale_connections);
 
         let t = Instant::now();
-        match inactive_sessions::run_once(&self.pool, &inactive_sessions::Config::from(&s.sweeper)).await {
+        match inactive_sessions::run_once(&self.pool, &self.lease, &inactive_sessions::Config::from(&s.sweeper)).await {
             Ok(None) => report.skipped_tasks.push(inactive_sessions::TASK.into()),
             Ok(Some(n)) => report.inactive_sessions = n,
             Err(e) => self.failed(&mut report, inactive_sessions::TASK, e),
@@ -335,7 +304,8 @@ impl Sweeper {
         self.observe(inactive_sessions::TASK, t, report.inactive_sessions);
 
         let t = Instant::now();
-        match instruction_expiry::run_once(&self.pool, &instruction_expiry::Config::from(&s.sweeper)).await {
+        match instruction_expiry::run_once(&self.pool, &self.lease, &instruction_expiry::Config::from(&s.sweeper)).await
+        {
             Ok(None) => report.skipped_tasks.push(instruction_expiry::TASK.into()),
             Ok(Some(r)) => {
                 report.instructions_retried = r.retried;
@@ -346,7 +316,7 @@ impl Sweeper {
         self.observe(instruction_expiry::TASK, t, report.instructions_retried + report.instructions_expired);
 
         let t = Instant::now();
-        match retention::run_once(&self.pool, &retention::Config::from(&**s)).await {
+        match retention::run_once(&self.pool, &self.lease, &retention::Config::from(&**s)).await {
             Ok(None) => report.skipped_tasks.push(retention::TASK.into()),
             Ok(Some(r)) => {
                 report.events_pruned = r.events;

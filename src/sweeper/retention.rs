@@ -1,11 +1,14 @@
 //! Deletes published events and idempotency records older than `outbox.retention_secs`, in bounded batches.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{mark_run, secs, Claim};
+use super::lease::{Claim, Lease};
+use super::{mark_run, secs};
 use crate::config::Settings;
+use crate::db::Sql;
 use crate::error::Result;
 
 /// Task name (its `sweeper_state` row).
@@ -47,8 +50,8 @@ pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (sender, 
      WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
-    let Some(mut claim) = Claim::take(pool, TASK).await? else {
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
+    let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
     // Each delete is its own statement (and transaction): no events, nothing to keep together.
@@ -57,7 +60,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
     let mut report = Report::default();
     for (sql, total) in [(PRUNE_EVENTS, &mut report.events), (PRUNE_PROCESSED, &mut report.processed_messages)] {
         loop {
-            let n = client.execute(sql, &[&keep, &cfg.batch_size]).await?;
+            let n = client.typed_execute(sql, &[&keep, &cfg.batch_size]).await?;
             *total += n;
             if (n as i64) < cfg.batch_size {
                 break;

@@ -2,14 +2,17 @@
 //! that is more likely the worker's own fault (a deep heartbeat backlog, or a large share of connections going stale
 //! at once) is held, for at most `stale_brake_max_hold_secs` in a row.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
-use super::{in_batches, secs, Batches, Claim};
+use super::lease::{Claim, Lease};
+use super::{in_batches, secs, Batches};
 use crate::config::SweeperSettings;
+use crate::db::Sql;
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody};
 
@@ -111,8 +114,8 @@ pub const CLOSE_BATCH: &str = "WITH due AS ( \
      RETURNING c.connection_id, c.session_id, c.agent_id, c.last_heartbeat_at";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result<Option<Report>> {
-    let Some(mut claim) = Claim::take(pool, TASK).await? else {
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config, backlog: Option<u64>) -> Result<Option<Report>> {
+    let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
     let report = judge_and_close(&mut claim, pool, cfg, backlog).await?;
@@ -123,20 +126,20 @@ pub async fn run_once(pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result
 async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result<Report> {
     let client = claim.client();
     let stale_secs = cfg.stale_after.as_secs_f64();
-    let candidates: i64 = client.query_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
+    let candidates: i64 = client.typed_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
     let mut report = Report::default();
     if candidates == 0 {
-        client.execute(RELEASE_HOLD, &[&TASK]).await?;
+        client.typed_execute(RELEASE_HOLD, &[&TASK]).await?;
         return Ok(report);
     }
     // The active count is only needed when the brake might apply.
     let may_brake =
         candidates as u64 >= cfg.brake_min_connections || backlog.is_some_and(|b| b > cfg.max_heartbeat_backlog);
-    let active: i64 = if may_brake { client.query_one(COUNT_ACTIVE, &[]).await?.get(0) } else { 0 };
+    let active: i64 = if may_brake { client.typed_one(COUNT_ACTIVE, &[]).await?.get(0) } else { 0 };
     if let Some(reason) = brake_reason(cfg, candidates, active, backlog) {
         let tx = client.transaction().await?;
         let row = tx
-            .query_one(
+            .typed_one(
                 "UPDATE sweeper_state SET held_since = coalesce(held_since, now()) WHERE task = $1 \
                  RETURNING now() - held_since < $2::float8 * interval '1 second', now()",
                 &[&TASK, &cfg.max_hold.as_secs_f64()],
@@ -154,7 +157,7 @@ async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: 
         tx.rollback().await?;
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
-    client.execute(RELEASE_HOLD, &[&TASK]).await?;
+    client.typed_execute(RELEASE_HOLD, &[&TASK]).await?;
     let batches =
         Batches { task: TASK, sql: CLOSE_BATCH, param: stale_secs, size: cfg.batch_size, parallel: cfg.parallel };
     report.closed = in_batches(claim, pool, batches, |r| {

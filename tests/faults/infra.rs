@@ -1,8 +1,11 @@
 //! Private infrastructure for the fault suite: a PostgreSQL cluster (`initdb` + `pg_ctl`) and a RabbitMQ node, both
 //! on free loopback ports under a temporary directory, and the worker binary as a child process. Everything here is
 //! started by the test and stopped by a `Drop` guard, also when the test fails; the machine's own PostgreSQL and
-//! RabbitMQ (5432, 5672) are never touched.
+//! RabbitMQ (5432, 5672) are never stopped or reconfigured. PgBouncer (`infra/pgbouncer.rs`) runs the same way, in
+//! front of a database of its test's own.
 
+#[path = "infra/pgbouncer.rs"]
+mod pgbouncer;
 #[path = "infra/postgres.rs"]
 mod postgres;
 #[path = "infra/rabbitmq.rs"]
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub use pgbouncer::PgBouncer;
 pub use postgres::PgCluster;
 pub use rabbitmq::RabbitNode;
 pub use worker::{WorkerEnv, WorkerProc};
