@@ -153,8 +153,8 @@ pub async fn explain_all(db: &tokio_postgres::Client) -> Res<Vec<Plan>> {
     for (name, sql) in explained_queries() {
         db.batch_execute("BEGIN").await?;
         let rows = db.simple_query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")).await;
-        // The claim takes a session-level advisory lock, which a rollback does not release.
-        db.batch_execute("ROLLBACK; SELECT pg_advisory_unlock_all()").await?;
+        // EXPLAIN ANALYZE runs the statement (the lease claim too): the rollback undoes it.
+        db.batch_execute("ROLLBACK").await?;
         let mut lines = Vec::new();
         for m in rows? {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
