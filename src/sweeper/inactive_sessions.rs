@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 
 use super::lease::{Claim, Lease};
-use super::{in_batches, secs, Batches};
+use super::{any_due, in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::error::Result;
 use crate::events::EventBody;
@@ -47,8 +47,15 @@ pub const MARK_BATCH: &str = "WITH due AS ( \
        AND s.last_activity_at < now() - $1::float8 * interval '1 second' \
      RETURNING s.session_id, s.agent_id, s.last_activity_at";
 
+/// Whether any active session has been without activity for $1 seconds (read-only).
+pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM agent_session \
+     WHERE status = 'active' AND last_activity_at < now() - $1::float8 * interval '1 second')";
+
 /// Runs once; `None` when another worker is running this task. Returns the sessions marked.
 pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<u64>> {
+    if !any_due(pool, ANY_DUE, &[&cfg.inactive_after.as_secs_f64()]).await? {
+        return Ok(Some(0));
+    }
     let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };

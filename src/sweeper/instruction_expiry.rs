@@ -10,7 +10,7 @@ use deadpool_postgres::Pool;
 use uuid::Uuid;
 
 use super::lease::{Claim, Lease};
-use super::{in_batches, secs, Batches};
+use super::{any_due, in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::domain::InstructionStatus;
 use crate::error::Result;
@@ -67,8 +67,15 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
      RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority::text, \
        i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous";
 
+/// Whether any open instruction is past its deadline (read-only).
+pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM agent_instruction \
+     WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now())";
+
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
+    if !any_due(pool, ANY_DUE, &[]).await? {
+        return Ok(Some(Report::default()));
+    }
     let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };

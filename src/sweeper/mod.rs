@@ -2,9 +2,11 @@
 //!
 //! Every task first claims itself with a lease row in one statement ([`lease::CLAIM_TASK`]), so with several
 //! workers one of them runs a given task at a time and the others skip it; no session state is involved, so this
-//! holds behind PgBouncer in transaction pooling mode too. Rows are then changed in bounded batches, each in its own
-//! transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that changes them, and their
-//! events written to the outbox in the same transaction.
+//! holds behind PgBouncer in transaction pooling mode too. The inactive-session, expiry and retention tasks first ask
+//! whether anything is due (one read-only `EXISTS` query, [`any_due`]) and claim nothing when nothing is; the stale
+//! task, whose first statement counts candidates for the brake, claims every cycle. Rows are then changed in bounded
+//! batches, each in its own transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that
+//! changes them, and their events written to the outbox in the same transaction.
 
 pub mod inactive_sessions;
 pub mod instruction_expiry;
@@ -222,6 +224,13 @@ async fn one_batch(
     }
     tx.commit().await?;
     Ok(rows.len())
+}
+
+/// Whether a task has anything to do: `sql` is a read-only `SELECT EXISTS (...)` of its due rows. A task with
+/// nothing due neither claims its lease nor writes anything.
+pub(crate) async fn any_due(pool: &Pool, sql: &str, params: &[&dyn crate::db::Param]) -> Result<bool> {
+    let client = pool.get().await?;
+    Ok(client.typed_one(sql, params).await?.get(0))
 }
 
 /// Records in `sweeper_state.last_run_at` that a task changed something (the transaction's start time).

@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 
 use super::lease::{Claim, Lease};
-use super::{mark_run, secs};
+use super::{any_due, mark_run, secs};
 use crate::config::Settings;
 use crate::db::Sql;
 use crate::error::Result;
@@ -49,8 +49,16 @@ pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (sender, 
      SELECT sender, message_type, message_id FROM processed_message \
      WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 
+/// Whether any published event or idempotency record is older than $1 seconds (read-only).
+pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM event_outbox WHERE published_at IS NOT NULL \
+       AND published_at < now() - $1::float8 * interval '1 second') \
+     OR EXISTS (SELECT 1 FROM processed_message WHERE processed_at < now() - $1::float8 * interval '1 second')";
+
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
+    if !any_due(pool, ANY_DUE, &[&cfg.retention.as_secs_f64()]).await? {
+        return Ok(Some(Report::default()));
+    }
     let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
