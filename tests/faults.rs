@@ -29,12 +29,15 @@
 //! `lab` puts them together for one scenario; `workload` builds the messages; `counting` compares what happened with
 //! what was sent. The scenarios: `standard` (worker killed, broker restarted, database down), `expiry` (three
 //! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
-//! before the worker starts) and `blocked` (the broker blocks publishers: a memory alarm while the worker is busy).
+//! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy) and
+//! `cluster` (the node leading the quorum queues of a three-node cluster is killed).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
 #[path = "faults/blocked.rs"]
 mod blocked;
+#[path = "faults/cluster.rs"]
+mod cluster;
 #[path = "faults/counting.rs"]
 mod counting;
 #[path = "faults/expiry.rs"]

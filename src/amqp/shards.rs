@@ -5,9 +5,10 @@
 //! agent's heartbeats stay in one queue, in order; a heartbeat without the header hashes like any other value and
 //! lands in one shard too.
 //!
-//! Declaration only adds: the single `<prefix>.heartbeats` of one shard is left as it is (with a warning, as it
-//! still receives a copy of every heartbeat while it is bound); fewer shards than exist is refused, since
-//! heartbeats hashed to a shard no worker consumes would never be applied.
+//! Declaration only adds: the single `<prefix>.heartbeats` of one shard is left as it is (it still receives a copy
+//! of every heartbeat while it exists, until an operator deletes it); fewer shards than exist is refused, since
+//! heartbeats hashed to a shard no worker consumes would never be applied. Finding that out costs a passive
+//! declaration of shard N, which the broker answers with a 404 (logged by the AMQP library) when all is well.
 
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -84,31 +85,6 @@ impl Topology {
             FieldTable::default(),
         )
         .await?;
-        if Self::queue_exists(conn, &self.heartbeat_queue).await? {
-            tracing::warn!(
-                queue = %self.heartbeat_queue,
-                shards = n,
-                "the single heartbeat queue of one shard still exists: while it is bound it receives a copy of every \
-                 heartbeat, which no worker with shards consumes (its TTL drops them). Once no worker with one shard \
-                 runs, delete it: `rabbitmqctl delete_queue {}`",
-                self.heartbeat_queue
-            );
-        }
-        Ok(())
-    }
-
-    /// With one shard: warns when shard queues of an earlier configuration with several still exist (they still
-    /// receive a copy of every heartbeat, which nobody consumes).
-    pub(super) async fn warn_about_left_shards(&self, conn: &Connection) -> Result<()> {
-        let first = self.heartbeat_shard(0);
-        if Self::queue_exists(conn, &first).await? {
-            tracing::warn!(
-                queue = %first,
-                "heartbeat shard queues of an earlier amqp.heartbeat_shards still exist and receive a copy of every \
-                 heartbeat, which no worker with one shard consumes (their TTL drops them): delete them \
-                 (`rabbitmqctl delete_queue {first}`, and so on for each shard)"
-            );
-        }
         Ok(())
     }
 }

@@ -107,7 +107,6 @@ impl Topology {
         if self.heartbeat_shards <= 1 {
             self.declare_heartbeat_queue(conn, &self.heartbeat_queue, settings).await?;
             self.bind(&ch, Queue::Heartbeats).await?;
-            self.warn_about_left_shards(conn).await?;
         } else {
             self.declare_shards(conn, &ch, settings).await?;
         }
