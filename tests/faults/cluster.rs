@@ -83,7 +83,7 @@ fn leaders(node: &RabbitNode) -> Vec<(String, String)> {
 }
 
 /// The node to kill: the one leading the command queue (and, as the topology was declared through it, the heartbeat
-/// shards). Asked before the moment of the kill, so that `rabbitmqctl`'s seconds do not delay it.
+/// shards).
 pub struct Target {
     leader: String,
     /// Its place in `amqp.url` (0 = `lab.rabbit`).

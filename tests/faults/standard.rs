@@ -57,6 +57,8 @@ pub enum Fault {
 /// Publishes a standard workload from two client tasks (commands and heartbeats) while `fault` is injected.
 /// Returns how many publications the client had to repeat.
 async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
+    // Asked before publishing starts, so that `rabbitmqctl`'s seconds do not delay the kill past the workload.
+    let leader = matches!(fault, Fault::KillQueueLeader).then(|| crate::cluster::queue_leader(lab));
     let progress = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let amqp = lab.env.amqp_url.clone();
@@ -142,10 +144,9 @@ async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
             eprintln!("faults: PostgreSQL back after {down:?}");
         }
         Fault::KillQueueLeader => {
-            let target = crate::cluster::queue_leader(lab);
             reached(at(0.4)).await;
             eprintln!("faults: killing the queue leader at {} messages published", progress.load(Ordering::Relaxed));
-            crate::cluster::kill_and_recover(lab, target).await;
+            crate::cluster::kill_and_recover(lab, leader.expect("asked above")).await;
         }
     }
     let republished_cmd = commands.await.expect("command client");
