@@ -113,6 +113,7 @@ pub fn queue_leader(lab: &Lab) -> Target {
 pub async fn kill_and_recover(lab: &mut Lab, target: Target) {
     let Target { leader, index: killed_index, led, quorum_queues } = target;
     let killed_at = Instant::now();
+    let killed_utc = chrono::Utc::now();
     eprintln!("faults: SIGKILL {leader} (node {}), leader of {led} of {quorum_queues} quorum queues", killed_index + 1);
     tokio::task::block_in_place(|| {
         if killed_index == 0 {
@@ -156,17 +157,24 @@ pub async fn kill_and_recover(lab: &mut Lab, target: Target) {
         on_node.is_some_and(|n| n != killed_index + 1),
         "the worker is not connected to a surviving node; its last connection: {last_connect:?}"
     );
+    // The worker's own log says when it was connected again (its timestamps are UTC, like `killed_utc`).
+    let reconnected = last_connect
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (t.with_timezone(&chrono::Utc) - killed_utc).num_milliseconds() as f64 / 1000.0);
     let survivor = if killed_index == 0 { &lab.cluster[0] } else { &lab.rabbit };
     let after = tokio::task::block_in_place(|| leaders(survivor));
     let moved = after.iter().filter(|(_, l)| *l != leader).count();
     lab.fault_notes = format!(
-        "; killed {leader} (node {} of {NODES}), leader of {led} of {} quorum queues; a new command answered after \
-         {:.1} s, the worker ready after {:.1} s, reconnected to node {}; quorum queues with a new leader: {moved}/{}",
+        "; killed {leader} (node {} of {NODES}), leader of {led} of {} quorum queues; the worker connected to node {} \
+         {:.1} s after the kill (its log), a new command answered after {:.1} s (behind the commands queued before \
+         it), the worker ready after {:.1} s; quorum queues with a new leader: {moved}/{}",
         killed_index + 1,
         quorum_queues,
+        on_node.unwrap_or_default(),
+        reconnected.unwrap_or(f64::NAN),
         answered.as_secs_f64(),
         ready.as_secs_f64(),
-        on_node.unwrap_or_default(),
         after.len()
     );
     eprintln!("faults: {}", lab.fault_notes.trim_start_matches("; "));
