@@ -223,7 +223,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
         Cmd::Sweep { .. } => {
             db::migrate(&settings.database).await?;
             let probe = BacklogProbe::broker();
-            let topology = amqp::Topology::new(&settings.amqp.prefix);
+            let topology = amqp::Topology::for_settings(&settings);
             let conn = match tokio::time::timeout(
                 Duration::from_secs(5),
                 amqp::connect(&settings.amqp.url, "acm sweep"),

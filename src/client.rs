@@ -140,16 +140,32 @@ impl Client {
         self.publish_raw(&routing_key, body.to_string().as_bytes(), props).await
     }
 
-    /// Publishes a heartbeat.
+    /// Publishes a heartbeat: transient, with the agent in the header the heartbeat shards hash on
+    /// ([`amqp::heartbeat_properties`]).
     pub async fn heartbeat(&self, agent_id: &str, session_id: &str, connection_id: &str) -> Result<()> {
-        let body = json!({
+        self.heartbeat_with(agent_id, session_id, connection_id, None).await
+    }
+
+    /// Publishes a heartbeat carrying `client_info` (when given), like [`Client::heartbeat`].
+    pub async fn heartbeat_with(
+        &self,
+        agent_id: &str,
+        session_id: &str,
+        connection_id: &str,
+        client_info: Option<Value>,
+    ) -> Result<()> {
+        let mut body = json!({
             "type": "agent.heartbeat",
             "agent_id": agent_id,
             "session_id": session_id,
             "connection_id": connection_id,
             "sent_at": chrono::Utc::now().to_rfc3339(),
         });
-        self.publish_raw(HEARTBEAT_ROUTING_KEY, body.to_string().as_bytes(), json_properties()).await
+        if let Some(info) = client_info {
+            body["client_info"] = info;
+        }
+        let props = amqp::heartbeat_properties(agent_id);
+        self.publish_raw(HEARTBEAT_ROUTING_KEY, body.to_string().as_bytes(), props).await
     }
 
     /// Sends a command and waits for its reply (`{"ok": ..., ...}`). The `message_id` (generated when `None`)

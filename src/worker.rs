@@ -122,7 +122,13 @@ impl Worker {
                         backoff = Backoff::default();
                     }
                     node += 1;
-                    tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "broker session ended; reconnecting");
+                    if matches!(e, Error::Config(_)) {
+                        // The broker refused the configured topology (a missing plugin, fewer heartbeat shards than
+                        // exist): it will again until someone changes it, but the retries pick the change up.
+                        tracing::error!(error = %e, attempt = backoff.attempts() + 1, "the broker refused the topology");
+                    } else {
+                        tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "broker session ended; reconnecting");
+                    }
                     if !backoff.wait(&shutdown).await {
                         break;
                     }
@@ -143,7 +149,7 @@ impl Worker {
         node: &mut usize,
     ) -> Result<()> {
         let s = &self.settings;
-        let topology = Topology::new(&s.amqp.prefix);
+        let topology = Topology::for_settings(s);
         let (conn, connected) = amqp::connect_from(&s.amqp.url, *node, "agent-connection-manager").await?;
         *node = connected;
         // Watch for connection.blocked / unblocked for the whole session; a new connection starts unblocked.
@@ -162,7 +168,10 @@ impl Worker {
         let setup = conn.create_channel().await?;
         let publisher = amqp::confirm_channel(&conn).await?;
         let relay_channel = amqp::confirm_channel(&conn).await?;
-        let heartbeat_channel = conn.create_channel().await?;
+        let mut heartbeat_channels = Vec::new();
+        for _ in 0..topology.heartbeat_queues().len() {
+            heartbeat_channels.push(conn.create_channel().await?);
+        }
         let command_channel = conn.create_channel().await?;
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
@@ -179,7 +188,7 @@ impl Worker {
         // Should this session be abandoned (shutdown grace passed), the relay stops too.
         let _stop_relay_on_drop = stop_relay.clone().drop_guard();
         let mut consumers = JoinSet::new();
-        consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channels, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),

@@ -29,14 +29,17 @@
 //! `lab` puts them together for one scenario; `workload` builds the messages; `counting` compares what happened with
 //! what was sent. The scenarios: `standard` (worker killed, broker restarted, database down), `expiry` (three
 //! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
-//! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy) and
+//! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy),
 //! `pgbouncer` (ten in-process workers through PgBouncer in transaction pooling mode, in front of the machine's
-//! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`).
+//! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`) and
+//! `cluster` (the node leading the quorum queues of a three-node cluster is killed).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
 #[path = "faults/blocked.rs"]
 mod blocked;
+#[path = "faults/cluster.rs"]
+mod cluster;
 #[path = "common/mod.rs"]
 mod common;
 #[path = "faults/counting.rs"]

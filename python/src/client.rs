@@ -9,7 +9,7 @@ use acm::client::Client as EngineClient;
 use agent_connection_manager as acm;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::config::load_settings;
@@ -120,20 +120,7 @@ impl Client {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            match client_info {
-                None => client.heartbeat(&agent_id, &session_id, &connection_id).await.map_err(to_py),
-                Some(info) => {
-                    let body = json!({
-                        "type": "agent.heartbeat",
-                        "agent_id": agent_id,
-                        "session_id": session_id,
-                        "connection_id": connection_id,
-                        "sent_at": chrono::Utc::now().to_rfc3339(),
-                        "client_info": info,
-                    });
-                    client.send(&body, None).await.map_err(to_py)
-                }
-            }
+            client.heartbeat_with(&agent_id, &session_id, &connection_id, client_info).await.map_err(to_py)
         })
     }
 

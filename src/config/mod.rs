@@ -89,6 +89,8 @@ pub struct AmqpSettings {
     pub command_queue_type: QueueType,
     /// Type of the heartbeat queue: `classic` (one node) or `quorum` (replicated over a cluster's nodes).
     pub heartbeat_queue_type: QueueType,
+    /// Heartbeat queues, spread by agent with the consistent-hash exchange when more than 1.
+    pub heartbeat_shards: u32,
     /// Largest accepted message body in bytes.
     pub max_message_bytes: usize,
     /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
@@ -236,6 +238,7 @@ impl Default for AmqpSettings {
             prefetch: 2000,
             command_queue_type: QueueType::Quorum,
             heartbeat_queue_type: QueueType::Classic,
+            heartbeat_shards: 1,
             max_message_bytes: 1_048_576,
             command_delivery_limit: 20,
             confirm_timeout_secs: 10,

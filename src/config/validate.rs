@@ -4,6 +4,9 @@ use std::net::SocketAddr;
 
 use super::{ConfigError, Settings};
 
+/// Most heartbeat shards: each is a queue every worker consumes on a channel of its own.
+pub const MAX_HEARTBEAT_SHARDS: u32 = 64;
+
 impl Settings {
     /// Checks every value that its type alone does not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -35,6 +38,9 @@ impl Settings {
         }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch", "must be at least 1");
+        }
+        if !(1..=MAX_HEARTBEAT_SHARDS).contains(&self.amqp.heartbeat_shards) {
+            return bad("amqp.heartbeat_shards", &format!("must be from 1 to {MAX_HEARTBEAT_SHARDS}"));
         }
         if self.amqp.max_message_bytes == 0 {
             return bad("amqp.max_message_bytes", "must be at least 1");

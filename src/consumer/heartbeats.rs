@@ -1,10 +1,10 @@
-//! The heartbeat consumer: deliveries drained into batches, applied in up to `worker.heartbeat_pipeline`
-//! transactions at once, acknowledged in order after their commits.
+//! The heartbeat consumer: deliveries of every heartbeat queue (one, or each shard) drained into batches, applied in
+//! up to `worker.heartbeat_pipeline` transactions at once, acknowledged in order after their commits.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::stream::FuturesOrdered;
+use futures_util::stream::{self, BoxStream, FuturesOrdered};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicCancelOptions;
@@ -13,25 +13,47 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
-use super::{ack, authorize, consume, Shared};
+use super::{ack, authorize, consume_queue, Shared};
 use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat};
 use crate::commands::{Command, Queue};
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
 
-/// Consumes the heartbeat queue until shutdown, applying deliveries in batches.
+/// A delivery of shard `.0`, or `None` once that shard's consumer ended.
+type ShardItem = (usize, Option<lapin::Result<Delivery>>);
+
+/// Unacknowledged deliveries each shard's consumer may hold: `amqp.prefetch` shared out, so that all shards together
+/// hold about `amqp.prefetch` (at most one more per shard), whatever their number.
+pub fn shard_prefetch(prefetch: u16, shards: usize) -> u16 {
+    let shards = shards.max(1) as u32;
+    u32::from(prefetch).div_ceil(shards).max(1) as u16
+}
+
+/// Consumes the heartbeat queues (one channel each, given in [`crate::amqp::Topology::heartbeat_queues`]'s order)
+/// until shutdown, applying deliveries in batches.
 ///
-/// Up to `worker.heartbeat_pipeline` batches are in flight at once, each in its own task and transaction: the next
-/// batch starts once the previous one has done its statements (and holds its row locks), so its work overlaps the
-/// previous commit while a row both touch is still written in delivery order. Batches are acknowledged in the order
-/// they were taken (one `multiple` acknowledgement each, after their commit), and nothing after a failed batch is
-/// acknowledged.
-pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
+/// Deliveries of all shards are merged into one stream; one shard's deliveries keep their order in it, so one
+/// agent's heartbeats (which stay in one shard) are applied in order. Up to `worker.heartbeat_pipeline` batches are
+/// in flight at once, each in its own task and transaction: the next batch starts once the previous one has done its
+/// statements (and holds its row locks), so its work overlaps the previous commit while a row both touch is still
+/// written in delivery order. Batches are acknowledged in the order they were taken, after their commit, with one
+/// `multiple` acknowledgement per shard channel the batch drew from (delivery tags are per channel, so it
+/// acknowledges exactly that shard's deliveries up to it); nothing after a failed batch is acknowledged.
+pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
-    let mut consumer = consume(&shared, &channel, Queue::Heartbeats).await?;
+    let queues = shared.topology.heartbeat_queues();
+    let prefetch = shard_prefetch(s.amqp.prefetch, queues.len());
+    let mut streams: Vec<BoxStream<'static, ShardItem>> = Vec::with_capacity(queues.len());
+    let mut tags = Vec::with_capacity(queues.len());
+    for (i, (channel, queue)) in channels.iter().zip(&queues).enumerate() {
+        let consumer = consume_queue(channel, queue, prefetch).await?;
+        tags.push(consumer.tag());
+        streams.push(consumer.map(Some).chain(stream::once(async { None })).map(move |d| (i, d)).boxed());
+    }
+    let mut consumer = stream::select_all(streams);
     let max = s.worker.heartbeat_batch_size;
     let depth = s.worker.heartbeat_pipeline.max(1);
-    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Delivery, Result<()>)>> = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Vec<Delivery>, Result<()>)>> = FuturesOrdered::new();
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
     let mut acking = true;
@@ -53,26 +75,24 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
                 }
             }
             first = consumer.next(), if in_flight.len() < depth && applying.is_none() => {
-                let first = match first {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => {
-                        outcome = Err(e.into());
-                        break;
-                    }
-                    None => {
-                        outcome = Err(Error::Disconnected("heartbeat consumer ended".into()));
+                let first = match delivery(first) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        outcome = Err(e);
                         break;
                     }
                 };
                 let mut batch = vec![first];
                 while batch.len() < max {
                     match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => batch.push(d),
-                        Some(Some(Err(e))) => {
-                            outcome = Err(e.into());
-                            break;
-                        }
-                        _ => break,
+                        Some(item) => match delivery(item) {
+                            Ok(d) => batch.push(d),
+                            Err(e) => {
+                                outcome = Err(e);
+                                break;
+                            }
+                        },
+                        None => break,
                     }
                 }
                 if outcome.is_err() {
@@ -82,8 +102,9 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
                 let (applied, rx) = oneshot::channel();
                 applying = Some(rx);
                 in_flight.push_back(tokio::spawn(async move {
-                    let r = heartbeat_batch(&shared, &batch, &token, applied).await;
-                    (batch.pop().expect("a batch is never empty"), r)
+                    let (shards, deliveries): (Vec<usize>, Vec<Delivery>) = batch.into_iter().unzip();
+                    let r = heartbeat_batch(&shared, &deliveries, &token, applied).await;
+                    (last_per_shard(&shards, deliveries), r)
                 }));
             }
         }
@@ -100,15 +121,46 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
             }
         }
     }
-    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    let _ = channel.close(200, "consumer stopped".into()).await;
+    for (channel, tag) in channels.iter().zip(tags) {
+        let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let _ = channel.close(200, "consumer stopped".into()).await;
+    }
     outcome
 }
 
-/// Acknowledges a finished batch (all deliveries up to its last) after its commit, or passes its failure on.
-async fn finish_batch(done: std::result::Result<(Delivery, Result<()>), tokio::task::JoinError>) -> Result<()> {
+/// A delivery of the merged stream with its shard, or why the stream cannot go on.
+fn delivery(item: Option<ShardItem>) -> Result<(usize, Delivery)> {
+    match item {
+        Some((i, Some(Ok(d)))) => Ok((i, d)),
+        Some((_, Some(Err(e)))) => Err(e.into()),
+        Some((i, None)) => Err(Error::Disconnected(format!("heartbeat consumer of shard {i} ended"))),
+        None => Err(Error::Disconnected("heartbeat consumer ended".into())),
+    }
+}
+
+/// The last delivery of each shard in a batch: acknowledging it with `multiple` acknowledges that shard's part.
+fn last_per_shard(shards: &[usize], deliveries: Vec<Delivery>) -> Vec<Delivery> {
+    let mut seen = Vec::new();
+    let mut lasts = Vec::new();
+    for (i, d) in shards.iter().rev().zip(deliveries.into_iter().rev()) {
+        if !seen.contains(i) {
+            seen.push(*i);
+            lasts.push(d);
+        }
+    }
+    lasts
+}
+
+/// Acknowledges a finished batch (on each shard's channel, all deliveries up to its last) after its commit, or
+/// passes its failure on.
+async fn finish_batch(done: std::result::Result<(Vec<Delivery>, Result<()>), tokio::task::JoinError>) -> Result<()> {
     match done {
-        Ok((last, Ok(()))) => ack(&last, true).await,
+        Ok((lasts, Ok(()))) => {
+            for last in &lasts {
+                ack(last, true).await?;
+            }
+            Ok(())
+        }
         Ok((_, Err(e))) => Err(e),
         Err(e) => Err(Error::Disconnected(format!("heartbeat batch task failed: {e}"))),
     }
@@ -184,4 +236,17 @@ async fn heartbeat_batch(
         reject(shared, &batch[valid[n].0], "agent.heartbeat", &why, CommandError::Invalid(why.to_string())).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_prefetch;
+
+    #[test]
+    fn the_prefetch_is_shared_out_over_the_shards() {
+        assert_eq!(shard_prefetch(2000, 1), 2000);
+        assert_eq!(shard_prefetch(2000, 4), 500);
+        assert_eq!(shard_prefetch(2000, 3), 667);
+        assert_eq!(shard_prefetch(2, 64), 1);
+    }
 }

@@ -52,15 +52,14 @@ pub(crate) fn prop(p: &Option<lapin::types::ShortString>) -> Option<String> {
 
 /// Starts consuming `queue` on `channel` with `amqp.prefetch` unacknowledged deliveries at most.
 pub(crate) async fn consume(shared: &Shared, channel: &Channel, queue: Queue) -> Result<Consumer> {
-    channel.basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default()).await?;
-    let consumer = channel
-        .basic_consume(
-            shared.topology.queue_name(queue).into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    consume_queue(channel, shared.topology.queue_name(queue), shared.settings.amqp.prefetch).await
+}
+
+/// Starts consuming the queue named `queue` on `channel` with `prefetch` unacknowledged deliveries at most.
+pub(crate) async fn consume_queue(channel: &Channel, queue: &str, prefetch: u16) -> Result<Consumer> {
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let consumer =
+        channel.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
     Ok(consumer)
 }
 

@@ -126,7 +126,7 @@ impl TestApp {
         let manager = Arc::new(AgentConnectionManager::new(settings.clone()).expect("manager"));
         let client = Client::connect(&settings.amqp.url, &settings.amqp.prefix).await.expect("client connects");
         let (conn, _) = amqp_channel(&settings).await;
-        Topology::new(&settings.amqp.prefix).declare(&conn, &settings).await.expect("topology declares");
+        Topology::for_settings(&settings).declare(&conn, &settings).await.expect("topology declares");
         let _ = conn.close(200, "done".into()).await;
         let events = client.subscribe("#").await.expect("subscribe to events");
         let db = db::connect(&settings.database, None).await.expect("database connects");
@@ -135,7 +135,7 @@ impl TestApp {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.settings.amqp.prefix)
+        Topology::for_settings(&self.settings)
     }
 
     /// Sends a command and returns its reply.
@@ -313,7 +313,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// Drops the test database and deletes the test topology.
 pub async fn cleanup(settings: &Settings) {
     let (conn, ch) = amqp_channel(settings).await;
-    let _ = Topology::new(&settings.amqp.prefix).delete(&ch).await;
+    let _ = Topology::for_settings(settings).delete(&ch).await;
     let _ = conn.close(200, "done".into()).await;
     let name =
         settings.database.url.parse::<tokio_postgres::Config>().ok().and_then(|c| c.get_dbname().map(str::to_string));

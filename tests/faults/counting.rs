@@ -245,8 +245,9 @@ pub async fn wait_quiet(lab: &Lab) {
         settle_timeout(),
     )
     .await;
-    let topo = Topology::new(PREFIX);
-    for q in [&topo.heartbeat_queue, &topo.command_queue] {
+    let mut queues = lab.topology.heartbeat_queues();
+    queues.push(lab.topology.command_queue.clone());
+    for q in &queues {
         eventually(&format!("queue {q} to be empty"), settle_timeout(), || async {
             (lab.depth(q).await == Some(0)).then_some(())
         })
@@ -256,8 +257,9 @@ pub async fn wait_quiet(lab: &Lab) {
 
 /// Heartbeat and command messages still in their queues (call after the workers stopped).
 pub async fn left_in_queues(lab: &Lab) -> u64 {
-    let topo = Topology::new(PREFIX);
-    let hb = lab.depth(&topo.heartbeat_queue).await.expect("heartbeat queue depth");
-    let cmd = lab.depth(&topo.command_queue).await.expect("command queue depth");
-    u64::from(hb) + u64::from(cmd)
+    let mut left = 0;
+    for q in lab.topology.heartbeat_queues() {
+        left += u64::from(lab.depth(&q).await.expect("heartbeat queue depth"));
+    }
+    left + u64::from(lab.depth(&lab.topology.command_queue).await.expect("command queue depth"))
 }

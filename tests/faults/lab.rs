@@ -5,20 +5,26 @@ use std::time::{Duration, Instant};
 use agent_connection_manager::amqp::Topology;
 use agent_connection_manager::config::Settings;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use tokio_postgres::NoTls;
 
 use crate::infra::{PgCluster, RabbitNode, TempDir, WorkerEnv, WorkerProc};
 use crate::{events_queue, PREFIX};
 
-/// A private PostgreSQL, a private RabbitMQ and the workers of one scenario. Fields drop in declaration order:
-/// workers, broker, database, files.
+/// A private PostgreSQL, a private RabbitMQ (one node, or a cluster's) and the workers of one scenario. Fields drop
+/// in declaration order: workers, broker, database, files.
 pub struct Lab {
     pub workers: Vec<WorkerProc>,
     pub rabbit: RabbitNode,
+    /// The cluster's other nodes (none for one node); `amqp.url` lists `rabbit` first, then these.
+    pub cluster: Vec<RabbitNode>,
     pub pg: PgCluster,
     pub env: WorkerEnv,
     pub peak_kb: u64,
+    /// The topology the workers use (with their `amqp.heartbeat_shards`).
+    pub topology: Topology,
+    /// What the fault wants in the results row's notes (times to recover).
+    pub fault_notes: String,
     spawned: usize,
     _dir: TempDir,
 }
@@ -27,8 +33,20 @@ impl Lab {
     /// Starts PostgreSQL and RabbitMQ, migrates, declares the topology and the event capture queue.
     pub async fn new(name: &str, extra: &[(&str, &str)]) -> Self {
         let dir = TempDir::new(name);
-        let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
         let rabbit = tokio::task::block_in_place(|| RabbitNode::start_new(dir.path()));
+        Self::with_broker(dir, vec![rabbit], extra, &Settings::default()).await
+    }
+
+    /// Starts PostgreSQL under `dir`, migrates, and declares the topology (with `settings`' queue types and heartbeat
+    /// shards, which `extra` must give the workers too) and the event capture queue on the running broker `nodes`
+    /// (a quorum queue on a cluster, so that losing a node loses no event).
+    pub async fn with_broker(
+        dir: TempDir,
+        mut nodes: Vec<RabbitNode>,
+        extra: &[(&str, &str)],
+        settings: &Settings,
+    ) -> Self {
+        let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
         let mut all_extra: Vec<(String, String)> = vec![
             ("ACM_SWEEPER__CHECK_INTERVAL_SECS".into(), "1".into()),
             // Heartbeats stop when the workload ends; the test must not race the stale verdict.
@@ -38,26 +56,43 @@ impl Lab {
         all_extra.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = WorkerEnv {
             database_url: pg.url("acm_faults"),
-            amqp_url: rabbit.url(),
+            amqp_url: nodes.iter().map(RabbitNode::url).collect::<Vec<_>>().join(","),
             prefix: PREFIX.into(),
             extra: all_extra,
             log_dir: dir.path().to_path_buf(),
         };
         tokio::task::block_in_place(|| env.migrate());
-        let lab = Self { workers: Vec::new(), rabbit, pg, env, peak_kb: 0, spawned: 0, _dir: dir };
+        let topology = Topology { heartbeat_shards: settings.amqp.heartbeat_shards, ..Topology::new(PREFIX) };
+        let clustered = nodes.len() > 1;
+        let rabbit = nodes.remove(0);
+        let lab = Self {
+            workers: Vec::new(),
+            rabbit,
+            cluster: nodes,
+            pg,
+            env,
+            peak_kb: 0,
+            topology,
+            fault_notes: String::new(),
+            spawned: 0,
+            _dir: dir,
+        };
         let (conn, ch) = lab.amqp().await;
-        Topology::new(PREFIX).declare(&conn, &Settings::default()).await.expect("topology declares");
+        // The heartbeat queues' TTL is the workers' stale window (set above), so that they find them as they are.
+        let mut settings = settings.clone();
+        settings.sweeper.connection_stale_after_secs = 3600;
+        lab.topology.declare(&conn, &settings).await.expect("topology declares");
         let q = events_queue();
-        ch.queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("event capture queue");
+        let mut args = FieldTable::default();
+        if clustered {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        ch.queue_declare(q.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .expect("event capture queue");
         ch.queue_bind(
             q.as_str().into(),
-            Topology::new(PREFIX).event_exchange.as_str().into(),
+            lab.topology.event_exchange.as_str().into(),
             "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),

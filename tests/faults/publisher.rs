@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -17,18 +17,20 @@ pub struct Msg {
     pub routing_key: String,
     pub body: Vec<u8>,
     pub message_id: Option<String>,
+    /// A heartbeat's agent, sent in the header the heartbeat shards hash on (as the clients do).
+    pub agent: Option<String>,
 }
 
 impl Msg {
     /// A JSON message routed by its `type`.
     pub fn json(body: &serde_json::Value, message_id: Option<String>) -> Self {
         let routing_key = body["type"].as_str().unwrap_or_default().to_string();
-        Self { routing_key, body: body.to_string().into_bytes(), message_id }
+        Self { routing_key, body: body.to_string().into_bytes(), message_id, agent: None }
     }
 
     /// Raw bytes with an explicit routing key.
     pub fn raw(routing_key: &str, body: Vec<u8>, message_id: Option<String>) -> Self {
-        Self { routing_key: routing_key.to_string(), body, message_id }
+        Self { routing_key: routing_key.to_string(), body, message_id, agent: None }
     }
 }
 
@@ -148,6 +150,13 @@ impl ReliablePublisher {
             let m = &msgs[i];
             let mut props =
                 BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+            // Persistent even for heartbeats (unlike the clients): the suite counts every heartbeat, also across a
+            // restart of a single node.
+            if let Some(agent) = &m.agent {
+                let mut headers = FieldTable::default();
+                headers.insert(amqp::AGENT_HEADER.into(), AMQPValue::LongString(agent.as_str().into()));
+                props = props.with_headers(headers);
+            }
             if let Some(id) = &m.message_id {
                 props = props.with_message_id(ShortString::from(id.clone()));
                 if let Some(r) = &self.reply_to {

@@ -20,7 +20,7 @@ use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, settle_timeout, PREFIX};
 
 #[derive(Clone, Copy)]
-struct Standard {
+pub struct Standard {
     sessions: usize,
     creates: usize,
     acks: usize,
@@ -29,7 +29,7 @@ struct Standard {
 }
 
 impl Standard {
-    fn new(heartbeats: usize, commands: usize) -> Self {
+    pub fn new(heartbeats: usize, commands: usize) -> Self {
         let sessions = commands / 10;
         let creates = commands * 6 / 10;
         let rounds = 4;
@@ -43,18 +43,22 @@ impl Standard {
 
 /// The fault a standard run injects.
 #[derive(Clone, Copy, Debug)]
-enum Fault {
+pub enum Fault {
     /// SIGKILL the worker at 20 %, 45 % and 70 % of the workload, restarting it each time.
     KillWorker,
     /// Stop the RabbitMQ node at 40 % and start it again.
     RestartBroker,
     /// Stop PostgreSQL at 40 % for this long, then start it.
     StopPostgres(Duration),
+    /// SIGKILL the RabbitMQ node leading the queues of a cluster at 40 % (see `cluster.rs`).
+    KillQueueLeader,
 }
 
 /// Publishes a standard workload from two client tasks (commands and heartbeats) while `fault` is injected.
 /// Returns how many publications the client had to repeat.
 async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
+    // Asked before publishing starts, so that `rabbitmqctl`'s seconds do not delay the kill past the workload.
+    let leader = matches!(fault, Fault::KillQueueLeader).then(|| crate::cluster::queue_leader(lab));
     let progress = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let amqp = lab.env.amqp_url.clone();
@@ -139,6 +143,11 @@ async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
             tokio::task::block_in_place(|| lab.pg.start());
             eprintln!("faults: PostgreSQL back after {down:?}");
         }
+        Fault::KillQueueLeader => {
+            reached(at(0.4)).await;
+            eprintln!("faults: killing the queue leader at {} messages published", progress.load(Ordering::Relaxed));
+            crate::cluster::kill_and_recover(lab, leader.expect("asked above")).await;
+        }
     }
     let republished_cmd = commands.await.expect("command client");
     let republished_hb = heartbeats.await.expect("heartbeat client");
@@ -150,6 +159,11 @@ async fn standard_scenario(name: &str, fault: Fault) {
     let started = Instant::now();
     let mut lab = Lab::new(name, &[]).await;
     lab.spawn_worker().await;
+    run_standard(lab, name, w, fault, started).await;
+}
+
+/// Drives the standard workload `w` on a lab whose workers run, injecting `fault`, then counts, reports and asserts.
+pub async fn run_standard(mut lab: Lab, name: &str, w: Standard, fault: Fault, started: Instant) {
     let republished = drive_standard(&mut lab, w, fault).await;
 
     let url = lab.db_url();
@@ -202,8 +216,8 @@ async fn standard_scenario(name: &str, fault: Fault) {
     let _ = write!(
         notes,
         "sessions {sessions}/{}, instructions {instructions}/{}, acknowledged {acked}/{} ({ack_rows} ack rows), \
-         connections {connections} (final round applied on {final_hb}/{}), idempotency records {processed}",
-        w.sessions, w.creates, w.acks, w.connections
+         connections {connections} (final round applied on {final_hb}/{}), idempotency records {processed}{}",
+        w.sessions, w.creates, w.acks, w.connections, lab.fault_notes
     );
     if unexpected > 0 {
         let _ = write!(notes, "; unexpected events e.g. {:?}", events.sample_unexpected(&expected));

@@ -38,11 +38,13 @@ pub fn ack_msg(j: usize, sessions: usize) -> Msg {
 
 pub fn heartbeat_msg(c: usize, round: usize, sessions: usize) -> Msg {
     let k = c % sessions;
-    Msg::json(
+    let mut m = Msg::json(
         &json!({"type": "agent.heartbeat", "agent_id": format!("a-{k}"), "session_id": format!("s-{k}"),
                 "connection_id": format!("c-{c}"), "client_info": {"round": round}}),
         None,
-    )
+    );
+    m.agent = Some(format!("a-{k}"));
+    m
 }
 
 /// A malformed message of one of seven kinds, tagged `bad-<i>`: invalid JSON, not an object, an unknown type, a

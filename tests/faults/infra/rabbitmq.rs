@@ -34,19 +34,34 @@ fn rabbitmq_server() -> PathBuf {
 impl RabbitNode {
     /// Configures a node under `base` and starts it.
     pub fn start_new(base: &Path) -> Self {
-        let base = base.join("rabbitmq");
+        let mut node = Self::configure(&base.join("rabbitmq"), "acmfault", free_port(), None);
+        node.start();
+        node
+    }
+
+    /// Configures (without starting) a node in the directory `base`, named `<name>-<random>@localhost`, using the
+    /// epmd on `epmd_port` and, when given, an Erlang cookie (nodes of one cluster share both).
+    pub fn configure(base: &Path, name: &str, epmd_port: u16, cookie: Option<&str>) -> Self {
+        let base = base.to_path_buf();
         fs::create_dir_all(&base).expect("rabbitmq dir");
-        let mut node = Self {
-            name: format!("acmfault-{}@localhost", random_suffix()),
+        let node = Self {
+            name: format!("{name}-{}@localhost", random_suffix()),
             port: free_port(),
             dist_port: free_port(),
-            epmd_port: free_port(),
+            epmd_port,
             base,
             child: None,
             starts: 0,
         };
+        if let Some(cookie) = cookie {
+            // HOME is the node's directory, for the server and for rabbitmqctl alike.
+            let path = node.base.join(".erlang.cookie");
+            fs::write(&path, cookie).expect("cookie file");
+            let _ = Command::new("chmod").arg("400").arg(&path).status();
+        }
         fs::write(node.base.join("rabbitmq-env.conf"), "").expect("env file");
-        fs::write(node.base.join("enabled_plugins"), "[].\n").expect("plugins file");
+        // The consistent-hash exchange serves the heartbeat shards.
+        fs::write(node.base.join("enabled_plugins"), "[rabbitmq_consistent_hash_exchange].\n").expect("plugins file");
         fs::write(
             node.base.join("rabbitmq.conf"),
             format!(
@@ -55,7 +70,6 @@ impl RabbitNode {
             ),
         )
         .expect("config file");
-        node.start();
         node
     }
 
@@ -143,6 +157,15 @@ impl RabbitNode {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL the Erlang VM and its `rabbitmq-server` script at once (no shutdown of any kind), then reap.
+    pub fn kill9(&mut self) {
+        self.kill_beam();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

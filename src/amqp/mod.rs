@@ -1,0 +1,143 @@
+//! RabbitMQ: connecting, the topology (exchanges, queues and bindings, derived from the message registry, in
+//! `topology.rs`; the heartbeat shards in `shards.rs`), and confirmed publishing.
+
+mod shards;
+mod topology;
+
+pub use shards::{is_unknown_exchange_type, AGENT_HEADER, CONSISTENT_HASH_PLUGIN};
+pub use topology::{is_precondition_failed, Topology, HEARTBEAT_QUEUE_UPGRADE};
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::commands::{Queue, REGISTRY};
+use crate::error::{Error, Result};
+
+/// Routing key of heartbeats (their message type).
+pub const HEARTBEAT_ROUTING_KEY: &str = <crate::commands::heartbeat::Heartbeat as crate::commands::Message>::TYPE;
+
+/// The binding keys of a queue: the exact type of each message consumed there, or for the command queue one
+/// `<first segment>.#` per family of types (`session.#`, `connection.#`, ...), so that a message whose routing key
+/// names no known type still reaches the worker and is dead-lettered with a reason instead of vanishing.
+pub fn binding_keys(queue: Queue) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for e in REGISTRY.iter().filter(|e| e.queue == queue) {
+        let key = match queue {
+            Queue::Heartbeats => e.type_name.to_string(),
+            Queue::Commands => format!("{}.#", e.type_name.split('.').next().unwrap_or(e.type_name)),
+        };
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+/// Longest wait for the broker's answer to a query (the heartbeat backlog) or to closing a connection.
+pub const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Header naming why a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-acm-error";
+
+/// Longest wait for one broker node to accept a connection.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The broker URLs of `amqp.url`: one URL, or a cluster's nodes separated by commas.
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Connects to the broker (`amqp://` or `amqps://`; several URLs separated by commas are tried in order until one
+/// answers), naming the connection for the management UI.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection> {
+    connect_from(urls, 0, name).await.map(|(conn, _)| conn)
+}
+
+/// Connects to the first of `urls` that answers, trying them in order from the one at `start` (wrapping around), each
+/// for at most [`CONNECT_TIMEOUT`]; returns the connection and the index of the URL that answered. When none does,
+/// the last failure is the error.
+pub async fn connect_from(urls: &str, start: usize, name: &str) -> Result<(Connection, usize)> {
+    let list = broker_urls(urls);
+    let mut last = Error::Disconnected("no broker URL is configured".into());
+    for step in 0..list.len() {
+        let i = (start + step) % list.len();
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(list[i], props)).await {
+            Ok(Ok(conn)) => return Ok((conn, i)),
+            Ok(Err(e)) => last = e.into(),
+            Err(_) => last = Error::Timeout(format!("connecting to broker node {} of {}", i + 1, list.len())),
+        }
+        if list.len() > 1 {
+            tracing::warn!(node = i + 1, nodes = list.len(), error = %last, "broker node did not answer; trying the next");
+        }
+    }
+    Err(last)
+}
+
+/// Opens a channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Publishes and waits for the broker's confirm, for at most `timeout` in all (handing the message to the channel
+/// included: while the broker blocks publishers nothing can be written). A nack is an error, and so is no confirm
+/// in time ([`Error::Timeout`]): either way the message counts as not published, and the caller retries (a later
+/// confirm may still make it a duplicate, which receivers tolerate by `message_id`).
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    timeout: Duration,
+) -> Result<()> {
+    let publish = async {
+        ch.basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props).await?.await
+    };
+    let confirm = tokio::time::timeout(timeout, publish).await.map_err(|_| {
+        Error::Timeout(format!("no confirm within {timeout:?} for a publish to {exchange}/{routing_key}"))
+    })??;
+    if confirm.is_nack() {
+        return Err(Error::Nack(format!("{exchange}/{routing_key}")));
+    }
+    Ok(())
+}
+
+/// Properties of a persistent JSON message.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}
+
+/// Properties of a heartbeat: transient (`delivery_mode` 1), since a lost heartbeat is harmless (the next follows
+/// within seconds) while persisting each one would cost the broker a disk write; and the agent in
+/// [`AGENT_HEADER`], on which the heartbeat shards hash.
+pub fn heartbeat_properties(agent_id: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(AGENT_HEADER.into(), AMQPValue::LongString(agent_id.into()));
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(1)
+        .with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_is_split_on_commas() {
+        assert_eq!(broker_urls("amqp://a"), vec!["amqp://a"]);
+        assert_eq!(broker_urls("amqp://a, amqp://b,,amqp://c "), vec!["amqp://a", "amqp://b", "amqp://c"]);
+    }
+
+    #[test]
+    fn bindings_come_from_the_registry() {
+        assert_eq!(binding_keys(Queue::Heartbeats), vec!["agent.heartbeat"]);
+        assert_eq!(binding_keys(Queue::Commands), vec!["session.#", "connection.#", "instruction.#", "stats.#"]);
+    }
+}

@@ -1,0 +1,249 @@
+//! The topology: the names derived from `amqp.prefix` and their declaration.
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
+
+use super::{binding_keys, BROKER_QUERY_TIMEOUT};
+use crate::commands::Queue;
+use crate::config::{QueueType, Settings};
+use crate::error::{Error, Result};
+
+/// How to give an existing heartbeat queue the current arguments (logged when they differ).
+pub const HEARTBEAT_QUEUE_UPGRADE: &str = "to upgrade it, stop the workers, delete the queue \
+     (`rabbitmqctl delete_queue <name>`; the heartbeats in it are lost, which is harmless) and start \
+     them again: the first one declares it anew";
+
+/// Whether the broker refused a declaration because the object exists with other arguments (406).
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406
+    )
+}
+
+/// The names derived from `amqp.prefix` (and, for the heartbeat shards, `amqp.heartbeat_shards`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Topic exchange for commands and heartbeats.
+    pub command_exchange: String,
+    /// Topic exchange for events.
+    pub event_exchange: String,
+    /// Durable queue of heartbeats (with one shard, the only heartbeat queue).
+    pub heartbeat_queue: String,
+    /// Consistent-hash exchange spreading heartbeats over the shard queues (declared only with several shards).
+    pub heartbeat_exchange: String,
+    /// Heartbeat queues: 1 is the single `heartbeat_queue`; more are `<prefix>.heartbeats.<i>` behind
+    /// `heartbeat_exchange`.
+    pub heartbeat_shards: u32,
+    /// Durable (quorum by default) queue of commands.
+    pub command_queue: String,
+    /// Fanout exchange and durable queue of poison messages.
+    pub dead_letter: String,
+}
+
+impl Topology {
+    /// Names for a prefix, with one heartbeat queue.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            command_exchange: format!("{prefix}.commands"),
+            event_exchange: format!("{prefix}.events"),
+            heartbeat_queue: format!("{prefix}.heartbeats"),
+            heartbeat_exchange: format!("{prefix}.heartbeat-shards"),
+            heartbeat_shards: 1,
+            command_queue: format!("{prefix}.commands"),
+            dead_letter: format!("{prefix}.dead-letter"),
+        }
+    }
+
+    /// Names for `amqp.prefix` with `amqp.heartbeat_shards` heartbeat queues.
+    pub fn for_settings(settings: &Settings) -> Self {
+        Self { heartbeat_shards: settings.amqp.heartbeat_shards.max(1), ..Self::new(&settings.amqp.prefix) }
+    }
+
+    /// The name of heartbeat shard `i` (`<prefix>.heartbeats.<i>`).
+    pub fn heartbeat_shard(&self, i: u32) -> String {
+        format!("{}.{i}", self.heartbeat_queue)
+    }
+
+    /// Every queue heartbeats are consumed from: the single heartbeat queue, or each shard.
+    pub fn heartbeat_queues(&self) -> Vec<String> {
+        if self.heartbeat_shards <= 1 {
+            vec![self.heartbeat_queue.clone()]
+        } else {
+            (0..self.heartbeat_shards).map(|i| self.heartbeat_shard(i)).collect()
+        }
+    }
+
+    /// Declares every exchange, queue and binding; idempotent, so a fresh broker needs no setup.
+    ///
+    /// A heartbeat queue keeps a heartbeat at most `sweeper.connection_stale_after_secs` (`x-message-ttl`): one
+    /// that waited longer is dropped by the broker (not dead-lettered: a lost heartbeat is harmless), so it cannot
+    /// make an agent that was silent for a whole stale window look alive. A heartbeat queue declared earlier with
+    /// other arguments (an older version, or another stale window) is used as it is, with a warning saying how to
+    /// upgrade it (see [`HEARTBEAT_QUEUE_UPGRADE`]). With several shards, see `shards.rs`.
+    pub async fn declare(&self, conn: &Connection, settings: &Settings) -> Result<()> {
+        let ch = conn.create_channel().await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.command_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.event_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.dead_letter.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await?;
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare(self.dead_letter.as_str().into(), durable_q, FieldTable::default()).await?;
+        ch.queue_bind(
+            self.dead_letter.as_str().into(),
+            self.dead_letter.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        if self.heartbeat_shards <= 1 {
+            self.declare_heartbeat_queue(conn, &self.heartbeat_queue, settings).await?;
+            self.bind(&ch, Queue::Heartbeats).await?;
+        } else {
+            self.declare_shards(conn, &ch, settings).await?;
+        }
+
+        let amqp = &settings.amqp;
+        let mut cmd_args = FieldTable::default();
+        cmd_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
+        if amqp.command_queue_type == QueueType::Quorum {
+            cmd_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(amqp.command_delivery_limit as i64));
+        }
+        ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
+        self.bind(&ch, Queue::Commands).await?;
+        let _ = ch.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// The name of a queue of the registry (for heartbeats, the single heartbeat queue; see
+    /// [`Topology::heartbeat_queues`]).
+    pub fn queue_name(&self, queue: Queue) -> &str {
+        match queue {
+            Queue::Heartbeats => &self.heartbeat_queue,
+            Queue::Commands => &self.command_queue,
+        }
+    }
+
+    /// Binds a queue to the command exchange with its [`binding_keys`].
+    async fn bind(&self, ch: &Channel, queue: Queue) -> Result<()> {
+        for key in binding_keys(queue) {
+            ch.queue_bind(
+                self.queue_name(queue).into(),
+                self.command_exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A heartbeat queue's arguments: a heartbeat lives at most the stale window; a quorum queue when configured.
+    pub fn heartbeat_queue_arguments(settings: &Settings) -> FieldTable {
+        let mut args = FieldTable::default();
+        if settings.amqp.heartbeat_queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        let ttl_ms = settings.sweeper.connection_stale_after_secs.saturating_mul(1000);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64));
+        args
+    }
+
+    /// Declares one heartbeat queue (the single one or a shard) with [`Topology::heartbeat_queue_arguments`], using
+    /// one declared earlier with other arguments as it is.
+    pub(super) async fn declare_heartbeat_queue(
+        &self,
+        conn: &Connection,
+        name: &str,
+        settings: &Settings,
+    ) -> Result<()> {
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        // A failed declaration closes its channel, so it gets one of its own.
+        let ch = conn.create_channel().await?;
+        match ch.queue_declare(name.into(), durable_q, Self::heartbeat_queue_arguments(settings)).await {
+            Ok(_) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(e) if is_precondition_failed(&e) => {
+                tracing::warn!(
+                    queue = %name,
+                    ttl_secs = settings.sweeper.connection_stale_after_secs,
+                    "the heartbeat queue exists with other arguments, so heartbeats that waited longer than the \
+                     stale window are still applied; {}",
+                    HEARTBEAT_QUEUE_UPGRADE.replace("<name>", name)
+                );
+                let check = conn.create_channel().await?;
+                check
+                    .queue_declare(
+                        name.into(),
+                        QueueDeclareOptions { passive: true, ..durable_q },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let _ = check.close(200, "checked".into()).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether a queue exists (a passive declaration on a channel of its own, which a 404 closes).
+    pub(super) async fn queue_exists(conn: &Connection, name: &str) -> Result<bool> {
+        let ch = conn.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+        match ch.queue_declare(name.into(), passive, FieldTable::default()).await {
+            Ok(_) => {
+                let _ = ch.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes every exchange and queue, the heartbeat shards and their exchange included (tests and teardown).
+    pub async fn delete(&self, ch: &Channel) -> Result<()> {
+        let mut queues = self.heartbeat_queues();
+        queues.extend([self.command_queue.clone(), self.dead_letter.clone()]);
+        for q in &queues {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        let mut exchanges = vec![&self.command_exchange, &self.event_exchange, &self.dead_letter];
+        if self.heartbeat_shards > 1 {
+            exchanges.push(&self.heartbeat_exchange);
+        }
+        for x in exchanges {
+            ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Messages ready in the heartbeat queues, all shards together (how far behind the workers are). Answers within
+    /// [`BROKER_QUERY_TIMEOUT`] or fails: while the broker blocks the connection nothing can be asked.
+    pub async fn heartbeat_backlog(&self, ch: &Channel) -> Result<u64> {
+        let mut total = 0u64;
+        for queue in self.heartbeat_queues() {
+            let declare = ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+                FieldTable::default(),
+            );
+            let q = tokio::time::timeout(BROKER_QUERY_TIMEOUT, declare).await.map_err(|_| {
+                Error::Timeout(format!("no answer within {BROKER_QUERY_TIMEOUT:?} for the heartbeat backlog"))
+            })??;
+            total += u64::from(q.message_count());
+        }
+        Ok(total)
+    }
+}
