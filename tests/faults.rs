@@ -29,7 +29,9 @@
 //! `lab` puts them together for one scenario; `workload` builds the messages; `counting` compares what happened with
 //! what was sent. The scenarios: `standard` (worker killed, broker restarted, database down), `expiry` (three
 //! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
-//! before the worker starts) and `blocked` (the broker blocks publishers: a memory alarm while the worker is busy).
+//! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy) and
+//! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
+//! `database.url` names both; its load in `failover_load`).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -39,6 +41,10 @@ mod blocked;
 mod counting;
 #[path = "faults/expiry.rs"]
 mod expiry;
+#[path = "faults/failover.rs"]
+mod failover;
+#[path = "faults/failover_load.rs"]
+mod failover_load;
 #[path = "faults/infra.rs"]
 mod infra;
 #[path = "faults/lab.rs"]

@@ -17,6 +17,8 @@ pub struct Lab {
     pub workers: Vec<WorkerProc>,
     pub rabbit: RabbitNode,
     pub pg: PgCluster,
+    /// The synchronous standby of [`Lab::replicated`].
+    pub standby: Option<PgCluster>,
     pub env: WorkerEnv,
     pub peak_kb: u64,
     spawned: usize,
@@ -26,8 +28,50 @@ pub struct Lab {
 impl Lab {
     /// Starts PostgreSQL and RabbitMQ, migrates, declares the topology and the event capture queue.
     pub async fn new(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::build(name, extra, false).await
+    }
+
+    /// [`Lab::new`] with a primary and a synchronous streaming standby (`pg` and `standby`); the workers'
+    /// `database.url` names both hosts with `target_session_attrs=read-write`.
+    pub async fn replicated(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::build(name, extra, true).await
+    }
+
+    async fn build(name: &str, extra: &[(&str, &str)], replicated: bool) -> Self {
         let dir = TempDir::new(name);
-        let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
+        let (pg, standby) = if replicated {
+            let (pg, standby) = tokio::task::block_in_place(|| {
+                let pg = PgCluster::start_new_as(
+                    dir.path(),
+                    "pg",
+                    "-c wal_level=replica -c max_wal_senders=5 -c \"synchronous_standby_names=*\"",
+                );
+                pg.allow("host replication postgres 127.0.0.1/32 trust");
+                let standby = PgCluster::start_standby_of(&pg, dir.path(), "pg-standby");
+                (pg, standby)
+            });
+            let primary = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port());
+            crate::infra::eventually("the standby to stream synchronously", Duration::from_secs(60), || {
+                let primary = primary.clone();
+                async move {
+                    let client = db(&primary).await?;
+                    let row = client.query_opt("SELECT sync_state FROM pg_stat_replication", &[]).await.ok()??;
+                    (row.get::<_, String>(0) == "sync").then_some(())
+                }
+            })
+            .await;
+            (pg, Some(standby))
+        } else {
+            (tokio::task::block_in_place(|| PgCluster::start_new(dir.path())), None)
+        };
+        let database_url = match &standby {
+            Some(s) => format!(
+                "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/acm_faults?target_session_attrs=read-write",
+                pg.port(),
+                s.port()
+            ),
+            None => pg.url("acm_faults"),
+        };
         let rabbit = tokio::task::block_in_place(|| RabbitNode::start_new(dir.path()));
         let mut all_extra: Vec<(String, String)> = vec![
             ("ACM_SWEEPER__CHECK_INTERVAL_SECS".into(), "1".into()),
@@ -37,14 +81,14 @@ impl Lab {
         ];
         all_extra.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = WorkerEnv {
-            database_url: pg.url("acm_faults"),
+            database_url,
             amqp_url: rabbit.url(),
             prefix: PREFIX.into(),
             extra: all_extra,
             log_dir: dir.path().to_path_buf(),
         };
         tokio::task::block_in_place(|| env.migrate());
-        let lab = Self { workers: Vec::new(), rabbit, pg, env, peak_kb: 0, spawned: 0, _dir: dir };
+        let lab = Self { workers: Vec::new(), rabbit, pg, standby, env, peak_kb: 0, spawned: 0, _dir: dir };
         let (conn, ch) = lab.amqp().await;
         Topology::new(PREFIX).declare(&conn, &Settings::default()).await.expect("topology declares");
         let q = events_queue();
