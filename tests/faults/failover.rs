@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use agent_connection_manager::amqp::Topology;
 use agent_connection_manager::config::DatabaseSettings;
 
 use crate::counting::{drain_dead_letters, drain_events, key_opened, key_session, left_in_queues, wait_quiet, Row};
-use crate::failover_load::{collect_replies, run_commands, run_heartbeats, Replies};
+use crate::failover_load::{collect_replies, run_commands, run_heartbeats, Replies, Resent};
 use crate::infra::{eventually, PgCluster, TempDir};
 use crate::lab::{db, wait_count, Lab};
 use crate::publisher::{Msg, ReliablePublisher};
@@ -39,8 +39,8 @@ async fn instruction_js(url: &str) -> Option<Vec<i64>> {
 /// the worker reports itself not ready. Small counts by default, more with `ACM_FAULTS_FULL=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
-    let (sessions, commands, connections) = (count(10, 50), count(300, 5_000), count(200, 5_000));
-    let per_tick = count(10, 50);
+    let (sessions, commands, connections) = (count(10, 50), count(300, 2_000), count(200, 2_000));
+    let per_tick = count(10, 20);
     let started = Instant::now();
     let mut lab = Lab::replicated("failover", &[]).await;
     lab.spawn_worker().await;
@@ -58,7 +58,7 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
     wait_count(&url, "SELECT count(*) FROM agent_session", sessions, "the sessions", settle_timeout()).await;
 
     let replies = Arc::new(Mutex::new(Replies::default()));
-    let resent = Arc::new(AtomicU64::new(0));
+    let resent = Arc::new(Resent::default());
     let (_reply_conn, reply_to) = collect_replies(&lab, replies.clone()).await;
     let cmd = tokio::spawn(run_commands(
         amqp.clone(),
@@ -89,6 +89,7 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
     let before = rounds(&old_primary).await.expect("connections on the primary");
     let answered_before: HashSet<String> = replies.lock().expect("replies").first.keys().cloned().collect();
     let killed = Instant::now();
+    *resent.mark.lock().expect("mark") = Some(killed);
     tokio::task::block_in_place(|| lab.pg.stop_immediate());
     eprintln!("failover: primary stopped (immediate) with {} commands answered", answered_before.len());
     let worker = &lab.workers[0];
@@ -97,10 +98,11 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
     })
     .await;
     let noticed = killed.elapsed();
-    // The outage lasts until clients have given up waiting and republished commands (the standby refuses the
-    // worker meanwhile: it does not allow writes), as while a failover manager decides.
-    eventually("the client to republish an unanswered command", settle_timeout(), || async {
-        (resent.load(Ordering::Relaxed) > 0).then_some(())
+    // The outage lasts until the client has waited in vain, entirely after the crash, for the reply to a command
+    // and published it again (the standby refuses the worker meanwhile: it does not allow writes), as while a
+    // failover manager decides.
+    eventually("the client to republish a command it published after the crash", settle_timeout(), || async {
+        (resent.waited_after_mark.load(Ordering::Relaxed) > 0).then_some(())
     })
     .await;
     let down_before_promotion = killed.elapsed();
@@ -126,7 +128,7 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
         answered_before.iter().filter(|id| !js.contains(&id[3..].parse::<i64>().expect("fo-<j>"))).collect();
 
     let cmd_republished = cmd.await.expect("command client");
-    let resent = resent.load(Ordering::Relaxed);
+    let resent = resent.total.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let (final_round, heartbeats_sent, hb_republished) = hb.await.expect("heartbeat client");
     republished += cmd_republished + hb_republished;

@@ -85,6 +85,18 @@ pub async fn collect_replies(lab: &Lab, replies: Arc<Mutex<Replies>>) -> (lapin:
     (conn, name)
 }
 
+/// Commands the client published again because they went unanswered.
+#[derive(Default)]
+pub struct Resent {
+    /// Every republication.
+    pub total: AtomicU64,
+    /// A moment set by the test (the crash).
+    pub mark: Mutex<Option<Instant>>,
+    /// Republications of commands whose previous publication came after [`Resent::mark`]: each went unanswered
+    /// for a whole wait after it.
+    pub waited_after_mark: AtomicU64,
+}
+
 /// Publishes `n` creates, `per_tick` every 100 ms, republishing every command unanswered for [`RESEND_AFTER`] (then
 /// twice as long each time), until every command has a reply (at most the settle timeout); counts those
 /// republications in `resent`. Returns how many publications the reliable publisher repeated (not confirmed by the
@@ -98,7 +110,7 @@ pub async fn run_commands(
     sessions: usize,
     per_tick: usize,
     replies: Arc<Mutex<Replies>>,
-    resent: Arc<AtomicU64>,
+    resent: Arc<Resent>,
 ) -> u64 {
     let mut p = ReliablePublisher::new(&lab_amqp, &exchange);
     p.reply_to = Some(reply_to);
@@ -127,7 +139,10 @@ pub async fn run_commands(
             (0..next).filter(|&j| !answered[j] && sent_at[j].is_some_and(|(t, wait)| t.elapsed() >= wait)).collect();
         let fresh: Vec<usize> = (next..(next + per_tick).min(n)).collect();
         next += fresh.len();
-        resent.fetch_add(due.len() as u64, Ordering::Relaxed);
+        resent.total.fetch_add(due.len() as u64, Ordering::Relaxed);
+        let mark = *resent.mark.lock().expect("mark");
+        let later = due.iter().filter(|&&j| mark.is_some_and(|m| sent_at[j].is_some_and(|(t, _)| t > m))).count();
+        resent.waited_after_mark.fetch_add(later as u64, Ordering::Relaxed);
         let batch: Vec<usize> = due.into_iter().chain(fresh).collect();
         let msgs: Vec<Msg> = batch.iter().map(|&j| create_msg(j, sessions)).collect();
         p.publish_all(&msgs, &progress).await;
