@@ -17,6 +17,10 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 
+mod hosts;
+
+pub use hosts::{connect_first, per_host_urls};
+
 mod embedded {
     refinery::embed_migrations!("sql");
 }
@@ -43,6 +47,11 @@ pub enum Pooler {
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Interval between TCP keepalive probes.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest time data sent to the server may stay unacknowledged by its host before the connection is closed
+/// (`TCP_USER_TIMEOUT`), unless `database.url` sets `tcp_user_timeout`: a statement sent to a server whose host
+/// vanished (power loss, a network partition) fails after this instead of after the operating system's
+/// retransmissions (about 15 minutes), and the pool replaces the connection.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which server-side limits a session gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,9 +83,27 @@ pub fn session_limits(settings: &DatabaseSettings, limits: Limits) -> Vec<(&'sta
 
 /// The connection configuration of `database.url` with the bounds every wait needs: the session `limits` as
 /// startup options (`-c name=value`; a setting the URL's own `options` already names is left as the URL says), TCP
-/// keepalives, and a connect timeout of `database.checkout_timeout_secs` (unless the URL sets `connect_timeout`).
+/// keepalives, a TCP user timeout ([`TCP_USER_TIMEOUT`], unless the URL sets `tcp_user_timeout`), and a connect
+/// timeout of `database.checkout_timeout_secs` (unless the URL sets `connect_timeout`).
 pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tokio_postgres::Config> {
-    let mut config = pg_config(&settings.url)?;
+    Ok(bounded(pg_config(&settings.url)?, settings, limits))
+}
+
+/// [`session_config`] for each host of a multi-host `database.url`, in the URL's order ([`per_host_urls`]); the
+/// whole URL as one configuration when it names one host (or names its hosts in a form that is not split).
+pub fn host_configs(settings: &DatabaseSettings, limits: Limits) -> Result<Vec<tokio_postgres::Config>> {
+    match per_host_urls(&settings.url) {
+        Some(urls) => urls.iter().map(|u| Ok(bounded(pg_config(u)?, settings, limits))).collect(),
+        None => Ok(vec![session_config(settings, limits)?]),
+    }
+}
+
+/// The bound of one host's connection attempt: the URL's `connect_timeout`, else `database.checkout_timeout_secs`.
+pub fn per_host_timeout(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Duration {
+    config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(settings.checkout_timeout_secs))
+}
+
+fn bounded(mut config: tokio_postgres::Config, settings: &DatabaseSettings, limits: Limits) -> tokio_postgres::Config {
     let mut options = config.get_options().unwrap_or_default().to_string();
     // A setting the options name already (`-c name=v`, `-cname=v` or `--name=v`).
     let named = |options: &str, name: &str| {
@@ -107,10 +134,13 @@ pub fn session_config(settings: &DatabaseSettings, limits: Limits) -> Result<tok
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
     }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(settings.checkout_timeout_secs));
     }
-    Ok(config)
+    config
 }
 
 /// The TLS connector for `sslmode=require` (`None` otherwise: the connection is plain).
@@ -133,26 +163,41 @@ pub fn tls(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Resu
     Ok(Some(MakeTlsConnector::new(connector)))
 }
 
-/// Builds the pool. No connection is made until the first checkout; every checkout, connect and recycle is bounded
-/// by `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out. Every
-/// session runs with `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` and TCP
-/// keepalives ([`session_config`]), so no statement, lock wait or forgotten transaction lasts without bound.
+/// Builds the pool. No connection is made until the first checkout; every checkout and recycle is bounded by
+/// `database.checkout_timeout_secs`, and a connection found closed is replaced instead of handed out. A new
+/// connection tries the hosts of `database.url` in turn ([`hosts::connect_first`]), each but the last for at most
+/// its [`per_host_timeout`], the whole attempt for at most [`connect_budget`]. Every session runs with
+/// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout`, TCP keepalives and a TCP user
+/// timeout ([`session_config`]), so no statement, lock wait or forgotten transaction lasts without bound, and a
+/// connection to a server that died or vanished is noticed as closed and replaced by one to whichever host now
+/// accepts (with `target_session_attrs=read-write`, the one that accepts writes).
 pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
-    let pg = session_config(settings, Limits::All)?;
+    let hosts = host_configs(settings, Limits::All)?;
+    let first = hosts[0].clone();
+    let per_host = per_host_timeout(settings, &first);
+    let budget = connect_budget(settings, &hosts);
     let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-    let manager = match tls(settings, &pg)? {
-        Some(tls) => Manager::from_config(pg, tls, mc),
-        None => Manager::from_config(pg, NoTls, mc),
+    let manager = match tls(settings, &first)? {
+        Some(tls) => Manager::from_connect(first, hosts::HostsConnect { hosts, tls, per_host }, mc),
+        None => Manager::from_connect(first, hosts::HostsConnect { hosts, tls: NoTls, per_host }, mc),
     };
     let timeout = Some(Duration::from_secs(settings.checkout_timeout_secs));
     Pool::builder(manager)
         .max_size(settings.pool_size)
         .wait_timeout(timeout)
-        .create_timeout(timeout)
+        .create_timeout(Some(budget))
         .recycle_timeout(timeout)
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| crate::config::ConfigError(format!("database.pool_size: {e}")).into())
+}
+
+/// The longest a new connection may take: `database.checkout_timeout_secs` for the last (or only) host, plus the
+/// [`per_host_timeout`] of every host tried before it.
+pub fn connect_budget(settings: &DatabaseSettings, hosts: &[tokio_postgres::Config]) -> Duration {
+    let before_last = hosts.len().saturating_sub(1) as u32;
+    let per_host = hosts.first().map(|c| per_host_timeout(settings, c)).unwrap_or_default();
+    Duration::from_secs(settings.checkout_timeout_secs) + per_host * before_last
 }
 
 /// Opens one connection outside the pool (to `dbname` instead of the configured database when given), driving it
@@ -161,20 +206,27 @@ pub async fn connect(settings: &DatabaseSettings, dbname: Option<&str>) -> Resul
     connect_with(settings, dbname, Limits::All).await
 }
 
-/// [`connect`] with the session limits of `limits`.
+/// [`connect`] with the session limits of `limits`; the hosts are tried as for the pool, within [`connect_budget`].
 pub async fn connect_with(settings: &DatabaseSettings, dbname: Option<&str>, limits: Limits) -> Result<Client> {
-    let mut config = session_config(settings, limits)?;
+    let mut hosts = host_configs(settings, limits)?;
     if let Some(name) = dbname {
-        config.dbname(name);
+        for config in &mut hosts {
+            config.dbname(name);
+        }
     }
-    match tls(settings, &config)? {
+    let per_host = per_host_timeout(settings, &hosts[0]);
+    let budget = connect_budget(settings, &hosts);
+    let timed_out = || Error::Timeout(format!("no database host accepted a connection within {budget:?}"));
+    match tls(settings, &hosts[0])? {
         Some(tls) => {
-            let (client, connection) = config.connect(tls).await?;
+            let connecting = hosts::connect_first(&hosts, tls, per_host);
+            let (client, connection) = tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
             tokio::spawn(drive(connection));
             Ok(client)
         }
         None => {
-            let (client, connection) = config.connect(NoTls).await?;
+            let connecting = hosts::connect_first(&hosts, NoTls, per_host);
+            let (client, connection) = tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
             tokio::spawn(drive(connection));
             Ok(client)
         }
@@ -249,6 +301,7 @@ mod tests {
             Some("-c statement_timeout=30s -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s")
         );
         assert_eq!(c.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
         s.url =
             "postgres://u@h/db?options=-c%20deadlock_timeout%3D2s%20-c%20lock_timeout%3D3s&connect_timeout=7".into();
@@ -272,5 +325,26 @@ mod tests {
         // The URL's own options are left as they are (an operator who lists them in ignore_startup_parameters).
         s.url = "postgres://u@h/db?options=-c%20lock_timeout%3D3s".into();
         assert_eq!(session_config(&s, Limits::All).unwrap().get_options(), Some("-c lock_timeout=3s"));
+    }
+
+    #[test]
+    fn every_host_of_a_multi_host_url_gets_the_limits_and_its_own_bounded_attempt() {
+        let mut s = DatabaseSettings {
+            url: "postgres://acm@h1:5432,h2:5433,h3/acm?target_session_attrs=read-write&connect_timeout=2".into(),
+            ..DatabaseSettings::default()
+        };
+        let hosts = host_configs(&s, Limits::All).unwrap();
+        assert_eq!(hosts.len(), 3);
+        for c in &hosts {
+            assert_eq!(c.get_hosts().len(), 1);
+            assert!(c.get_options().unwrap().contains("statement_timeout=30s"));
+            assert_eq!(c.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        assert_eq!(per_host_timeout(&s, &hosts[0]), Duration::from_secs(2));
+        // Two hosts tried for 2 s each before the last one's checkout timeout of 5 s.
+        assert_eq!(connect_budget(&s, &hosts), Duration::from_secs(9));
+        s.url = "postgres://acm@h1/acm".into();
+        let hosts = host_configs(&s, Limits::All).unwrap();
+        assert_eq!(connect_budget(&s, &hosts), Duration::from_secs(5));
     }
 }

@@ -309,15 +309,23 @@ pub async fn listen(settings: DatabaseSettings, wake: Arc<Notify>, shutdown: Can
 }
 
 async fn listen_once(settings: &DatabaseSettings, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
-    let config = crate::db::session_config(settings, crate::db::Limits::All)?;
-    match crate::db::tls(settings, &config)? {
+    // Like the pool's connections: the hosts of `database.url` in turn, each bounded, the whole attempt too.
+    let hosts = crate::db::host_configs(settings, crate::db::Limits::All)?;
+    let per_host = crate::db::per_host_timeout(settings, &hosts[0]);
+    let budget = crate::db::connect_budget(settings, &hosts);
+    let timed_out = || Error::Timeout(format!("outbox listener: no database host accepted within {budget:?}"));
+    match crate::db::tls(settings, &hosts[0])? {
         Some(tls) => {
-            let (client, mut connection) = config.connect(tls).await?;
+            let connecting = crate::db::connect_first(&hosts, tls, per_host);
+            let (client, mut connection) =
+                tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
             let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             notifications(client, messages, wake, shutdown).await
         }
         None => {
-            let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+            let connecting = crate::db::connect_first(&hosts, tokio_postgres::NoTls, per_host);
+            let (client, mut connection) =
+                tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
             let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             notifications(client, messages, wake, shutdown).await
         }

@@ -22,7 +22,17 @@ impl Default for Backoff {
     }
 }
 
+/// Longest delay between two attempts of [`retry_transient`]: work held while the database is unreachable (a
+/// delivery, a heartbeat batch) is tried again at least this often, so it resumes within about this long (plus
+/// jitter) of the database's return — or of a standby's promotion — however long the outage lasted.
+pub const HELD_WORK_RETRY_CAP: Duration = Duration::from_secs(2);
+
 impl Backoff {
+    /// The default backoff with its delays capped at `cap` (before jitter).
+    pub fn capped(cap: Duration) -> Self {
+        Self { cap, ..Self::default() }
+    }
+
     /// The next delay.
     pub fn next_delay(&mut self) -> Duration {
         let exp = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
@@ -46,14 +56,14 @@ impl Backoff {
     }
 }
 
-/// Runs `op` until it succeeds, retrying transient failures with backoff (each logged), returning any other failure
-/// at once, and [`Error::Shutdown`] when shutdown interrupts the wait.
+/// Runs `op` until it succeeds, retrying transient failures with backoff capped at [`HELD_WORK_RETRY_CAP`] (each
+/// logged), returning any other failure at once, and [`Error::Shutdown`] when shutdown interrupts the wait.
 pub async fn retry_transient<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::capped(HELD_WORK_RETRY_CAP);
     loop {
         match op().await {
             Ok(v) => return Ok(v),
@@ -81,5 +91,9 @@ mod tests {
             assert!(b.next_delay() <= Duration::from_secs(15));
         }
         assert!(b.next_delay() >= Duration::from_secs(10));
+        let mut b = Backoff::capped(HELD_WORK_RETRY_CAP);
+        for _ in 0..30 {
+            assert!(b.next_delay() <= HELD_WORK_RETRY_CAP.mul_f64(1.5));
+        }
     }
 }

@@ -31,8 +31,10 @@
 //! workers expiring instructions through their retries), `poison` (a poison storm), `backlog` (a backlog queued
 //! before the worker starts), `blocked` (the broker blocks publishers: a memory alarm while the worker is busy),
 //! `pgbouncer` (ten in-process workers through PgBouncer in transaction pooling mode, in front of the machine's
-//! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`) and
-//! `cluster` (the node leading the quorum queues of a three-node cluster is killed).
+//! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`),
+//! `cluster` (the node leading the quorum queues of a three-node cluster is killed) and
+//! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
+//! `database.url` names both; its load in `failover_load`).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -46,6 +48,10 @@ mod common;
 mod counting;
 #[path = "faults/expiry.rs"]
 mod expiry;
+#[path = "faults/failover.rs"]
+mod failover;
+#[path = "faults/failover_load.rs"]
+mod failover_load;
 #[path = "faults/infra.rs"]
 mod infra;
 #[path = "faults/lab.rs"]

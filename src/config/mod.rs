@@ -384,28 +384,41 @@ fn one_line(e: &figment::Error) -> String {
     parts.join("; ").replace('\n', " ")
 }
 
-/// Replaces the password of a URL (or a libpq `password=` pair) with `***`.
+/// Replaces the password of a URL (its user information or a `password=` query parameter; several hosts, as in
+/// `postgres://u:pw@h1:5432,h2:5433/db`, are fine) or of a libpq `password=` pair with `***`.
 ///
 /// ```
 /// use agent_connection_manager::config::redact_url;
 /// assert_eq!(redact_url("amqp://guest:guest@host/%2f"), "amqp://guest:***@host/%2f");
+/// assert_eq!(redact_url("postgres://acm:pw@h1:5432,h2:5433/acm"), "postgres://acm:***@h1:5432,h2:5433/acm");
 /// assert_eq!(redact_url("host=db password=secret"), "host=db password=***");
 /// ```
 pub fn redact_url(raw: &str) -> String {
-    if let Ok(mut u) = url::Url::parse(raw) {
-        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
-            return u.to_string();
-        }
-        return raw.to_string();
+    let redact_pair = |pair: &str| match pair.split_once('=') {
+        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+        _ => pair.to_string(),
+    };
+    if let Some((scheme, rest)) = raw.split_once("://") {
+        // The user information ends at the last `@` before the path or query.
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{hosts}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                format!("{path}?{}", query.split('&').map(redact_pair).collect::<Vec<_>>().join("&"))
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}://{authority}{tail}");
     }
     // libpq key=value form.
-    raw.split_whitespace()
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    raw.split_whitespace().map(redact_pair).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

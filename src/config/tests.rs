@@ -116,8 +116,20 @@ fn redaction_hides_passwords() {
     assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
     assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     assert_eq!(redact_url("host=h user=u password=secret"), "host=h user=u password=***");
+    assert_eq!(
+        redact_url("postgres://acm:hunter2@h1:5432,h2:5433/acm?target_session_attrs=read-write"),
+        "postgres://acm:***@h1:5432,h2:5433/acm?target_session_attrs=read-write"
+    );
+    assert_eq!(
+        redact_url("postgres://acm@h1,h2/acm?password=hunter2&sslmode=require"),
+        "postgres://acm@h1,h2/acm?password=***&sslmode=require"
+    );
+    assert_eq!(redact_url("host=h1,h2 port=5432,5433 password=hunter2"), "host=h1,h2 port=5432,5433 password=***");
     let mut s = Settings::default();
     s.database.url = "postgres://acm:hunter2@db/acm".into();
     assert!(!s.to_redacted_toml().contains("hunter2"));
+    s.database.url = "postgres://acm:hunter2@h1:5432,h2:5433/acm?target_session_attrs=read-write".into();
+    s.validate().unwrap();
+    assert!(!s.to_redacted_toml().contains("hunter2"), "{}", s.to_redacted_toml());
     assert!(!s.to_redacted_toml().contains("guest:guest"));
 }

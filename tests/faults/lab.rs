@@ -19,6 +19,8 @@ pub struct Lab {
     /// The cluster's other nodes (none for one node); `amqp.url` lists `rabbit` first, then these.
     pub cluster: Vec<RabbitNode>,
     pub pg: PgCluster,
+    /// The synchronous standby of [`Lab::replicated`].
+    pub standby: Option<PgCluster>,
     pub env: WorkerEnv,
     pub peak_kb: u64,
     /// The topology the workers use (with their `amqp.heartbeat_shards`).
@@ -32,21 +34,72 @@ pub struct Lab {
 impl Lab {
     /// Starts PostgreSQL and RabbitMQ, migrates, declares the topology and the event capture queue.
     pub async fn new(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::build(name, extra, false).await
+    }
+
+    /// [`Lab::new`] with a primary and a synchronous streaming standby (`pg` and `standby`); the workers'
+    /// `database.url` names both hosts with `target_session_attrs=read-write`.
+    pub async fn replicated(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::build(name, extra, true).await
+    }
+
+    async fn build(name: &str, extra: &[(&str, &str)], replicated: bool) -> Self {
         let dir = TempDir::new(name);
         let rabbit = tokio::task::block_in_place(|| RabbitNode::start_new(dir.path()));
-        Self::with_broker(dir, vec![rabbit], extra, &Settings::default()).await
+        Self::assemble(dir, vec![rabbit], extra, &Settings::default(), replicated).await
     }
 
     /// Starts PostgreSQL under `dir`, migrates, and declares the topology (with `settings`' queue types and heartbeat
     /// shards, which `extra` must give the workers too) and the event capture queue on the running broker `nodes`
     /// (a quorum queue on a cluster, so that losing a node loses no event).
-    pub async fn with_broker(
+    pub async fn with_broker(dir: TempDir, nodes: Vec<RabbitNode>, extra: &[(&str, &str)], settings: &Settings) -> Self {
+        Self::assemble(dir, nodes, extra, settings, false).await
+    }
+
+    /// A primary with a synchronous streaming standby when `replicated` (the workers' `database.url` then names
+    /// both hosts with `target_session_attrs=read-write`), one server otherwise.
+    async fn start_postgres(dir: &TempDir, replicated: bool) -> (PgCluster, Option<PgCluster>, String) {
+        if !replicated {
+            let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
+            let url = pg.url("acm_faults");
+            return (pg, None, url);
+        }
+        let (pg, standby) = tokio::task::block_in_place(|| {
+            let pg = PgCluster::start_new_as(
+                dir.path(),
+                "pg",
+                "-c wal_level=replica -c max_wal_senders=5 -c \"synchronous_standby_names=*\"",
+            );
+            pg.allow("host replication postgres 127.0.0.1/32 trust");
+            let standby = PgCluster::start_standby_of(&pg, dir.path(), "pg-standby");
+            (pg, standby)
+        });
+        let primary = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port());
+        crate::infra::eventually("the standby to stream synchronously", Duration::from_secs(60), || {
+            let primary = primary.clone();
+            async move {
+                let client = db(&primary).await?;
+                let row = client.query_opt("SELECT sync_state FROM pg_stat_replication", &[]).await.ok()??;
+                (row.get::<_, String>(0) == "sync").then_some(())
+            }
+        })
+        .await;
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/acm_faults?target_session_attrs=read-write",
+            pg.port(),
+            standby.port()
+        );
+        (pg, Some(standby), url)
+    }
+
+    async fn assemble(
         dir: TempDir,
         mut nodes: Vec<RabbitNode>,
         extra: &[(&str, &str)],
         settings: &Settings,
+        replicated: bool,
     ) -> Self {
-        let pg = tokio::task::block_in_place(|| PgCluster::start_new(dir.path()));
+        let (pg, standby, database_url) = Self::start_postgres(&dir, replicated).await;
         let mut all_extra: Vec<(String, String)> = vec![
             ("ACM_SWEEPER__CHECK_INTERVAL_SECS".into(), "1".into()),
             // Heartbeats stop when the workload ends; the test must not race the stale verdict.
@@ -55,7 +108,7 @@ impl Lab {
         ];
         all_extra.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = WorkerEnv {
-            database_url: pg.url("acm_faults"),
+            database_url,
             amqp_url: nodes.iter().map(RabbitNode::url).collect::<Vec<_>>().join(","),
             prefix: PREFIX.into(),
             extra: all_extra,
@@ -70,6 +123,7 @@ impl Lab {
             rabbit,
             cluster: nodes,
             pg,
+            standby,
             env,
             peak_kb: 0,
             topology,

@@ -13,6 +13,8 @@ pub struct PgCluster {
     socket_dir: PathBuf,
     port: u16,
     running: bool,
+    /// Further server options for `pg_ctl start -o` (the primary's synchronous replication).
+    extra_opts: String,
 }
 
 /// The PostgreSQL server programs: `$ACM_FAULTS_PG_BIN`, else `/usr/lib/postgresql/15/bin`, else the newest
@@ -52,12 +54,12 @@ fn pg_command(program: &str, dir: &Path) -> Command {
 impl PgCluster {
     /// `initdb` a new cluster under `base` and start it.
     pub fn start_new(base: &Path) -> Self {
-        let root = base.join("pg");
-        fs::create_dir_all(&root).expect("pg dir");
-        if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status();
-            assert!(ok.is_ok_and(|s| s.success()), "chown {} to postgres", root.display());
-        }
+        Self::start_new_as(base, "pg", "")
+    }
+
+    /// `initdb` a new cluster under `base/<dir>` and start it with `extra_opts` (server options, `-c name=value`).
+    pub fn start_new_as(base: &Path, dir: &str, extra_opts: &str) -> Self {
+        let root = owned_dir(base, dir);
         let data = root.join("data");
         let out = pg_command("initdb", &root)
             .arg("-D")
@@ -71,9 +73,91 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut pg = Self { data, log: root.join("postgres.log"), socket_dir: root, port: free_port(), running: false };
+        let mut pg = Self {
+            data,
+            log: root.join("postgres.log"),
+            socket_dir: root,
+            port: free_port(),
+            running: false,
+            extra_opts: extra_opts.to_string(),
+        };
         pg.start();
         pg
+    }
+
+    /// A streaming standby of `primary` under `base/<dir>` on a free port: `pg_basebackup -R` (which writes
+    /// `standby.signal` and `primary_conninfo`), then started. With the primary's `synchronous_standby_names = '*'`
+    /// it is the synchronous standby: the primary reports a commit only once this standby has flushed it.
+    pub fn start_standby_of(primary: &PgCluster, base: &Path, dir: &str) -> Self {
+        let root = owned_dir(base, dir);
+        let data = root.join("data");
+        let out = pg_command("pg_basebackup", &root)
+            .arg("-D")
+            .arg(&data)
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream"])
+            .args(["--no-sync", "--checkpoint=fast"])
+            .output()
+            .expect("pg_basebackup runs");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Self {
+            data,
+            log: root.join("postgres.log"),
+            socket_dir: root,
+            port: free_port(),
+            running: false,
+            extra_opts: String::new(),
+        };
+        pg.start();
+        pg
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The postmaster's process id (the first line of `postmaster.pid`), while it runs (for the capacity bench).
+    #[allow(dead_code)]
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.data.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+    }
+
+    /// Appends a line to `pg_hba.conf` (read at the next start or reload).
+    pub fn allow(&self, hba_line: &str) {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().append(true).open(self.data.join("pg_hba.conf")).expect("pg_hba.conf");
+        writeln!(f, "{hba_line}").expect("write pg_hba.conf");
+        let out = pg_command("pg_ctl", &self.socket_dir).arg("reload").arg("-D").arg(&self.data).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "pg_ctl reload");
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`: no shutdown checkpoint, every
+    /// client cut off).
+    pub fn stop_immediate(&mut self) {
+        self.stop_mode("immediate");
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote -w`: returns once it accepts writes).
+    pub fn promote(&self) {
+        let out = pg_command("pg_ctl", &self.socket_dir)
+            .arg("promote")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60"])
+            .output()
+            .expect("pg_ctl promote runs");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log, 20)
+        );
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/<db>`.
@@ -85,9 +169,10 @@ impl PgCluster {
     pub fn start(&mut self) {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off \
-             -c full_page_writes=off -c shared_buffers=256MB",
+             -c full_page_writes=off -c shared_buffers=256MB {}",
             self.port,
-            self.socket_dir.display()
+            self.socket_dir.display(),
+            self.extra_opts
         );
         let out = pg_command("pg_ctl", &self.socket_dir)
             .arg("start")
@@ -129,6 +214,17 @@ impl PgCluster {
         );
         self.running = false;
     }
+}
+
+/// `base/<dir>`, created and owned by the `postgres` user when we are root.
+fn owned_dir(base: &Path, dir: &str) -> PathBuf {
+    let root = base.join(dir);
+    fs::create_dir_all(&root).expect("pg dir");
+    if is_root() {
+        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status();
+        assert!(ok.is_ok_and(|s| s.success()), "chown {} to postgres", root.display());
+    }
+    root
 }
 
 impl Drop for PgCluster {

@@ -180,6 +180,12 @@ impl RabbitNode {
 }
 
 impl RabbitNode {
+    /// The Erlang VM's (`beam.smp`) process id, once the node has written it (for the capacity bench).
+    #[allow(dead_code)]
+    pub fn beam_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.base.join("beam.pid")).ok()?.trim().parse().ok()
+    }
+
     /// Runs `rabbitmqctl` against this node (its name, epmd port and cookie) and returns its output; fails the test
     /// when it does not succeed.
     pub fn ctl(&self, args: &[&str]) -> String {

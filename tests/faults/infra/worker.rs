@@ -86,6 +86,11 @@ pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
 }
 
 impl WorkerProc {
+    /// Whether `/readyz` answers 200 now.
+    pub async fn ready(&self) -> bool {
+        http_status(self.http_port, "/readyz").await == Some(200)
+    }
+
     /// Waits until `/readyz` answers 200 (broker connected, database answering, consumers running).
     pub async fn wait_ready(&mut self, timeout: Duration) {
         let port = self.http_port;
