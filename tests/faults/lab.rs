@@ -52,7 +52,12 @@ impl Lab {
     /// Starts PostgreSQL under `dir`, migrates, and declares the topology (with `settings`' queue types and heartbeat
     /// shards, which `extra` must give the workers too) and the event capture queue on the running broker `nodes`
     /// (a quorum queue on a cluster, so that losing a node loses no event).
-    pub async fn with_broker(dir: TempDir, nodes: Vec<RabbitNode>, extra: &[(&str, &str)], settings: &Settings) -> Self {
+    pub async fn with_broker(
+        dir: TempDir,
+        nodes: Vec<RabbitNode>,
+        extra: &[(&str, &str)],
+        settings: &Settings,
+    ) -> Self {
         Self::assemble(dir, nodes, extra, settings, false).await
     }
 
