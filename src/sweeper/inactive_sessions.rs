@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
 use crate::error::Result;
-use crate::events::EventBody;
+use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "inactive_sessions";
@@ -46,7 +46,8 @@ pub const MARK_BATCH: &str = "WITH due AS ( \
      RETURNING s.session_id, s.agent_id, s.last_activity_at";
 
 /// Runs once; `None` when another worker is running this task. Returns the sessions marked.
-pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
+/// `outbox` is told after every commit that wrote events.
+pub async fn run_once(pool: &Pool, cfg: &Config, outbox: &OutboxSignal) -> Result<Option<u64>> {
     let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
     };
@@ -56,6 +57,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<u64>> {
         param: cfg.inactive_after.as_secs_f64(),
         size: cfg.batch_size,
         parallel: cfg.parallel,
+        outbox,
     };
     let total = in_batches(&mut claim, pool, batches, |r| {
         let session_id: String = r.get(0);

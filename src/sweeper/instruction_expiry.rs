@@ -12,7 +12,7 @@ use super::{in_batches, secs, Batches, Claim};
 use crate::config::SweeperSettings;
 use crate::domain::InstructionStatus;
 use crate::error::Result;
-use crate::events::EventBody;
+use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "instruction_expiry";
@@ -66,7 +66,8 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
        i.status, i.retry_count, i.max_retries, i.expires_at, due.previous";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
+/// `outbox` is told after every commit that wrote events.
+pub async fn run_once(pool: &Pool, cfg: &Config, outbox: &OutboxSignal) -> Result<Option<Report>> {
     let Some(mut claim) = Claim::take(pool, TASK).await? else {
         return Ok(None);
     };
@@ -77,6 +78,7 @@ pub async fn run_once(pool: &Pool, cfg: &Config) -> Result<Option<Report>> {
         param: cfg.retry_window.as_secs_f64(),
         size: cfg.batch_size,
         parallel: cfg.parallel,
+        outbox,
     };
     in_batches(&mut claim, pool, batches, |r| {
         let instruction_id: Uuid = r.get(0);
