@@ -179,12 +179,18 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
             }
             continue;
         }
-        if let Some(done) = in_flight.next().await {
-            match done {
-                Ok(_) => backoff = Backoff::default(),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
+        if !in_flight.is_empty() {
+            // A batch ends, or (after a short claim) this process commits more events: claim them at once rather
+            // than after the batches in flight.
+            let may_claim = !more && leader && open && failure.is_none() && !shutdown.is_cancelled();
+            tokio::select! {
+                Some(done) = in_flight.next() => match done {
+                    Ok(_) => backoff = Backoff::default(),
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                },
+                _ = wake.notified(), if may_claim => more = true,
             }
             continue;
         }
