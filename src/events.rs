@@ -4,6 +4,8 @@
 //! relay publishes it later with publisher confirms. So there is no change without its event and no event without
 //! its change.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -217,6 +219,27 @@ events! {
         candidates: i64,
         /// Active connections.
         active: i64,
+    }
+}
+
+/// Wakes this process's outbox relay once a transaction that wrote events has committed.
+///
+/// Everything in the process that commits events (command execution, heartbeat batches, sweeper tasks, the
+/// library's session calls) holds a clone and calls [`OutboxSignal::committed`] after the commit — never before: a
+/// relay woken before the commit would find nothing and wait for its next poll. A wake-up that comes while the relay
+/// is busy is kept for its next wait. Events committed by other processes are found by the relay's poll.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxSignal(Arc<tokio::sync::Notify>);
+
+impl OutboxSignal {
+    /// A transaction that wrote events has committed.
+    pub fn committed(&self) {
+        self.0.notify_one();
+    }
+
+    /// Waits for the next [`OutboxSignal::committed`] (or returns at once for one that came meanwhile).
+    pub async fn notified(&self) {
+        self.0.notified().await;
     }
 }
 

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::domain::{Ident, Text};
 use crate::error::{CommandError, Error, Result};
+use crate::events::OutboxSignal;
 use crate::metrics::Metrics;
 use crate::retry::retry_transient;
 use crate::sweeper::{BacklogProbe, SweepReport, Sweeper};
@@ -33,6 +34,7 @@ pub struct AgentConnectionManager {
     pool: Pool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    outbox: OutboxSignal,
     running: Mutex<Option<Running>>,
 }
 
@@ -51,6 +53,7 @@ impl AgentConnectionManager {
             pool,
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::default()),
+            outbox: OutboxSignal::default(),
             running: Mutex::new(None),
         }
     }
@@ -95,6 +98,7 @@ impl AgentConnectionManager {
             settings: self.settings.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
+            outbox: self.outbox.clone(),
         };
         let task = tokio::spawn(worker.run(shutdown.clone()));
         tracing::info!(prefix = %self.settings.amqp.prefix, "connection manager started");
@@ -164,7 +168,9 @@ impl AgentConnectionManager {
                 })
                 .transpose()?,
         });
-        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
+        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await;
+        self.outbox.committed();
+        let outcome = outcome??;
         Ok(outcome["session_id"].as_str().unwrap_or_default().to_string())
     }
 
@@ -175,13 +181,17 @@ impl AgentConnectionManager {
             return Ok(false);
         };
         let cmd = Command::new(session::Close { session_id });
-        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await??;
+        let outcome = commands::execute(&self.pool, &self.settings, &cmd, &Meta::default()).await;
+        self.outbox.committed();
+        let outcome = outcome??;
         Ok(outcome["closed"].as_bool().unwrap_or(false))
     }
 
     /// Runs one sweeper cycle now (without the broker's backlog figure unless `probe` has a channel).
     pub async fn sweep_once(&self, probe: BacklogProbe) -> Result<SweepReport> {
-        Sweeper::new(self.pool.clone(), self.settings.clone(), probe, self.metrics.clone()).run_once().await
+        Sweeper::new(self.pool.clone(), self.settings.clone(), probe, self.metrics.clone(), self.outbox.clone())
+            .run_once()
+            .await
     }
 }
 

@@ -47,8 +47,10 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Publish-to-confirm latency of outbox batches.
     pub publish_confirm_seconds: Histogram,
-    /// Unpublished outbox rows.
+    /// Unpublished outbox rows (every row of the outbox: published ones are deleted).
     pub outbox_backlog: Gauge,
+    /// 1 while this worker's relay holds the relay lease (publishes the outbox), 0 while it stands by.
+    pub outbox_relay_leader: Gauge,
     /// Age of the oldest unpublished outbox row.
     pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Pool: maximum size.
@@ -93,6 +95,7 @@ impl Metrics {
             events_published: Counter::default(),
             publish_confirm_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             outbox_backlog: Gauge::default(),
+            outbox_relay_leader: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             pool_size: Gauge::default(),
             pool_available: Gauge::default(),
@@ -124,6 +127,11 @@ impl Metrics {
             m.publish_confirm_seconds.clone(),
         );
         registry.register("outbox_backlog", "Unpublished outbox events", m.outbox_backlog.clone());
+        registry.register(
+            "outbox_relay_leader",
+            "1 while this worker's relay holds the relay lease and publishes the outbox",
+            m.outbox_relay_leader.clone(),
+        );
         registry.register(
             "outbox_oldest_age_seconds",
             "Age of the oldest unpublished event",

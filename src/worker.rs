@@ -1,6 +1,6 @@
 //! The worker: wires the consumers, the sweeper and the outbox relay, and keeps them connected to the broker.
 //!
-//! The sweeper and the outbox listener need only the database and run for the worker's whole life. The consumers
+//! The sweeper needs only the database and runs for the worker's whole life. The consumers
 //! and the relay live in a broker session: when the connection or a channel is lost, the session ends (deliveries of
 //! the dead channel are never acknowledged on another), and a new one is made after an exponential backoff with
 //! jitter, re-declaring the topology. On shutdown the consumers stop taking deliveries and finish the ones they
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +26,7 @@ use crate::amqp::{self, Topology};
 use crate::config::Settings;
 use crate::consumer::{self, Shared};
 use crate::error::{Error, Result};
+use crate::events::OutboxSignal;
 use crate::metrics::Metrics;
 use crate::relay;
 use crate::retry::Backoff;
@@ -98,22 +98,30 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Health flags.
     pub health: Arc<Health>,
+    /// Signalled by everything of this process that commits events; wakes the relay.
+    pub outbox: OutboxSignal,
 }
 
 impl Worker {
     /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let probe = BacklogProbe::broker();
-        let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(relay::listen(self.settings.database.clone(), wake.clone(), shutdown.clone()));
-        let sweeper = Sweeper::new(self.pool.clone(), self.settings.clone(), probe.clone(), self.metrics.clone());
+        // One name for the worker's life: the relay of a new broker session renews the lease of the last one.
+        let relay_name = relay::relay_name();
+        let sweeper = Sweeper::new(
+            self.pool.clone(),
+            self.settings.clone(),
+            probe.clone(),
+            self.metrics.clone(),
+            self.outbox.clone(),
+        );
         let sweeper = tokio::spawn(sweeper.run(shutdown.clone()));
         let mut backoff = Backoff::default();
         // The broker node (of `amqp.url`'s list) to try first: after a session ends, the next one.
         let mut node = 0;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            match self.session(&probe, &wake, &shutdown, &mut node).await {
+            match self.session(&probe, &relay_name, &shutdown, &mut node).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -136,7 +144,6 @@ impl Worker {
             }
         }
         let _ = sweeper.await;
-        let _ = listener.await;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -144,7 +151,7 @@ impl Worker {
     async fn session(
         &self,
         probe: &BacklogProbe,
-        wake: &Arc<Notify>,
+        relay_name: &str,
         shutdown: &CancellationToken,
         node: &mut usize,
     ) -> Result<()> {
@@ -182,6 +189,7 @@ impl Worker {
             topology: topology.clone(),
             publisher,
             metrics: self.metrics.clone(),
+            outbox: self.outbox.clone(),
         });
         let stop_consumers = shutdown.child_token();
         let stop_relay = CancellationToken::new();
@@ -198,11 +206,11 @@ impl Worker {
                 batch: s.outbox.batch_size,
                 lease: Duration::from_secs(s.outbox.lease_secs),
                 confirm_timeout: s.confirm_timeout(),
-                name: relay::relay_name(),
+                name: relay_name.to_string(),
             },
             pipeline: s.outbox.pipeline,
             poll: Duration::from_millis(s.outbox.poll_interval_ms),
-            wake: wake.clone(),
+            wake: self.outbox.clone(),
             blocked: self.health.broker_blocked.clone(),
             metrics: self.metrics.clone(),
             shutdown: stop_relay.clone(),

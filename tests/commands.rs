@@ -47,7 +47,7 @@ async fn session_create_replies_stores_and_announces() {
         app.refused(json!({"type": "session.create", "agent_id": "a2", "session_id": "s-fixed"})).await,
         "conflict"
     );
-    let created: i64 = app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.session.created'").await;
+    let created = app.published(|e| e["event_type"] == "agent.session.created").await;
     assert_eq!(created, 2, "one event per session created, none for the repeat");
     app.cleanup().await;
 }
@@ -85,27 +85,22 @@ async fn session_close_ends_closes_and_cancels() {
     assert_eq!(closed["closed_connections"], 1);
     assert_eq!(closed["cancelled_instructions"], 2);
     assert_eq!(closed["agent_id"], "a1");
-    let outbox: i64 = app
-        .scalar("SELECT count(*) FROM event_outbox WHERE event_type IN ('agent.connection.closed', 'agent.instruction.cancelled')")
+    let closes = app
+        .published(|e| e["event_type"] == "agent.connection.closed" || e["event_type"] == "agent.instruction.cancelled")
         .await;
-    assert_eq!(outbox, 3);
-    let cancelled_ids: Vec<String> = app
-        .db
-        .query(
-            "SELECT payload->>'instruction_id' FROM event_outbox WHERE event_type = 'agent.instruction.cancelled'",
-            &[],
-        )
-        .await
-        .unwrap()
+    assert_eq!(closes, 3);
+    let cancelled_ids: Vec<&str> = app
+        .seen
         .iter()
-        .map(|r| r.get(0))
+        .filter(|e| e["event_type"] == "agent.instruction.cancelled")
+        .filter_map(|e| e["instruction_id"].as_str())
         .collect();
-    assert!(cancelled_ids.contains(&i1));
+    assert!(cancelled_ids.contains(&i1.as_str()));
 
     // Again: closed, no change; unknown: not closed.
     assert_eq!(app.ok(json!({"type": "session.close", "session_id": sid})).await["closed"], true);
     assert_eq!(app.ok(json!({"type": "session.close", "session_id": "nope"})).await["closed"], false);
-    let n: i64 = app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.session.closed'").await;
+    let n = app.published(|e| e["event_type"] == "agent.session.closed").await;
     assert_eq!(n, 1);
     // An ended session takes no new connection or instruction.
     assert_eq!(app.refused(json!({"type": "connection.open", "agent_id": "a1", "session_id": sid})).await, "conflict");
@@ -169,7 +164,7 @@ async fn connections_open_and_close() {
         app.ok(json!({"type": "connection.close", "agent_id": "a1", "connection_id": "zzz"})).await["closed"],
         false
     );
-    let n: i64 = app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.closed'").await;
+    let n = app.published(|e| e["event_type"] == "agent.connection.closed").await;
     assert_eq!(n, 1, "closing twice announces once");
     // A closed id cannot be opened again.
     assert_eq!(
@@ -244,13 +239,7 @@ async fn instructions_are_created_sent_and_acknowledged() {
                       "payload": 1, "instruction_id": fixed_id});
     assert_eq!(app.ok(body.clone()).await["instruction_id"], fixed_id.as_str());
     assert_eq!(app.ok(body).await["instruction_id"], fixed_id.as_str());
-    assert_eq!(
-        app.scalar::<i64>(&format!(
-            "SELECT count(*) FROM event_outbox WHERE payload->>'instruction_id' = '{fixed_id}'"
-        ))
-        .await,
-        1
-    );
+    assert_eq!(app.published(|e| e["instruction_id"] == fixed_id.as_str()).await, 1);
     // Refusals.
     assert_eq!(
         app.refused(json!({"type": "instruction.create", "agent_id": "a2", "session_id": sid, "instruction_type": "t", "payload": 1}))
@@ -340,7 +329,7 @@ async fn stats_are_one_snapshot_of_the_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_message_id_gets_the_first_reply_and_changes_nothing() {
-    let app = TestApp::start().await;
+    let mut app = TestApp::start().await;
     let body = json!({"type": "session.create", "agent_id": "a1"});
     let first = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
     let second = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
@@ -360,7 +349,7 @@ async fn a_repeated_message_id_gets_the_first_reply_and_changes_nothing() {
     assert_eq!(a1["result"]["accepted"], true);
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction").await, 1);
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction_acknowledgement").await, 1);
-    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM event_outbox").await, 3, "created, created, acknowledged");
+    assert_eq!(app.published(|_| true).await, 3, "created, created, acknowledged");
     app.cleanup().await;
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent_connection_manager::amqp::connect;
 use agent_connection_manager::metrics::Metrics;
-use agent_connection_manager::relay::{relay_once, Publishing, CLAIM};
+use agent_connection_manager::relay::{self, relay_once, Publishing};
 use agent_connection_manager::AgentConnectionManager;
 use common::{eventually, TestApp};
 use serde_json::{json, Value};
@@ -66,9 +66,10 @@ async fn two_sweepers_and_two_relays_emit_each_event_once() {
         let conn = connect(&url, "relay test").await.unwrap();
         let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.unwrap();
         let metrics = Metrics::new();
+        let publishing = Publishing::new(&exchange, 50);
         let mut total = 0;
         loop {
-            let n = relay_once(&pool, &ch, &Publishing::new(&exchange, 50), &metrics).await.unwrap();
+            let n = relay_once(&pool, &ch, &publishing, &metrics).await.unwrap();
             if n == 0 {
                 break total;
             }
@@ -179,30 +180,32 @@ async fn a_relay_that_dies_loses_its_lease_to_another_which_publishes_the_same_e
     for i in 0..5 {
         app.manager.create_session(&format!("lease-{i}"), None, None, None, None).await.unwrap();
     }
-    // A relay claims the batch for one second and dies before publishing it.
-    let claimed: Vec<String> = app
-        .db
-        .query(CLAIM, &[&100i64, &1.0f64, &"dead relay"])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, uuid::Uuid>(1).to_string())
-        .collect();
+    // A relay takes the lease for one second, claims the batch and dies before publishing it.
+    let pool = &app.manager.pool().clone();
+    assert!(relay::sql::acquire(pool, "dead relay", 1.0).await.unwrap());
+    let window = relay::Window { rescan: true, ..Default::default() };
+    let claimed = relay::sql::claim(pool, "dead relay", 1.0, &window, 100).await.unwrap().expect("the lease is held");
+    let claimed: Vec<String> = claimed.iter().map(|e| e.event_id.to_string()).collect();
     assert_eq!(claimed.len(), 5);
     let conn = connect(&app.settings.amqp.url, "lease test").await.unwrap();
     let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.unwrap();
     let publishing = Publishing::new(&app.topology().event_exchange, 100);
     let metrics = Metrics::new();
-    // While the lease holds, another relay leaves the rows alone; no transaction is open meanwhile.
-    assert_eq!(relay_once(app.manager.pool(), &ch, &publishing, &metrics).await.unwrap(), 0);
+    // While the lease holds, another relay stands by; no transaction is open meanwhile.
+    assert_eq!(relay_once(pool, &ch, &publishing, &metrics).await.unwrap(), 0);
     let open: i64 = app
         .scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()")
         .await;
     assert_eq!(open, 0, "a transaction stays open after the claim");
-    // Once it expires, the other relay takes the rows over and publishes them with the same event_id.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(relay_once(app.manager.pool(), &ch, &publishing, &metrics).await.unwrap(), 5);
-    assert_eq!(app.unpublished().await, 0);
+    assert_eq!(app.unpublished().await, 5, "a claim writes nothing to the events");
+    // Once it expires, the other relay takes the lease over and publishes the rows with the same event_id.
+    let published = eventually("the lease to expire and the other relay to publish", Duration::from_secs(10), || {
+        let (ch, publishing, metrics) = (&ch, &publishing, &metrics);
+        async move { Some(relay_once(pool, ch, publishing, metrics).await.unwrap()).filter(|n| *n > 0) }
+    })
+    .await;
+    assert_eq!(published, 5);
+    assert_eq!(app.unpublished().await, 0, "published events are deleted");
     let mut published: Vec<String> = app
         .events_of("agent.session.created", 5)
         .await
@@ -213,8 +216,10 @@ async fn a_relay_that_dies_loses_its_lease_to_another_which_publishes_the_same_e
     claimed.sort();
     published.sort();
     assert_eq!(published, claimed);
-    let leased_by: String = app.scalar("SELECT min(leased_by) FROM event_outbox").await;
-    assert_eq!(leased_by, publishing.name, "the rows record which relay published them");
+    let holder: String = app.scalar("SELECT holder FROM outbox_relay").await;
+    assert_eq!(holder, publishing.name, "the lease records which relay holds it");
+    // The dead relay's next claim finds the lease gone.
+    assert!(relay::sql::claim(pool, "dead relay", 1.0, &window, 100).await.unwrap().is_none());
     let _ = conn.close(200, "done".into()).await;
     app.cleanup().await;
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_published_right_after_its_open_is_applied_after_it() {
-    let app = TestApp::start().await;
+    let mut app = TestApp::start().await;
     let sid = app.session("a1").await;
     let n = 60;
     // All opens of one session: ordered by session, they would share a lane while the closes spread over the others.
@@ -37,15 +37,14 @@ async fn a_close_published_right_after_its_open_is_applied_after_it() {
     .await;
     let active: i64 = app.scalar("SELECT count(*) FROM agent_connection WHERE status = 'active'").await;
     assert_eq!(active, 0, "a close overtook its open");
-    let closed_events: i64 =
-        app.scalar("SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.closed'").await;
+    let closed_events = app.published(|e| e["event_type"] == "agent.connection.closed").await;
     assert_eq!(closed_events, n);
     app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_before_the_open_is_completed_by_the_open() {
-    let app = TestApp::start().await;
+    let mut app = TestApp::start().await;
     let sid = app.session("a1").await;
     app.client.heartbeat("a1", &sid, "early").await.unwrap();
     common::eventually("the heartbeat to open the connection", Duration::from_secs(20), || async {
@@ -80,12 +79,7 @@ async fn a_heartbeat_before_the_open_is_completed_by_the_open() {
         .await;
     let ctype: String = app.scalar("SELECT connection_type FROM agent_connection WHERE connection_id = 'early'").await;
     assert_eq!(ctype, "websocket", "only the first open completes");
-    let opened: i64 = app
-        .scalar(
-            "SELECT count(*) FROM event_outbox WHERE event_type = 'agent.connection.opened' \
-             AND payload->>'connection_id' = 'early'",
-        )
-        .await;
+    let opened = app.published(|e| e["event_type"] == "agent.connection.opened" && e["connection_id"] == "early").await;
     assert_eq!(opened, 1, "one agent.connection.opened per connection");
     // Another agent cannot complete it.
     assert_eq!(

@@ -45,7 +45,7 @@ const HELP: &str = "cargo bench --bench throughput [-- OPTIONS]
   --due N             sweep: of which due (default 100000)
   --connections N     sweep: connections (default 100000)
   --stale N           sweep: of which stale (default 10000)
-  --history N         sweep: published outbox events and idempotency records kept (default 100000)
+  --history N         sweep: idempotency records kept (default 100000)
   --idle-cycles N     sweep: idle cycles timed per run (default 10)
   --no-plans          do not print the full EXPLAIN output
 

@@ -10,12 +10,13 @@ use crate::Res;
 
 /// Seeds the big tables with nothing due: `due` pending instructions with a deadline a day away (made due later),
 /// as many open ones not due, the rest final (acknowledged, expired, cancelled, with past deadlines); connections
-/// heard from within the last minute; published events and idempotency records within the retention period.
+/// heard from within the last minute; idempotency records within the retention period (published events are not
+/// kept: the relay deletes them).
 pub async fn seed_big(db: &tokio_postgres::Client, o: &Opts) -> Res<()> {
     let (sessions, instructions, due, connections, history) =
         (o.sessions, o.instructions, o.due, o.connections, o.history);
     let t = Instant::now();
-    // Fast bulk load: no per-row foreign-key or notify triggers (the data is consistent by construction), the
+    // Fast bulk load: no per-row foreign-key triggers (the data is consistent by construction), the
     // instruction table's secondary indexes rebuilt afterwards from their own definitions.
     db.batch_execute("SET session_replication_role = replica; SET maintenance_work_mem = '256MB'").await?;
     let index_defs: Vec<(String, String)> = db
@@ -58,12 +59,6 @@ pub async fn seed_big(db: &tokio_postgres::Client, o: &Opts) -> Res<()> {
                FROM generate_series(1, {instructions}) i"
         ),
         format!(
-            "INSERT INTO event_outbox (event_id, event_type, payload, created_at, published_at) \
-               SELECT gen_random_uuid(), 'agent.instruction.acknowledged', jsonb_build_object('n', i), \
-                 now() - (i % 80000) * interval '1 second', now() - (i % 80000) * interval '1 second' \
-               FROM generate_series(1, {history}) i"
-        ),
-        format!(
             "INSERT INTO processed_message (message_type, message_id, reply, processed_at) \
                SELECT 'instruction.ack', 'm-' || i, '{{\"ok\": true}}'::jsonb, \
                  now() - (i % 80000) * interval '1 second' \
@@ -79,7 +74,7 @@ pub async fn seed_big(db: &tokio_postgres::Client, o: &Opts) -> Res<()> {
         ),
     ];
     for (i, sql) in statements.iter().enumerate() {
-        if i == 4 {
+        if i == statements.len() - 1 {
             for (_, def) in &index_defs {
                 db.batch_execute(def).await?;
             }
@@ -122,17 +117,19 @@ fn explained_queries() -> Vec<(&'static str, String)> {
         ("stale: CLOSE_BATCH", q(stale_connections::CLOSE_BATCH, "120", "1000")),
         ("inactive: MARK_BATCH", q(inactive_sessions::MARK_BATCH, "3600", "1000")),
         ("expiry: EXPIRE_BATCH", q(instruction_expiry::EXPIRE_BATCH, "300", "1000")),
-        ("retention: PRUNE_EVENTS", q(retention::PRUNE_EVENTS, "86400", "1000")),
         ("retention: PRUNE_PROCESSED", q(retention::PRUNE_PROCESSED, "86400", "1000")),
         ("stats: STATS", agent_connection_manager::commands::stats::STATS.to_string()),
         (
+            // The lease holder's claim: from the oldest row (a rescan), nothing in flight; the lease row of the
+            // seeded database is free, so this reads only the lease.
             "relay: CLAIM",
-            q(
-                agent_connection_manager::relay::CLAIM,
-                &Settings::default().outbox.batch_size.to_string(),
-                &Settings::default().outbox.lease_secs.to_string(),
-            )
-            .replace("$3", "'bench'"),
+            agent_connection_manager::relay::CLAIM
+                .replace("$1", "'bench'")
+                .replace("$2", &format!("{}::float8", Settings::default().outbox.lease_secs))
+                .replace("$3", "0::int8")
+                .replace("$4", "true")
+                .replace("$5", "'{}'::int8[]")
+                .replace("$6", &format!("{}::int8", Settings::default().outbox.batch_size)),
         ),
     ]
 }

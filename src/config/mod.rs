@@ -152,15 +152,17 @@ pub struct InstructionSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxSettings {
-    /// Events claimed, published and marked per relay batch.
+    /// Events claimed, published and deleted per relay batch.
     pub batch_size: i64,
     /// Relay batches in flight at once: the next is claimed and published while the broker confirms the previous.
     pub pipeline: usize,
-    /// How often the relay looks for events when no notification arrives.
+    /// How often the relay looks for events committed by other processes (its own process wakes it at once), and a
+    /// standing-by relay whether the relay lease has expired.
     pub poll_interval_ms: u64,
-    /// Published events (and processed-message records) are deleted after this long.
+    /// Idempotency (processed-message) records are deleted after this long.
     pub retention_secs: u64,
-    /// How long a relay's claim on a batch lasts; after it another relay may publish the batch. Must exceed
+    /// The relay lease: one relay publishes at a time and renews it as it claims; when it has not for this long,
+    /// another relay takes over and publishes again what the first had not deleted. Must exceed
     /// `amqp.confirm_timeout_secs`.
     pub lease_secs: u64,
 }
@@ -277,7 +279,7 @@ impl Default for OutboxSettings {
         Self {
             batch_size: 2000,
             pipeline: 4,
-            poll_interval_ms: 1000,
+            poll_interval_ms: 250,
             retention_secs: crate::sweeper::retention::RETENTION_DEFAULT.as_secs(),
             lease_secs: 30,
         }

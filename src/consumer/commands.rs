@@ -112,6 +112,10 @@ async fn command(
     let started = Instant::now();
     let result = retry_transient(ty, shutdown, || execute(&shared.pool, s, &cmd, &meta)).await;
     shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() && !cmd.entry().read_only {
+        // Committed, perhaps with events (a refusal or a duplicate writes none; a wake-up costs one look).
+        shared.outbox.committed();
+    }
     match result {
         Ok(outcome) => {
             match &outcome {

@@ -225,6 +225,10 @@ async fn heartbeat_batch(
         Err(e) => return Err(e),
     };
     shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
+    if report.opened + report.restored > 0 {
+        // The batch opened or restored connections: its commit wrote their events.
+        shared.outbox.committed();
+    }
     let ok = report.received.saturating_sub(report.rejected + refused.len());
     for _ in 0..ok {
         shared.metrics.message("agent.heartbeat", "ok");

@@ -43,6 +43,8 @@ pub struct Shared {
     pub publisher: Channel,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Told after every commit that may have written events, to wake the relay.
+    pub outbox: crate::events::OutboxSignal,
 }
 
 /// A short-string AMQP property as text.

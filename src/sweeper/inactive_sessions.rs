@@ -9,7 +9,7 @@ use super::lease::{Claim, Lease};
 use super::{any_due, in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::error::Result;
-use crate::events::EventBody;
+use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "inactive_sessions";
@@ -52,7 +52,8 @@ pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM agent_session \
      WHERE status = 'active' AND last_activity_at < now() - $1::float8 * interval '1 second')";
 
 /// Runs once; `None` when another worker is running this task. Returns the sessions marked.
-pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<u64>> {
+/// `outbox` is told after every commit that wrote events.
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config, outbox: &OutboxSignal) -> Result<Option<u64>> {
     if !any_due(pool, ANY_DUE, &[&cfg.inactive_after.as_secs_f64()]).await? {
         return Ok(Some(0));
     }
@@ -65,6 +66,7 @@ pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<O
         param: cfg.inactive_after.as_secs_f64(),
         size: cfg.batch_size,
         parallel: cfg.parallel,
+        outbox,
     };
     let total = in_batches(&mut claim, pool, batches, |r| {
         let session_id: String = r.get(0);

@@ -14,7 +14,7 @@ use super::{any_due, in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::domain::InstructionStatus;
 use crate::error::Result;
-use crate::events::EventBody;
+use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "instruction_expiry";
@@ -72,7 +72,8 @@ pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM agent_instruction \
      WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now())";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
+/// `outbox` is told after every commit that wrote events.
+pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config, outbox: &OutboxSignal) -> Result<Option<Report>> {
     if !any_due(pool, ANY_DUE, &[]).await? {
         return Ok(Some(Report::default()));
     }
@@ -86,6 +87,7 @@ pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<O
         param: cfg.retry_window.as_secs_f64(),
         size: cfg.batch_size,
         parallel: cfg.parallel,
+        outbox,
     };
     in_batches(&mut claim, pool, batches, |r| {
         let instruction_id: Uuid = r.get(0);

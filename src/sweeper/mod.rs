@@ -29,7 +29,7 @@ use crate::amqp::Topology;
 use crate::config::Settings;
 use crate::db::Sql;
 use crate::error::Result;
-use crate::events::{write_outbox, EventBody};
+use crate::events::{write_outbox, EventBody, OutboxSignal};
 use crate::metrics::{Metrics, NameLabel};
 use lease::Claim;
 
@@ -127,8 +127,6 @@ pub struct SweepReport {
     pub instructions_retried: u64,
     /// Instructions expired for good.
     pub instructions_expired: u64,
-    /// Published events deleted after the retention period.
-    pub events_pruned: u64,
     /// Idempotency records deleted after the retention period.
     pub processed_messages_pruned: u64,
     /// Tasks skipped because another worker was running them.
@@ -149,6 +147,8 @@ pub(crate) struct Batches<'a> {
     pub size: i64,
     /// Batch transactions at once when the first batch comes back full.
     pub parallel: usize,
+    /// Told after each batch that committed events.
+    pub outbox: &'a OutboxSignal,
 }
 
 /// Runs a batch statement until batches come back short (or the task's lease is lost), each batch in its own transaction that also writes one
@@ -223,6 +223,9 @@ async fn one_batch(
         }
     }
     tx.commit().await?;
+    if !rows.is_empty() {
+        b.outbox.committed();
+    }
     Ok(rows.len())
 }
 
@@ -247,14 +250,22 @@ pub struct Sweeper {
     probe: BacklogProbe,
     metrics: Arc<Metrics>,
     lease: Arc<Lease>,
+    outbox: OutboxSignal,
 }
 
 impl Sweeper {
     /// A sweeper on this pool, reading the heartbeat backlog through `probe`, claiming its tasks as a holder of its
-    /// own with leases of `sweeper.task_lease_secs` ([`lease::length`]).
-    pub fn new(pool: Pool, settings: Arc<Settings>, probe: BacklogProbe, metrics: Arc<Metrics>) -> Self {
+    /// own with leases of `sweeper.task_lease_secs` ([`lease::length`]), telling `outbox` after every commit that
+    /// wrote events.
+    pub fn new(
+        pool: Pool,
+        settings: Arc<Settings>,
+        probe: BacklogProbe,
+        metrics: Arc<Metrics>,
+        outbox: OutboxSignal,
+    ) -> Self {
         let lease = Arc::new(Lease::new(lease::length(&settings.sweeper)));
-        Self { pool, settings, probe, metrics, lease }
+        Self { pool, settings, probe, metrics, lease, outbox }
     }
 
     /// The holder name and lease length this sweeper claims its tasks with.
@@ -288,8 +299,10 @@ impl Sweeper {
                 tracing::warn!("broker unreachable: stale connections are not judged this cycle");
                 Ok(None)
             }
-            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None).await,
-            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n)).await,
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None, &self.outbox).await,
+            Backlog::Depth(n) => {
+                stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n), &self.outbox).await
+            }
         };
         match stale {
             Ok(None) => report.skipped_tasks.push(stale_connections::TASK.into()),
@@ -305,7 +318,8 @@ impl Sweeper {
         self.observe(stale_connections::TASK, t, report.stale_connections);
 
         let t = Instant::now();
-        match inactive_sessions::run_once(&self.pool, &self.lease, &inactive_sessions::Config::from(&s.sweeper)).await {
+        let cfg = inactive_sessions::Config::from(&s.sweeper);
+        match inactive_sessions::run_once(&self.pool, &self.lease, &cfg, &self.outbox).await {
             Ok(None) => report.skipped_tasks.push(inactive_sessions::TASK.into()),
             Ok(Some(n)) => report.inactive_sessions = n,
             Err(e) => self.failed(&mut report, inactive_sessions::TASK, e),
@@ -313,8 +327,8 @@ impl Sweeper {
         self.observe(inactive_sessions::TASK, t, report.inactive_sessions);
 
         let t = Instant::now();
-        match instruction_expiry::run_once(&self.pool, &self.lease, &instruction_expiry::Config::from(&s.sweeper)).await
-        {
+        let cfg = instruction_expiry::Config::from(&s.sweeper);
+        match instruction_expiry::run_once(&self.pool, &self.lease, &cfg, &self.outbox).await {
             Ok(None) => report.skipped_tasks.push(instruction_expiry::TASK.into()),
             Ok(Some(r)) => {
                 report.instructions_retried = r.retried;
@@ -328,12 +342,11 @@ impl Sweeper {
         match retention::run_once(&self.pool, &self.lease, &retention::Config::from(&**s)).await {
             Ok(None) => report.skipped_tasks.push(retention::TASK.into()),
             Ok(Some(r)) => {
-                report.events_pruned = r.events;
                 report.processed_messages_pruned = r.processed_messages;
             }
             Err(e) => self.failed(&mut report, retention::TASK, e),
         }
-        self.observe(retention::TASK, t, report.events_pruned + report.processed_messages_pruned);
+        self.observe(retention::TASK, t, report.processed_messages_pruned);
         Ok(report)
     }
 
@@ -358,14 +371,14 @@ impl Sweeper {
                         + r.inactive_sessions
                         + r.instructions_retried
                         + r.instructions_expired
-                        + r.events_pruned;
+                        + r.processed_messages_pruned;
                     if changed > 0 || r.held.is_some() {
                         tracing::info!(
                             stale_connections = r.stale_connections,
                             inactive_sessions = r.inactive_sessions,
                             instructions_retried = r.instructions_retried,
                             instructions_expired = r.instructions_expired,
-                            events_pruned = r.events_pruned,
+                            processed_messages_pruned = r.processed_messages_pruned,
                             held = r.held.is_some(),
                             "sweeper cycle"
                         );

@@ -1,4 +1,5 @@
-//! Deletes published events and idempotency records older than `outbox.retention_secs`, in bounded batches.
+//! Deletes idempotency records older than `outbox.retention_secs`, in bounded batches. (Published events are not
+//! kept: the relay deletes each batch once the broker confirmed it.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ pub const RETENTION_DEFAULT: Duration = Duration::from_secs(86_400);
 /// What this task needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Keep published events and idempotency records this long.
+    /// Keep idempotency records this long.
     pub retention: Duration,
     /// Rows per statement.
     pub batch_size: i64,
@@ -34,25 +35,18 @@ impl From<&Settings> for Config {
 /// What a run deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Published events.
-    pub events: u64,
     /// Idempotency records.
     pub processed_messages: u64,
 }
 
-/// Deletes up to $2 events published more than $1 seconds ago.
-pub const PRUNE_EVENTS: &str = "DELETE FROM event_outbox WHERE id IN ( \
-     SELECT id FROM event_outbox WHERE published_at IS NOT NULL \
-       AND published_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 /// Deletes up to $2 idempotency records older than $1 seconds.
 pub const PRUNE_PROCESSED: &str = "DELETE FROM processed_message WHERE (sender, message_type, message_id) IN ( \
      SELECT sender, message_type, message_id FROM processed_message \
      WHERE processed_at < now() - $1::float8 * interval '1 second' LIMIT $2)";
 
-/// Whether any published event or idempotency record is older than $1 seconds (read-only).
-pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM event_outbox WHERE published_at IS NOT NULL \
-       AND published_at < now() - $1::float8 * interval '1 second') \
-     OR EXISTS (SELECT 1 FROM processed_message WHERE processed_at < now() - $1::float8 * interval '1 second')";
+/// Whether any idempotency record is older than $1 seconds (read-only).
+pub const ANY_DUE: &str =
+    "SELECT EXISTS (SELECT 1 FROM processed_message WHERE processed_at < now() - $1::float8 * interval '1 second')";
 
 /// Runs once; `None` when another worker is running this task.
 pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<Option<Report>> {
@@ -66,21 +60,19 @@ pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config) -> Result<O
     let client = claim.client();
     let keep = cfg.retention.as_secs_f64();
     let mut report = Report::default();
-    for (sql, total) in [(PRUNE_EVENTS, &mut report.events), (PRUNE_PROCESSED, &mut report.processed_messages)] {
-        loop {
-            let n = client.typed_execute(sql, &[&keep, &cfg.batch_size]).await?;
-            *total += n;
-            if (n as i64) < cfg.batch_size {
-                break;
-            }
+    loop {
+        let n = client.typed_execute(PRUNE_PROCESSED, &[&keep, &cfg.batch_size]).await?;
+        report.processed_messages += n;
+        if (n as i64) < cfg.batch_size {
+            break;
         }
     }
-    if report.events + report.processed_messages > 0 {
+    if report.processed_messages > 0 {
         mark_run(&*client, TASK).await?;
     }
     claim.release().await;
-    if report.events + report.processed_messages > 0 {
-        tracing::info!(events = report.events, processed_messages = report.processed_messages, "retention pruned");
+    if report.processed_messages > 0 {
+        tracing::info!(processed_messages = report.processed_messages, "retention pruned");
     }
     Ok(Some(report))
 }

@@ -14,7 +14,7 @@ use super::{in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::db::Sql;
 use crate::error::Result;
-use crate::events::{write_outbox, EventBody};
+use crate::events::{write_outbox, EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "stale_connections";
@@ -114,16 +114,29 @@ pub const CLOSE_BATCH: &str = "WITH due AS ( \
      RETURNING c.connection_id, c.session_id, c.agent_id, c.last_heartbeat_at";
 
 /// Runs once; `None` when another worker is running this task.
-pub async fn run_once(pool: &Pool, lease: &Arc<Lease>, cfg: &Config, backlog: Option<u64>) -> Result<Option<Report>> {
+/// `outbox` is told after every commit that wrote events.
+pub async fn run_once(
+    pool: &Pool,
+    lease: &Arc<Lease>,
+    cfg: &Config,
+    backlog: Option<u64>,
+    outbox: &OutboxSignal,
+) -> Result<Option<Report>> {
     let Some(mut claim) = Claim::take(pool, lease, TASK).await? else {
         return Ok(None);
     };
-    let report = judge_and_close(&mut claim, pool, cfg, backlog).await?;
+    let report = judge_and_close(&mut claim, pool, cfg, backlog, outbox).await?;
     claim.release().await;
     Ok(Some(report))
 }
 
-async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: Option<u64>) -> Result<Report> {
+async fn judge_and_close(
+    claim: &mut Claim,
+    pool: &Pool,
+    cfg: &Config,
+    backlog: Option<u64>,
+    outbox: &OutboxSignal,
+) -> Result<Report> {
     let client = claim.client();
     let stale_secs = cfg.stale_after.as_secs_f64();
     let candidates: i64 = client.typed_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
@@ -151,6 +164,7 @@ async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: 
             tracing::error!(reason, candidates, active, backlog = ?backlog, "stale brake held: closing no connection this cycle");
             write_outbox(&tx, now, vec![EventBody::SweeperHeld { reason: reason.into(), candidates, active }]).await?;
             tx.commit().await?;
+            outbox.committed();
             report.held = Some(Held { reason: reason.into(), candidates, active });
             return Ok(report);
         }
@@ -158,8 +172,14 @@ async fn judge_and_close(claim: &mut Claim, pool: &Pool, cfg: &Config, backlog: 
         tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
     client.typed_execute(RELEASE_HOLD, &[&TASK]).await?;
-    let batches =
-        Batches { task: TASK, sql: CLOSE_BATCH, param: stale_secs, size: cfg.batch_size, parallel: cfg.parallel };
+    let batches = Batches {
+        task: TASK,
+        sql: CLOSE_BATCH,
+        param: stale_secs,
+        size: cfg.batch_size,
+        parallel: cfg.parallel,
+        outbox,
+    };
     report.closed = in_batches(claim, pool, batches, |r| {
         let connection_id: String = r.get(0);
         let session_id: String = r.get(1);

@@ -237,14 +237,7 @@ pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
 /// After the workload: the relay has published everything, the command and heartbeat queues are empty.
 pub async fn wait_quiet(lab: &Lab) {
     let url = lab.db_url();
-    wait_count(
-        &url,
-        "SELECT count(*) FROM event_outbox WHERE published_at IS NULL",
-        0,
-        "the outbox to be relayed",
-        settle_timeout(),
-    )
-    .await;
+    wait_count(&url, "SELECT count(*) FROM event_outbox", 0, "the outbox to be relayed", settle_timeout()).await;
     let mut queues = lab.topology.heartbeat_queues();
     queues.push(lab.topology.command_queue.clone());
     for q in &queues {
