@@ -8,10 +8,12 @@
 //! that is not the agent's or was closed for a reason other than staleness, changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_postgres::types::Type;
 
 use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db;
@@ -51,8 +53,9 @@ impl Message for Heartbeat {
     }
 
     /// One heartbeat, applied as a batch of one; a heartbeat that changed nothing is a `conflict`.
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        let report = apply_in(tx, std::slice::from_ref(self)).await?;
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        let every = Duration::from_secs(ctx.settings.worker.session_activity_granularity_secs);
+        let report = apply_in(tx, std::slice::from_ref(self), every).await?;
         Ok(if report.rejected > 0 {
             Err(CommandError::Conflict("heartbeat changed nothing".into()))
         } else {
@@ -78,21 +81,30 @@ pub struct BatchReport {
     pub rejected: usize,
 }
 
-/// Applies a batch in its own transaction.
+/// Default `worker.session_activity_granularity_secs`: a heartbeat moves its session's `last_activity_at` only when
+/// that is older than this.
+pub const ACTIVITY_GRANULARITY_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Applies a batch in its own transaction, with the default activity granularity.
 pub async fn apply_batch(pool: &Pool, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
-    apply_batch_then(pool, heartbeats, || {}).await
+    apply_batch_then(pool, heartbeats, ACTIVITY_GRANULARITY_DEFAULT, || {}).await
 }
 
 /// Applies a batch in its own transaction, calling `applied` once its statements are done (its rows are locked)
-/// and before the commit.
+/// and before the commit. A session's activity is written when older than `activity_every`.
 ///
 /// The heartbeat consumer starts the next batch only then: a later batch that touches the same rows waits for this
 /// one's commit, so its values (the latest `client_info`) are written last, while its other work overlaps the
 /// commit.
-pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: impl FnOnce()) -> Result<BatchReport> {
+pub async fn apply_batch_then(
+    pool: &Pool,
+    heartbeats: &[Heartbeat],
+    activity_every: Duration,
+    applied: impl FnOnce(),
+) -> Result<BatchReport> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let report = apply_in(&tx, heartbeats).await?;
+    let report = apply_in(&tx, heartbeats, activity_every).await?;
     applied();
     tx.commit().await?;
     Ok(report)
@@ -108,6 +120,7 @@ pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: im
 pub async fn apply_batch_isolating(
     pool: &Pool,
     heartbeats: &[Heartbeat],
+    activity_every: Duration,
     applied: impl FnOnce(),
 ) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
     let mut client = pool.get().await?;
@@ -118,7 +131,7 @@ pub async fn apply_batch_isolating(
     let mut refused = Vec::new();
     for i in order {
         tx.batch_execute("SAVEPOINT heartbeat").await?;
-        match apply_in(&tx, std::slice::from_ref(&heartbeats[i])).await {
+        match apply_in(&tx, std::slice::from_ref(&heartbeats[i]), activity_every).await {
             Ok(one) => {
                 tx.batch_execute("RELEASE SAVEPOINT heartbeat").await?;
                 report.applied += one.applied;
@@ -142,13 +155,22 @@ pub async fn apply_batch_isolating(
     Ok((report, refused))
 }
 
-/// Moves the activity of active sessions forward; the pairs are (session, agent), sorted, so locks are taken in
-/// session order. Returns the sessions it touched: active, and owned by the agent named with them.
-const TOUCH_ACTIVE_SESSIONS: &str =
-    "UPDATE agent_session s SET last_activity_at = greatest(s.last_activity_at, now()) \
-     FROM unnest($1::text[], $2::text[]) AS v(sid, aid) \
-     WHERE s.session_id = v.sid AND s.agent_id = v.aid AND s.status = 'active' \
-     RETURNING s.session_id, s.agent_id";
+/// Checks and locks active sessions, and moves the activity forward of those whose `last_activity_at` is older
+/// than $3 seconds; the pairs are (session, agent), sorted, so locks are taken in session order. Returns the
+/// sessions that passed: active, and owned by the agent named with them.
+///
+/// Every passing session is locked as the update of the old fast path locked it (`FOR NO KEY UPDATE`: ending the
+/// session waits for this batch, and this batch for an end under way), but only the due ones are written: a
+/// session heard from within the granularity costs a row lock, not a new row version with four index entries.
+const TOUCH_ACTIVE_SESSIONS: &str = "WITH ok AS ( \
+        SELECT s.session_id, s.agent_id, s.last_activity_at < now() - $3::float8 * interval '1 second' AS due \
+        FROM agent_session s JOIN unnest($1::text[], $2::text[]) AS v(sid, aid) \
+          ON s.session_id = v.sid AND s.agent_id = v.aid \
+        WHERE s.status = 'active' ORDER BY s.session_id FOR NO KEY UPDATE OF s), \
+     touched AS ( \
+        UPDATE agent_session s SET last_activity_at = greatest(s.last_activity_at, now()) \
+        FROM ok WHERE ok.due AND s.session_id = ok.session_id RETURNING s.session_id) \
+     SELECT session_id, agent_id FROM ok";
 
 /// Refreshes active connections that belong to the agent and session named with them. Returns those it touched.
 const TOUCH_ACTIVE_CONNECTIONS: &str = "UPDATE agent_connection c \
@@ -164,7 +186,7 @@ const TOUCH_ACTIVE_CONNECTIONS: &str = "UPDATE agent_connection c \
 /// whose row locks are those of the update itself. Whatever they do not return (unknown, foreign, inactive or
 /// ended sessions; unknown, foreign or closed connections) takes the slow path, which locks the rows in id order,
 /// classifies them and rejects, reactivates, restores or opens.
-pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
+pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat], activity_every: Duration) -> Result<BatchReport> {
     let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
     // Coalesce: one entry per (connection, agent, session), keeping the last client_info given. Keys sort by
     // connection id, so connection rows are locked in id order.
@@ -178,8 +200,16 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
     let (sids, aids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
     // Session id → owner, of the sessions touched.
-    let touched: HashMap<String, String> =
-        tx.query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+    let every = activity_every.as_secs_f64();
+    let touched: HashMap<String, String> = tx
+        .query_typed(
+            TOUCH_ACTIVE_SESSIONS,
+            &[(&sids, Type::TEXT_ARRAY), (&aids, Type::TEXT_ARRAY), (&every, Type::FLOAT8)],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     // Each pair's verdict: the fast path accepted the pairs of the sessions it touched; the slow path decides the rest.
     let mut verdicts: HashMap<(&str, &str), Verdict> = pairs
         .iter()
@@ -210,9 +240,20 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let vaids: Vec<&str> = valid.iter().map(|v| v.1).collect();
     let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
     let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
-    let touch_connections = tx.prepare_cached(TOUCH_ACTIVE_CONNECTIONS).await?;
-    let refreshed: HashSet<String> =
-        tx.query(&touch_connections, &[&ids, &vsids, &vaids, &infos]).await?.into_iter().map(|r| r.get(0)).collect();
+    let refreshed: HashSet<String> = tx
+        .query_typed(
+            TOUCH_ACTIVE_CONNECTIONS,
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&vsids, Type::TEXT_ARRAY),
+                (&vaids, Type::TEXT_ARRAY),
+                (&infos, Type::JSONB_ARRAY),
+            ],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
     report.applied += refreshed.len();
     let rest: Vec<_> = valid.into_iter().filter(|v| !refreshed.contains(v.0)).collect();
     if !rest.is_empty() {

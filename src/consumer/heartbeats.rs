@@ -2,7 +2,7 @@
 //! transactions at once, acknowledged in order after their commits.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
@@ -157,8 +157,9 @@ async fn heartbeat_batch(
     }
     let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
     let started = Instant::now();
+    let every = Duration::from_secs(s.worker.session_activity_granularity_secs);
     let result =
-        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
+        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, every, signal)).await;
     let (report, refused) = match result {
         Ok(report) => (report, Vec::new()),
         Err(e) if e.poison_reason().is_some() => {
@@ -166,7 +167,7 @@ async fn heartbeat_batch(
             // savepoint per heartbeat, so that only the refused ones are left out; they are dead-lettered once the
             // rest is committed.
             retry_transient("applying heartbeats with a savepoint each", shutdown, || {
-                apply_batch_isolating(&shared.pool, &hbs, signal)
+                apply_batch_isolating(&shared.pool, &hbs, every, signal)
             })
             .await?
         }

@@ -197,7 +197,12 @@ async fn one_batch(
     marked: &AtomicBool,
 ) -> Result<usize> {
     let tx = client.transaction().await?;
-    let rows = tx.query(b.sql, &[&b.param, &b.size]).await?;
+    let rows = tx
+        .query_typed(
+            b.sql,
+            &[(&b.param, tokio_postgres::types::Type::FLOAT8), (&b.size, tokio_postgres::types::Type::INT8)],
+        )
+        .await?;
     if !rows.is_empty() {
         let now = crate::db::now(&tx).await?;
         let bodies: Vec<EventBody> = {
