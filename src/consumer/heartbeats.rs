@@ -29,8 +29,8 @@ use crate::retry::retry_transient;
 pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Heartbeats).await?;
-    let max = s.worker.heartbeat_batch_size;
     let depth = s.worker.heartbeat_pipeline.max(1);
+    let max = batch_limit(s.worker.heartbeat_batch_size, depth, s.amqp.prefetch);
     let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Delivery, Result<()>)>> = FuturesOrdered::new();
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
@@ -103,6 +103,17 @@ pub async fn heartbeats(shared: Arc<Shared>, channel: Channel, shutdown: Cancell
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
     let _ = channel.close(200, "consumer stopped".into()).await;
     outcome
+}
+
+/// The most deliveries one batch takes: `worker.heartbeat_batch_size`, but no more than a share of the prefetch that
+/// leaves one more batch's worth unacknowledged beside the `depth` batches in flight.
+///
+/// With a backlog, the broker sends only `amqp.prefetch` unacknowledged deliveries. Were the batches in flight to
+/// hold all of them, the next batch would start with the few deliveries that arrived since the oldest batch was
+/// acknowledged; with room for `depth + 1` batches, the next one is already delivered when it may start, so the
+/// pipeline keeps full batches.
+pub(crate) fn batch_limit(batch_size: usize, depth: usize, prefetch: u16) -> usize {
+    batch_size.min(usize::from(prefetch) / (depth + 1)).max(1)
 }
 
 /// Acknowledges a finished batch (all deliveries up to its last) after its commit, or passes its failure on.
@@ -185,4 +196,17 @@ async fn heartbeat_batch(
         reject(shared, &batch[valid[n].0], "agent.heartbeat", &why, CommandError::Invalid(why.to_string())).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_limit;
+
+    #[test]
+    fn batches_leave_one_more_batch_of_the_prefetch_delivered() {
+        assert_eq!(batch_limit(1000, 2, 2000), 666);
+        assert_eq!(batch_limit(500, 2, 2000), 500);
+        assert_eq!(batch_limit(1000, 1, 2000), 1000);
+        assert_eq!(batch_limit(10, 4, 1), 1);
+    }
 }
