@@ -27,13 +27,22 @@
 //! 5. `sweep` (idle): before that, on the same tables with nothing due, one sweeper cycle run in-process through the
 //!    library (with the broker backlog probe the worker uses), and `EXPLAIN (ANALYZE, BUFFERS)` of every sweeper
 //!    query and of the stats query, flagging sequential scans of the big tables.
-//! 6. The worker's peak RSS (`VmHWM`) during 1 and 4.
+//! 6. The worker's peak RSS (`VmHWM`) during 1, 1b, 1c, 4 and 8.
+//! 7. `stale1m`: the stale sweep at a million active connections (in-process).
+//! 8. `metrics`: a `/metrics` scrape at 10 and at a million active connections.
+//!
+//! Also: `ingest-transient` (1b) is scenario 1 with the heartbeats published transient (`delivery_mode` 1);
+//! `backlog` (1c) is a heartbeat backlog queued before the consumer starts, drained by a bare consumer and by the
+//! worker; and `commands` first measures its ceiling, an echo responder process on the same quorum queue that
+//! replies (confirmed) and acknowledges without a database, against the same clients.
 //!
 //! Layout: one module per scenario (`ingest`, `latency`, `commands`, `sweep`, the latter with `sweep_tables` for
 //! its big tables and query plans and `sweep_floor` for the broker's floor); `env` is the isolated environment of a
 //! run, `workload` the helpers the scenarios share, `opts` the command line, `results` the final table and `cpu`
 //! the CPU accounting.
 
+#[path = "throughput/backlog.rs"]
+mod backlog;
 #[path = "throughput/commands.rs"]
 mod commands;
 #[path = "throughput/cpu.rs"]
@@ -44,10 +53,14 @@ mod env;
 mod ingest;
 #[path = "throughput/latency.rs"]
 mod latency;
+#[path = "throughput/metrics_scrape.rs"]
+mod metrics_scrape;
 #[path = "throughput/opts.rs"]
 mod opts;
 #[path = "throughput/results.rs"]
 mod results;
+#[path = "throughput/stale1m.rs"]
+mod stale1m;
 #[path = "throughput/sweep.rs"]
 mod sweep;
 #[path = "throughput/sweep_floor.rs"]
@@ -59,12 +72,15 @@ mod workload;
 
 use std::time::{Duration, Instant};
 
-use crate::commands::scenario_commands;
+use crate::backlog::scenario_backlog;
+use crate::commands::{echo_responder, scenario_commands};
 use crate::cpu::loadavg;
 use crate::ingest::{bare_consumer, scenario_ingest};
 use crate::latency::scenario_latency;
+use crate::metrics_scrape::scenario_metrics;
 use crate::opts::{parse_opts, Opts};
 use crate::results::Results;
+use crate::stale1m::scenario_stale1m;
 use crate::sweep::scenario_sweep;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");
@@ -98,7 +114,11 @@ async fn run_all(o: Opts) {
             let started = Instant::now();
             let (limit, fut): (u64, std::pin::Pin<Box<dyn std::future::Future<Output = Res<()>> + '_>>) =
                 match s.as_str() {
-                    "ingest" => (900, Box::pin(scenario_ingest(&o, run, &mut res))),
+                    "ingest" => (900, Box::pin(scenario_ingest(&o, run, &mut res, false))),
+                    "ingest-transient" => (900, Box::pin(scenario_ingest(&o, run, &mut res, true))),
+                    "backlog" => (900, Box::pin(scenario_backlog(&o, run, &mut res))),
+                    "stale1m" => (900, Box::pin(scenario_stale1m(&o, run, &mut res))),
+                    "metrics" => (900, Box::pin(scenario_metrics(&o, run, &mut res))),
                     "latency" => (300 + o.latency_secs, Box::pin(scenario_latency(&o, run, &mut res))),
                     "commands" => (180 + o.command_secs, Box::pin(scenario_commands(&o, run, &mut res))),
                     _ => (900, Box::pin(scenario_sweep(&o, run, &mut res))),
@@ -120,6 +140,13 @@ async fn run_all(o: Opts) {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    if std::env::var(ROLE_ENV).as_deref() == Ok("echo-responder") {
+        if let Err(e) = runtime.block_on(echo_responder()) {
+            eprintln!("echo responder: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if std::env::var(ROLE_ENV).as_deref() == Ok("bare-consumer") {
         if let Err(e) = runtime.block_on(bare_consumer()) {
             eprintln!("bare consumer: {e}");

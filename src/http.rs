@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -20,13 +20,69 @@ use crate::relay;
 
 type Shared = Arc<AgentConnectionManager>;
 
+/// What the handlers share: the manager and the statistics cache of `/metrics`.
+#[derive(Clone)]
+struct AppState {
+    manager: Shared,
+    stats: Arc<StatsCache>,
+}
+
+/// The statistics gauges of `/metrics` are counts over whole tables (a million active connections cost a million
+/// index entries): a scrape serves the values of the last refresh and, when those are older than
+/// `http.stats_cache_secs`, starts one refresh in the background. A scrape thus does not wait for the counts (but
+/// the first one after start), and they run at most once per interval however often, and by however many
+/// scrapers, `/metrics` is asked.
+struct StatsCache {
+    every: Duration,
+    /// When the last refresh started (`None`: never); a refresh under way counts as fresh.
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl StatsCache {
+    /// Starts a refresh unless one started within the interval. The very first one is awaited (bounded), so that
+    /// a worker's first scrape already reports the counts; later scrapes never wait for them.
+    async fn refresh_if_due(&self, manager: &Shared) {
+        let first = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.every) {
+                return;
+            }
+            let first = last.is_none();
+            *last = Some(Instant::now());
+            first
+        };
+        let m = manager.clone();
+        let refresh = tokio::spawn(async move {
+            // Bounded like every other wait: a refresh that cannot finish within the interval is given up; the next
+            // scrape after the interval starts another.
+            let limit = m.settings().http.stats_cache_secs.max(1);
+            match tokio::time::timeout(Duration::from_secs(limit), m.get_connection_stats()).await {
+                Ok(Ok(s)) => {
+                    let metrics = m.metrics();
+                    metrics.active_connections.set(s.active_connections);
+                    metrics.active_sessions.set(s.active_sessions);
+                    metrics.pending_instructions.set(s.pending_instructions);
+                    metrics.sent_instructions.set(s.sent_instructions);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the statistics of /metrics"),
+                Err(_) => tracing::warn!("refreshing the statistics of /metrics took longer than {limit} s"),
+            }
+        });
+        if first {
+            let _ = refresh.await;
+        }
+    }
+}
+
 /// The router.
 pub fn router(manager: Shared) -> Router {
+    let every = Duration::from_secs(manager.settings().http.stats_cache_secs);
+    let stats = Arc::new(StatsCache { every, last: std::sync::Mutex::new(None) });
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(manager)
+        .with_state(AppState { manager, stats })
 }
 
 async fn database_ok(m: &AgentConnectionManager) -> bool {
@@ -37,7 +93,7 @@ async fn database_ok(m: &AgentConnectionManager) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Some(_)))
 }
 
-async fn readyz(State(m): State<Shared>) -> impl IntoResponse {
+async fn readyz(State(AppState { manager: m, .. }): State<AppState>) -> impl IntoResponse {
     let broker = m.health().broker_connected.load(Ordering::Relaxed);
     let consumers = m.health().consumers_running.load(Ordering::Relaxed);
     let blocked = m.health().blocked();
@@ -67,18 +123,13 @@ async fn readyz(State(m): State<Shared>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(m): State<Shared>) -> impl IntoResponse {
+async fn metrics(State(AppState { manager: m, stats }): State<AppState>) -> impl IntoResponse {
+    stats.refresh_if_due(&m).await;
     let metrics = m.metrics();
     let status = m.pool().status();
     metrics.pool_size.set(status.max_size as i64);
     metrics.pool_available.set(status.available as i64);
     metrics.pool_waiting.set(status.waiting as i64);
-    if let Ok(s) = m.get_connection_stats().await {
-        metrics.active_connections.set(s.active_connections);
-        metrics.active_sessions.set(s.active_sessions);
-        metrics.pending_instructions.set(s.pending_instructions);
-        metrics.sent_instructions.set(s.sent_instructions);
-    }
     if let Ok((n, age)) = relay::backlog(m.pool()).await {
         metrics.outbox_backlog.set(n);
         metrics.outbox_oldest_age_seconds.set(age);

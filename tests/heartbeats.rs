@@ -346,3 +346,50 @@ async fn pipelined_batches_keep_the_latest_client_info() {
     assert_eq!(regressions, 0, "a batch overwrote a later batch's client_info");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_activity_is_written_only_when_older_than_the_granularity() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
+    apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
+    let age = |sid: String| {
+        let db = &app.db;
+        async move {
+            let row = db
+                .query_one("SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM agent_session WHERE session_id = $1", &[&sid])
+                .await
+                .unwrap();
+            row.get::<_, f64>(0)
+        }
+    };
+    // Heard from 30 s ago, within the default granularity (60 s): the heartbeat leaves the session row alone.
+    app.db
+        .execute(
+            "UPDATE agent_session SET last_activity_at = now() - interval '30 seconds' WHERE session_id = $1",
+            &[&sid],
+        )
+        .await
+        .unwrap();
+    let updates_before: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
+    apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
+    let kept = age(sid.clone()).await;
+    assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
+    let updates_after: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
+    assert_eq!(updates_before, updates_after, "the session row got a new version");
+    // Heard from 2 minutes ago: the heartbeat moves the activity to now.
+    app.db
+        .execute(
+            "UPDATE agent_session SET last_activity_at = now() - interval '2 minutes' WHERE session_id = $1",
+            &[&sid],
+        )
+        .await
+        .unwrap();
+    apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
+    let moved = age(sid.clone()).await;
+    assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");
+    // The connection's heartbeat time moves with every heartbeat.
+    let fresh: bool =
+        app.scalar("SELECT last_heartbeat_at > now() - interval '10 seconds' FROM agent_connection").await;
+    assert!(fresh);
+    app.cleanup().await;
+}

@@ -18,12 +18,14 @@ use crate::cpu::{cpu_line, cpu_sample, cpu_use};
 use crate::env::Env;
 use crate::opts::Opts;
 use crate::results::{Results, Target};
-use crate::workload::{heartbeat_body, last_agent_of, publishers, seed_agents, worker_batches};
+use crate::workload::{
+    heartbeat_body, last_agent_of, publishers, seed_agents, settled_update_counts, update_counts, worker_batches,
+};
 use crate::{fail, BoxErr, Res, ROLE_ENV};
 
 /// Publishes `rounds` heartbeats per agent as fast as the broker confirms them; the last round carries
 /// `client_info: {"bench": tag}`. Returns the first-publish instant (monotonic and wall clock) and the nacks.
-async fn publish_burst(o: &Opts, exchange: &str, tag: &str) -> Res<(Instant, SystemTime, u64)> {
+async fn publish_burst(o: &Opts, exchange: &str, tag: &str, transient: bool) -> Res<(Instant, SystemTime, u64)> {
     let chans = publishers(o).await?;
     let n = chans.len();
     let t0 = Instant::now();
@@ -46,7 +48,7 @@ async fn publish_burst(o: &Opts, exchange: &str, tag: &str) -> Res<(Instant, Sys
                             HEARTBEAT_ROUTING_KEY.into(),
                             BasicPublishOptions::default(),
                             &body,
-                            json_properties(),
+                            if transient { json_properties().with_delivery_mode(1) } else { json_properties() },
                         )
                         .await?;
                     inflight.push_back(confirm);
@@ -118,7 +120,10 @@ pub async fn bare_consumer() -> Res<()> {
     Ok(())
 }
 
-pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
+/// `transient`: the heartbeats are published with `delivery_mode` 1 (not persisted by the broker), to both the
+/// ceiling and the worker; the figures go under "1b ingest (transient)".
+pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient: bool) -> Res<()> {
+    let sc: &'static str = if transient { "1b ingest (transient)" } else { "1 ingest" };
     let mut env = Env::new(o, "ingest");
     env.migrate().await?;
     let db = env.db().await?;
@@ -157,7 +162,7 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()>
         return Err(fail(format!("bare consumer: {ready:?}")));
     }
     let cpu0 = cpu_sample(None);
-    let (_, w0, nacks) = publish_burst(o, &ceiling.command_exchange, "ceiling").await?;
+    let (_, w0, nacks) = publish_burst(o, &ceiling.command_exchange, "ceiling", transient).await?;
     let done = tokio::time::timeout(Duration::from_secs(600), lines.next_line()).await??.unwrap_or_default();
     let ceiling_cpu = cpu_use(&cpu0, &cpu_sample(None));
     let nanos: u128 = done.strip_prefix("done ").and_then(|s| s.parse().ok()).ok_or_else(|| fail(done.clone()))?;
@@ -174,7 +179,8 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()>
     tokio::time::sleep(Duration::from_secs(1)).await;
     let tag = format!("final-{run}");
     let cpu0 = cpu_sample(Some(pid));
-    let (t0, _, nacks) = publish_burst(o, &env.topology().command_exchange, &tag).await?;
+    let upd0 = update_counts(&db).await?;
+    let (t0, _, nacks) = publish_burst(o, &env.topology().command_exchange, &tag, transient).await?;
     let published = t0.elapsed();
     let markers: Vec<String> =
         (0..o.publishers).filter_map(|p| last_agent_of(p, o.publishers, o.agents)).map(|a| format!("c-{a}")).collect();
@@ -208,7 +214,9 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()>
     }
     let rss = env.worker_peak_rss_mib();
     let (batch_mean, tx_ms) = worker_batches(env.port).await;
+    let upd = settled_update_counts(&db).await?.since(&upd0);
     drop(db);
+    println!("    row updates during the worker phase: {}", upd.line());
     println!(
         "    worker publish phase took {:.2} s, commits visible {:.2} s after the first publish",
         published.as_secs_f64(),
@@ -217,22 +225,28 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results) -> Res<()>
     println!("    cores used, ceiling phase: {}", cpu_line(&ceiling_cpu));
     println!("    cores used, worker phase:  {}", cpu_line(&worker_cpu));
     let core = |u: &[(&'static str, f64)], k: &str| u.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap_or(0.0);
-    res.record("1 ingest", "worker heartbeats/s", "msg/s", Target::None, worker_rate);
-    res.record("1 ingest", "ceiling (bare consumer) heartbeats/s", "msg/s", Target::None, ceiling_rate);
-    res.record("1 ingest", "worker / ceiling", "ratio", Target::AtLeast(0.8), worker_rate / ceiling_rate);
-    res.record("1 ingest", "worker mean heartbeat batch", "msgs", Target::None, batch_mean);
-    res.record("1 ingest", "worker mean heartbeat transaction", "ms", Target::None, tx_ms);
-    res.record("1 ingest", "ceiling phase: rabbitmq cores", "cores", Target::None, core(&ceiling_cpu, "rabbitmq"));
-    res.record("1 ingest", "ceiling phase: idle cores", "cores", Target::None, core(&ceiling_cpu, "idle"));
-    res.record("1 ingest", "ceiling phase: other processes", "cores", Target::None, core(&ceiling_cpu, "other"));
-    res.record("1 ingest", "worker phase: worker cores", "cores", Target::None, core(&worker_cpu, "worker"));
-    res.record("1 ingest", "worker phase: postgres cores", "cores", Target::None, core(&worker_cpu, "postgres"));
-    res.record("1 ingest", "worker phase: rabbitmq cores", "cores", Target::None, core(&worker_cpu, "rabbitmq"));
-    res.record("1 ingest", "worker phase: bench (publishers) cores", "cores", Target::None, core(&worker_cpu, "bench"));
-    res.record("1 ingest", "worker phase: idle cores", "cores", Target::None, core(&worker_cpu, "idle"));
-    res.record("1 ingest", "worker phase: other processes", "cores", Target::None, core(&worker_cpu, "other"));
+    res.record(sc, "worker heartbeats/s", "msg/s", Target::None, worker_rate);
+    res.record(sc, "ceiling (bare consumer) heartbeats/s", "msg/s", Target::None, ceiling_rate);
+    res.record(sc, "worker / ceiling", "ratio", Target::AtLeast(0.8), worker_rate / ceiling_rate);
+    res.record(sc, "worker mean heartbeat batch", "msgs", Target::None, batch_mean);
+    res.record(sc, "worker mean heartbeat transaction", "ms", Target::None, tx_ms);
+    res.record(sc, "ceiling phase: rabbitmq cores", "cores", Target::None, core(&ceiling_cpu, "rabbitmq"));
+    res.record(sc, "ceiling phase: idle cores", "cores", Target::None, core(&ceiling_cpu, "idle"));
+    res.record(sc, "ceiling phase: other processes", "cores", Target::None, core(&ceiling_cpu, "other"));
+    res.record(sc, "worker phase: worker cores", "cores", Target::None, core(&worker_cpu, "worker"));
+    res.record(sc, "worker phase: postgres cores", "cores", Target::None, core(&worker_cpu, "postgres"));
+    res.record(sc, "worker phase: rabbitmq cores", "cores", Target::None, core(&worker_cpu, "rabbitmq"));
+    res.record(sc, "worker phase: bench (publishers) cores", "cores", Target::None, core(&worker_cpu, "bench"));
+    res.record(sc, "worker phase: idle cores", "cores", Target::None, core(&worker_cpu, "idle"));
+    res.record(sc, "worker phase: other processes", "cores", Target::None, core(&worker_cpu, "other"));
+    res.record(sc, "agent_connection updates", "rows", Target::None, upd.connection.0 as f64);
+    res.record(sc, "agent_connection HOT share", "ratio", Target::None, upd.connection_hot_share());
+    res.record(sc, "agent_session updates", "rows", Target::None, upd.session.0 as f64);
+    res.record(sc, "agent_session HOT share", "ratio", Target::None, upd.session_hot_share());
     if let Some(rss) = rss {
-        res.record("6 memory", "worker peak RSS during ingest", "MiB", Target::AtMost(64.0), rss);
+        let name =
+            if transient { "worker peak RSS during ingest (transient)" } else { "worker peak RSS during ingest" };
+        res.record("6 memory", name, "MiB", Target::AtMost(64.0), rss);
     }
     env.cleanup().await;
     Ok(())

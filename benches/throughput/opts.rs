@@ -20,17 +20,25 @@ pub struct Opts {
     pub stale: i64,
     pub history: i64,
     pub idle_cycles: usize,
+    pub backlog_connections: usize,
+    pub backlog_sessions: usize,
+    pub backlog_rounds: usize,
+    pub big_connections: i64,
+    pub big_stale: i64,
+    pub scrapes: usize,
     pub plans: bool,
     pub pg_base: String,
     pub amqp_url: String,
 }
 
-const SCENARIOS: [&str; 4] = ["ingest", "latency", "commands", "sweep"];
+const SCENARIOS: [&str; 8] =
+    ["ingest", "ingest-transient", "backlog", "latency", "commands", "sweep", "stale1m", "metrics"];
 
 const HELP: &str = "cargo bench --bench throughput [-- OPTIONS]
 
   --runs N            repetitions of every scenario (default 3)
-  --only LIST         comma-separated subset of: ingest,latency,commands,sweep (default all)
+  --only LIST         comma-separated subset of: ingest,ingest-transient,backlog,latency,commands,sweep,stale1m,
+                      metrics (default all)
   --agents N          ingest/latency: agents, each with a session and a connection (default 10000)
   --rounds N          ingest: heartbeats per agent (default 10)
   --publishers N      ingest/latency: publisher connections (default 4)
@@ -46,7 +54,13 @@ const HELP: &str = "cargo bench --bench throughput [-- OPTIONS]
   --connections N     sweep: connections (default 100000)
   --stale N           sweep: of which stale (default 10000)
   --history N         sweep: idempotency records kept (default 100000)
-  --idle-cycles N     sweep: idle cycles timed per run (default 10)
+  --idle-cycles N     sweep, stale1m: idle cycles timed per run (default 10)
+  --backlog-connections N  backlog: connections (default 10000)
+  --backlog-sessions N     backlog: sessions they belong to (default 100)
+  --backlog-rounds N       backlog: heartbeats per connection queued before the consumer starts (default 20)
+  --big-connections N stale1m, metrics: active connections (default 1000000)
+  --big-stale N       stale1m: of which made stale (default 1000)
+  --scrapes N         metrics: scrapes timed at each size (default 20)
   --no-plans          do not print the full EXPLAIN output
 
 Environment: ACM_BENCH_PG_BASE (default postgres://postgres@127.0.0.1:5432),
@@ -73,6 +87,12 @@ pub fn parse_opts() -> Opts {
         stale: 10_000,
         history: 100_000,
         idle_cycles: 10,
+        backlog_connections: 10_000,
+        backlog_sessions: 100,
+        backlog_rounds: 20,
+        big_connections: 1_000_000,
+        big_stale: 1_000,
+        scrapes: 20,
         plans: true,
         pg_base: std::env::var("ACM_BENCH_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
         amqp_url: std::env::var("ACM_BENCH_AMQP_URL")
@@ -138,6 +158,12 @@ pub fn parse_opts() -> Opts {
             "--stale" => o.stale = num(&value) as i64,
             "--history" => o.history = num(&value) as i64,
             "--idle-cycles" => o.idle_cycles = num(&value).max(1) as usize,
+            "--backlog-connections" => o.backlog_connections = num(&value).max(1) as usize,
+            "--backlog-sessions" => o.backlog_sessions = num(&value).max(1) as usize,
+            "--backlog-rounds" => o.backlog_rounds = num(&value).max(1) as usize,
+            "--big-connections" => o.big_connections = num(&value).max(1) as i64,
+            "--big-stale" => o.big_stale = num(&value) as i64,
+            "--scrapes" => o.scrapes = num(&value).max(1) as usize,
             other => usage(format!("unknown option {other}")),
         }
     }

@@ -78,3 +78,90 @@ pub async fn publishers(o: &Opts) -> Res<Vec<(lapin::Connection, lapin::Channel)
 pub fn last_agent_of(p: usize, n: usize, agents: usize) -> Option<usize> {
     (p < agents).then(|| p + 1 + ((agents - (p + 1)) / n) * n)
 }
+
+/// Row updates of the two tables heartbeats write, as `pg_stat_user_tables` counts them: (updates, of which HOT).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpdateCounts {
+    pub connection: (i64, i64),
+    pub session: (i64, i64),
+}
+
+impl UpdateCounts {
+    pub fn since(&self, before: &UpdateCounts) -> UpdateCounts {
+        UpdateCounts {
+            connection: (self.connection.0 - before.connection.0, self.connection.1 - before.connection.1),
+            session: (self.session.0 - before.session.0, self.session.1 - before.session.1),
+        }
+    }
+
+    pub fn connection_hot_share(&self) -> f64 {
+        self.connection.1 as f64 / self.connection.0.max(1) as f64
+    }
+
+    pub fn session_hot_share(&self) -> f64 {
+        self.session.1 as f64 / self.session.0.max(1) as f64
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "agent_connection n_tup_upd {} (n_tup_hot_upd {}, {:.1} % HOT); agent_session n_tup_upd {} (n_tup_hot_upd {})",
+            self.connection.0,
+            self.connection.1,
+            100.0 * self.connection_hot_share(),
+            self.session.0,
+            self.session.1
+        )
+    }
+}
+
+/// `n_tup_upd` and `n_tup_hot_upd` of `agent_connection` and `agent_session` now.
+pub async fn update_counts(db: &tokio_postgres::Client) -> Res<UpdateCounts> {
+    let rows = db
+        .query(
+            "SELECT relname::text, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+             WHERE relname IN ('agent_connection', 'agent_session')",
+            &[],
+        )
+        .await?;
+    let mut c = UpdateCounts::default();
+    for r in rows {
+        let v = (r.get::<_, i64>(1), r.get::<_, i64>(2));
+        if r.get::<_, String>(0) == "agent_connection" {
+            c.connection = v;
+        } else {
+            c.session = v;
+        }
+    }
+    Ok(c)
+}
+
+/// [`update_counts`] once they stop moving: other backends report their counts up to about a second late (and
+/// idle ones later), so this reads until two reads 1.5 s apart agree, for at most 15 s.
+pub async fn settled_update_counts(db: &tokio_postgres::Client) -> Res<UpdateCounts> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut last = update_counts(db).await?;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let now = update_counts(db).await?;
+        if (now.connection == last.connection && now.session == last.session) || std::time::Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// `n` more active connections `c-<i>` (numbered after those there), heard from within the last 30 s, spread over
+/// `sessions` sessions `big-s-<k>` (created when missing); then `VACUUM ANALYZE`.
+pub async fn seed_big_connections(db: &tokio_postgres::Client, n: i64, sessions: i64) -> Res<()> {
+    db.batch_execute(&format!(
+        "INSERT INTO agent_session (session_id, agent_id, name) \
+           SELECT 'big-s-' || k, 'big-agent-' || k, 'bench' FROM generate_series(1, {sessions}) k \
+           ON CONFLICT DO NOTHING; \
+         INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, last_heartbeat_at) \
+           SELECT 'c-' || (i + base.n), 'big-s-' || (1 + i % {sessions}), 'big-agent-' || (1 + i % {sessions}), \
+                  'amqp', now() - random() * interval '30 seconds' \
+           FROM (SELECT count(*) AS n FROM agent_connection) AS base, generate_series(1, {n}) i;"
+    ))
+    .await?;
+    vacuum(db, &["agent_session", "agent_connection"]).await
+}

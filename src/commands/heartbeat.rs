@@ -7,18 +7,20 @@
 //! several workers cannot move it back. A heartbeat for an unknown, ended or foreign session, or for a connection
 //! that is not the agent's or was closed for a reason other than staleness, changes nothing.
 
+mod slow_path;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_postgres::types::Type;
 
+use self::slow_path::{connections_slow_path, sessions_slow_path, Verdict};
 use super::{Context, Message, Outcome, Queue, Sender};
-use crate::db;
-use crate::db::Sql;
-use crate::domain::{CloseReason, ConnectionStatus, Ident, Json, SessionStatus, Timestamp};
+use crate::domain::{Ident, Json, Timestamp};
 use crate::error::{CommandError, Poison, Result};
-use crate::events::{write_outbox, EventBody};
 
 /// `agent.heartbeat`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -52,8 +54,9 @@ impl Message for Heartbeat {
     }
 
     /// One heartbeat, applied as a batch of one; a heartbeat that changed nothing is a `conflict`.
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        let report = apply_in(tx, std::slice::from_ref(self)).await?;
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        let every = Duration::from_secs(ctx.settings.worker.session_activity_granularity_secs);
+        let report = apply_in(tx, std::slice::from_ref(self), every).await?;
         Ok(if report.rejected > 0 {
             Err(CommandError::Conflict("heartbeat changed nothing".into()))
         } else {
@@ -79,21 +82,30 @@ pub struct BatchReport {
     pub rejected: usize,
 }
 
-/// Applies a batch in its own transaction.
+/// Default `worker.session_activity_granularity_secs`: a heartbeat moves its session's `last_activity_at` only when
+/// that is older than this.
+pub const ACTIVITY_GRANULARITY_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Applies a batch in its own transaction, with the default activity granularity.
 pub async fn apply_batch(pool: &Pool, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
-    apply_batch_then(pool, heartbeats, || {}).await
+    apply_batch_then(pool, heartbeats, ACTIVITY_GRANULARITY_DEFAULT, || {}).await
 }
 
 /// Applies a batch in its own transaction, calling `applied` once its statements are done (its rows are locked)
-/// and before the commit.
+/// and before the commit. A session's activity is written when older than `activity_every`.
 ///
 /// The heartbeat consumer starts the next batch only then: a later batch that touches the same rows waits for this
 /// one's commit, so its values (the latest `client_info`) are written last, while its other work overlaps the
 /// commit.
-pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: impl FnOnce()) -> Result<BatchReport> {
+pub async fn apply_batch_then(
+    pool: &Pool,
+    heartbeats: &[Heartbeat],
+    activity_every: Duration,
+    applied: impl FnOnce(),
+) -> Result<BatchReport> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let report = apply_in(&tx, heartbeats).await?;
+    let report = apply_in(&tx, heartbeats, activity_every).await?;
     applied();
     tx.commit().await?;
     Ok(report)
@@ -109,6 +121,7 @@ pub async fn apply_batch_then(pool: &Pool, heartbeats: &[Heartbeat], applied: im
 pub async fn apply_batch_isolating(
     pool: &Pool,
     heartbeats: &[Heartbeat],
+    activity_every: Duration,
     applied: impl FnOnce(),
 ) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
     let mut client = pool.get().await?;
@@ -119,7 +132,7 @@ pub async fn apply_batch_isolating(
     let mut refused = Vec::new();
     for i in order {
         tx.batch_execute("SAVEPOINT heartbeat").await?;
-        match apply_in(&tx, std::slice::from_ref(&heartbeats[i])).await {
+        match apply_in(&tx, std::slice::from_ref(&heartbeats[i]), activity_every).await {
             Ok(one) => {
                 tx.batch_execute("RELEASE SAVEPOINT heartbeat").await?;
                 report.applied += one.applied;
@@ -143,13 +156,22 @@ pub async fn apply_batch_isolating(
     Ok((report, refused))
 }
 
-/// Moves the activity of active sessions forward; the pairs are (session, agent), sorted, so locks are taken in
-/// session order. Returns the sessions it touched: active, and owned by the agent named with them.
-const TOUCH_ACTIVE_SESSIONS: &str =
-    "UPDATE agent_session s SET last_activity_at = greatest(s.last_activity_at, now()) \
-     FROM unnest($1::text[], $2::text[]) AS v(sid, aid) \
-     WHERE s.session_id = v.sid AND s.agent_id = v.aid AND s.status = 'active' \
-     RETURNING s.session_id, s.agent_id";
+/// Checks and locks active sessions, and moves the activity forward of those whose `last_activity_at` is older
+/// than $3 seconds; the pairs are (session, agent), sorted, so locks are taken in session order. Returns the
+/// sessions that passed: active, and owned by the agent named with them.
+///
+/// Every passing session is locked as the update of the old fast path locked it (`FOR NO KEY UPDATE`: ending the
+/// session waits for this batch, and this batch for an end under way), but only the due ones are written: a
+/// session heard from within the granularity costs a row lock, not a new row version with four index entries.
+const TOUCH_ACTIVE_SESSIONS: &str = "WITH ok AS ( \
+        SELECT s.session_id, s.agent_id, s.last_activity_at < now() - $3::float8 * interval '1 second' AS due \
+        FROM agent_session s JOIN unnest($1::text[], $2::text[]) AS v(sid, aid) \
+          ON s.session_id = v.sid AND s.agent_id = v.aid \
+        WHERE s.status = 'active' ORDER BY s.session_id FOR NO KEY UPDATE OF s), \
+     touched AS ( \
+        UPDATE agent_session s SET last_activity_at = greatest(s.last_activity_at, now()) \
+        FROM ok WHERE ok.due AND s.session_id = ok.session_id RETURNING s.session_id) \
+     SELECT session_id, agent_id FROM ok";
 
 /// Refreshes active connections that belong to the agent and session named with them. Returns those it touched.
 const TOUCH_ACTIVE_CONNECTIONS: &str = "UPDATE agent_connection c \
@@ -165,7 +187,7 @@ const TOUCH_ACTIVE_CONNECTIONS: &str = "UPDATE agent_connection c \
 /// whose row locks are those of the update itself. Whatever they do not return (unknown, foreign, inactive or
 /// ended sessions; unknown, foreign or closed connections) takes the slow path, which locks the rows in id order,
 /// classifies them and rejects, reactivates, restores or opens.
-pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<BatchReport> {
+pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat], activity_every: Duration) -> Result<BatchReport> {
     let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
     // Coalesce: one entry per (connection, agent, session), keeping the last client_info given. Keys sort by
     // connection id, so connection rows are locked in id order.
@@ -179,8 +201,12 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let pairs: BTreeSet<(&str, &str)> = latest.keys().map(|&(_, aid, sid)| (sid, aid)).collect();
     let (sids, aids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
     // Session id → owner, of the sessions touched.
+    let every = activity_every.as_secs_f64();
     let touched: HashMap<String, String> = tx
-        .typed_query(TOUCH_ACTIVE_SESSIONS, &[&sids, &aids])
+        .query_typed(
+            TOUCH_ACTIVE_SESSIONS,
+            &[(&sids, Type::TEXT_ARRAY), (&aids, Type::TEXT_ARRAY), (&every, Type::FLOAT8)],
+        )
         .await?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -216,7 +242,15 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
     let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
     let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
     let refreshed: HashSet<String> = tx
-        .typed_query(TOUCH_ACTIVE_CONNECTIONS, &[&ids, &vsids, &vaids, &infos])
+        .query_typed(
+            TOUCH_ACTIVE_CONNECTIONS,
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&vsids, Type::TEXT_ARRAY),
+                (&vaids, Type::TEXT_ARRAY),
+                (&infos, Type::JSONB_ARRAY),
+            ],
+        )
         .await?
         .into_iter()
         .map(|r| r.get(0))
@@ -227,200 +261,4 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat]) -> Result<
         connections_slow_path(tx, &rest, &mut report).await?;
     }
     Ok(report)
-}
-
-/// Whether the heartbeats of a (session, agent) pair may go on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// The session is the agent's and not ended.
-    Accept,
-    /// They change nothing, for this reason.
-    Reject(&'static str),
-    /// Not yet known: the fast path did not touch the session.
-    Undecided,
-}
-
-/// Sessions the fast path did not touch: locks them in id order and classifies each (session, agent) pair.
-/// Inactive sessions of the right agent become active again (and the activity of sessions another worker
-/// reactivated meanwhile moves forward); returns each pair's verdict.
-async fn sessions_slow_path<'a>(
-    tx: &Transaction<'_>,
-    pairs: &[(&'a str, &'a str)],
-    report: &mut BatchReport,
-) -> Result<Vec<((&'a str, &'a str), Verdict)>> {
-    let mut session_ids: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-    session_ids.dedup();
-    let sessions: HashMap<String, (String, SessionStatus)> = tx
-        .typed_query(
-            "SELECT session_id, agent_id, status::text FROM agent_session WHERE session_id = ANY($1) \
-             ORDER BY session_id FOR NO KEY UPDATE",
-            &[&session_ids],
-        )
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    let mut verdicts = Vec::with_capacity(pairs.len());
-    let mut reactivate = Vec::new();
-    for &(sid, aid) in pairs {
-        let verdict = match sessions.get(sid) {
-            Some((owner, status)) if owner == aid && *status != SessionStatus::Ended => {
-                if *status == SessionStatus::Inactive {
-                    report.reactivated_sessions += 1;
-                    tracing::info!(session_id = sid, agent_id = aid, "session active again");
-                }
-                reactivate.push(sid);
-                Verdict::Accept
-            }
-            Some((owner, _)) if owner != aid => Verdict::Reject("session belongs to another agent"),
-            Some(_) => Verdict::Reject("session has ended"),
-            None => Verdict::Reject("no such session"),
-        };
-        verdicts.push(((sid, aid), verdict));
-    }
-    if !reactivate.is_empty() {
-        tx.typed_execute(
-            "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
-             WHERE session_id = ANY($1) AND status <> 'ended'",
-            &[&reactivate],
-        )
-        .await?;
-    }
-    Ok(verdicts)
-}
-
-/// One heartbeat's connection, agent, session and `client_info`, as the slow path sees it.
-type Entry<'a> = (&'a str, &'a str, &'a str, Option<&'a Value>);
-
-/// Connections the fast path did not refresh, of valid sessions: locks them in id order, then opens unknown
-/// ones, restores stale-closed ones (with their events) and rejects foreign or otherwise closed ones.
-///
-/// A connection that another transaction inserts meanwhile (a pipelined batch, another worker, another heartbeat of
-/// this batch naming the same id for another agent) is not visible to the first pass, and its `INSERT` skips it after
-/// waiting for that transaction; a second pass then sees the row and decides as for any existing connection.
-async fn connections_slow_path(tx: &Transaction<'_>, valid: &[Entry<'_>], report: &mut BatchReport) -> Result<()> {
-    let mut events = Vec::new();
-    let missed = connections_slow_pass(tx, valid, report, &mut events).await?;
-    if !missed.is_empty() {
-        let vanished = connections_slow_pass(tx, &missed, report, &mut events).await?;
-        report.rejected += vanished.len();
-    }
-    if !events.is_empty() {
-        let now = db::now(tx).await?;
-        write_outbox(tx, now, events).await?;
-    }
-    Ok(())
-}
-
-/// One pass of [`connections_slow_path`]; returns the heartbeats of connections it found unknown but could not
-/// insert (another transaction had).
-async fn connections_slow_pass<'a>(
-    tx: &Transaction<'_>,
-    valid: &[Entry<'a>],
-    report: &mut BatchReport,
-    events: &mut Vec<EventBody>,
-) -> Result<Vec<Entry<'a>>> {
-    let connection_ids: Vec<&str> = valid.iter().map(|v| v.0).collect();
-    let existing: HashMap<String, (String, String, ConnectionStatus, Option<CloseReason>, String)> = tx
-        .typed_query(
-            "SELECT connection_id, session_id, agent_id, status::text, close_reason::text, connection_type \
-             FROM agent_connection WHERE connection_id = ANY($1) ORDER BY connection_id FOR NO KEY UPDATE",
-            &[&connection_ids],
-        )
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))))
-        .collect();
-    let (mut upd_ids, mut upd_infos) = (Vec::new(), Vec::new());
-    let (mut new_ids, mut new_sids, mut new_aids, mut new_infos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut missed = Vec::new();
-    for &(cid, aid, sid, info) in valid {
-        match existing.get(cid) {
-            None => {
-                new_ids.push(cid);
-                new_sids.push(sid);
-                new_aids.push(aid);
-                new_infos.push(info.cloned());
-            }
-            Some((csid, caid, status, reason, ctype)) => {
-                if csid != sid || caid != aid {
-                    report.rejected += 1;
-                    tracing::warn!(
-                        connection_id = cid,
-                        agent_id = aid,
-                        session_id = sid,
-                        "heartbeat rejected: connection belongs to another agent or session"
-                    );
-                    continue;
-                }
-                if *status == ConnectionStatus::Closed {
-                    if *reason != Some(CloseReason::StaleConnection) {
-                        report.rejected += 1;
-                        tracing::warn!(connection_id = cid, agent_id = aid, reason = ?reason, "heartbeat rejected: connection was closed");
-                        continue;
-                    }
-                    report.restored += 1;
-                    tracing::info!(
-                        connection_id = cid,
-                        session_id = sid,
-                        agent_id = aid,
-                        "stale connection restored by heartbeat"
-                    );
-                    events.push(EventBody::ConnectionOpened {
-                        connection_id: cid.to_string(),
-                        session_id: sid.to_string(),
-                        agent_id: aid.to_string(),
-                        connection_type: ctype.clone(),
-                        restored: true,
-                    });
-                }
-                upd_ids.push(cid);
-                upd_infos.push(info.cloned());
-            }
-        }
-    }
-    if !upd_ids.is_empty() {
-        report.applied += tx
-            .typed_execute(
-                "UPDATE agent_connection c SET last_heartbeat_at = greatest(c.last_heartbeat_at, now()), \
-                 status = 'active', close_reason = NULL, closed_at = NULL, \
-                 client_info = coalesce(v.info, c.client_info) \
-                 FROM unnest($1::text[], $2::jsonb[]) AS v(id, info) \
-                 WHERE c.connection_id = v.id AND (c.status = 'active' OR c.close_reason = 'stale_connection')",
-                &[&upd_ids, &upd_infos],
-            )
-            .await? as usize;
-    }
-    if !new_ids.is_empty() {
-        let inserted = tx
-            .typed_query(
-                "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \
-                 created_at, last_heartbeat_at, opened_by_heartbeat) \
-                 SELECT v.id, v.sid, v.aid, 'amqp', v.info, now(), now(), true \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS v(id, sid, aid, info) \
-                 ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id, session_id, agent_id",
-                &[&new_ids, &new_sids, &new_aids, &new_infos],
-            )
-            .await?;
-        report.opened += inserted.len();
-        report.applied += inserted.len();
-        let mut opened = HashSet::new();
-        for r in inserted {
-            let (connection_id, session_id, agent_id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            tracing::info!(connection_id = %connection_id, "connection opened by heartbeat");
-            opened.insert((connection_id.clone(), session_id.clone(), agent_id.clone()));
-            events.push(EventBody::ConnectionOpened {
-                connection_id,
-                session_id,
-                agent_id,
-                connection_type: "amqp".into(),
-                restored: false,
-            });
-        }
-        let tried: HashSet<&str> = new_ids.iter().copied().collect();
-        missed.extend(valid.iter().copied().filter(|&(cid, aid, sid, _)| {
-            tried.contains(cid) && !opened.contains(&(cid.to_string(), sid.to_string(), aid.to_string()))
-        }));
-    }
-    Ok(missed)
 }

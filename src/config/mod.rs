@@ -175,6 +175,9 @@ pub struct WorkerSettings {
     pub heartbeat_batch_size: usize,
     /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
     pub heartbeat_pipeline: usize,
+    /// A heartbeat moves its session's `last_activity_at` only when that is older than this, in seconds; must be
+    /// below `sweeper.session_inactive_after_secs`.
+    pub session_activity_granularity_secs: u64,
     /// Commands applied concurrently (commands on one connection, instruction or session keep their order).
     pub command_lanes: usize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
@@ -188,6 +191,8 @@ pub struct WorkerSettings {
 pub struct HttpSettings {
     /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable.
     pub listen: String,
+    /// `/metrics` serves the statistics gauges from a cache refreshed at most once per this many seconds.
+    pub stats_cache_secs: u64,
 }
 
 /// `log.*`
@@ -288,13 +293,19 @@ impl Default for OutboxSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { heartbeat_batch_size: 1000, heartbeat_pipeline: 2, command_lanes: 8, shutdown_grace_secs: 20 }
+        Self {
+            heartbeat_batch_size: 1000,
+            heartbeat_pipeline: 2,
+            session_activity_granularity_secs: crate::commands::heartbeat::ACTIVITY_GRANULARITY_DEFAULT.as_secs(),
+            command_lanes: 8,
+            shutdown_grace_secs: 20,
+        }
     }
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into() }
+        Self { listen: "127.0.0.1:9090".into(), stats_cache_secs: 5 }
     }
 }
 

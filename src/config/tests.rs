@@ -53,6 +53,18 @@ fn the_repo_defaults_file_equals_the_built_in_defaults() {
 }
 
 #[test]
+fn the_session_activity_granularity_must_be_below_the_inactivity_threshold() {
+    let mut s = Settings::default();
+    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs;
+    let e = s.validate().unwrap_err().to_string();
+    assert!(e.contains("worker.session_activity_granularity_secs:"), "{e}");
+    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs - 1;
+    s.validate().unwrap();
+    s.http.stats_cache_secs = 0;
+    assert!(s.validate().unwrap_err().to_string().contains("http.stats_cache_secs:"));
+}
+
+#[test]
 fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
     let mut s = Settings::default();
     s.amqp.prefetch = 1000;

@@ -62,6 +62,7 @@ impl Settings {
             ("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs),
             ("outbox.lease_secs", self.outbox.lease_secs),
             ("worker.shutdown_grace_secs", self.worker.shutdown_grace_secs),
+            ("http.stats_cache_secs", self.http.stats_cache_secs),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1");
@@ -87,6 +88,12 @@ impl Settings {
         }
         if self.worker.heartbeat_pipeline == 0 {
             return bad("worker.heartbeat_pipeline", "must be at least 1");
+        }
+        if self.worker.session_activity_granularity_secs >= s.session_inactive_after_secs {
+            return bad(
+                "worker.session_activity_granularity_secs",
+                "must be below sweeper.session_inactive_after_secs (a session heard from must not look inactive)",
+            );
         }
         if self.worker.command_lanes == 0 {
             return bad("worker.command_lanes", "must be at least 1");

@@ -2,7 +2,7 @@
 //! up to `worker.heartbeat_pipeline` transactions at once, acknowledged in order after their commits.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, FuturesOrdered};
 use futures_util::{FutureExt, StreamExt};
@@ -51,8 +51,8 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
         streams.push(consumer.map(Some).chain(stream::once(async { None })).map(move |d| (i, d)).boxed());
     }
     let mut consumer = stream::select_all(streams);
-    let max = s.worker.heartbeat_batch_size;
     let depth = s.worker.heartbeat_pipeline.max(1);
+    let max = batch_limit(s.worker.heartbeat_batch_size, depth, s.amqp.prefetch);
     let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Vec<Delivery>, Result<()>)>> = FuturesOrdered::new();
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
@@ -126,6 +126,17 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
         let _ = channel.close(200, "consumer stopped".into()).await;
     }
     outcome
+}
+
+/// The most deliveries one batch takes: `worker.heartbeat_batch_size`, but no more than a share of the prefetch that
+/// leaves one more batch's worth unacknowledged beside the `depth` batches in flight.
+///
+/// With a backlog, the broker sends only `amqp.prefetch` unacknowledged deliveries. Were the batches in flight to
+/// hold all of them, the next batch would start with the few deliveries that arrived since the oldest batch was
+/// acknowledged; with room for `depth + 1` batches, the next one is already delivered when it may start, so the
+/// pipeline keeps full batches.
+pub(crate) fn batch_limit(batch_size: usize, depth: usize, prefetch: u16) -> usize {
+    batch_size.min(usize::from(prefetch) / (depth + 1)).max(1)
 }
 
 /// A delivery of the merged stream with its shard, or why the stream cannot go on.
@@ -209,8 +220,9 @@ async fn heartbeat_batch(
     }
     let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
     let started = Instant::now();
+    let every = Duration::from_secs(s.worker.session_activity_granularity_secs);
     let result =
-        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, signal)).await;
+        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, every, signal)).await;
     let (report, refused) = match result {
         Ok(report) => (report, Vec::new()),
         Err(e) if e.poison_reason().is_some() => {
@@ -218,7 +230,7 @@ async fn heartbeat_batch(
             // savepoint per heartbeat, so that only the refused ones are left out; they are dead-lettered once the
             // rest is committed.
             retry_transient("applying heartbeats with a savepoint each", shutdown, || {
-                apply_batch_isolating(&shared.pool, &hbs, signal)
+                apply_batch_isolating(&shared.pool, &hbs, every, signal)
             })
             .await?
         }
@@ -244,7 +256,7 @@ async fn heartbeat_batch(
 
 #[cfg(test)]
 mod tests {
-    use super::shard_prefetch;
+    use super::{batch_limit, shard_prefetch};
 
     #[test]
     fn the_prefetch_is_shared_out_over_the_shards() {
@@ -252,5 +264,13 @@ mod tests {
         assert_eq!(shard_prefetch(2000, 4), 500);
         assert_eq!(shard_prefetch(2000, 3), 667);
         assert_eq!(shard_prefetch(2, 64), 1);
+    }
+
+    #[test]
+    fn batches_leave_one_more_batch_of_the_prefetch_delivered() {
+        assert_eq!(batch_limit(1000, 2, 2000), 666);
+        assert_eq!(batch_limit(500, 2, 2000), 500);
+        assert_eq!(batch_limit(1000, 1, 2000), 1000);
+        assert_eq!(batch_limit(10, 4, 1), 1);
     }
 }

@@ -8,12 +8,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Row;
 
 use super::lease::{Claim, Lease};
 use super::{in_batches, secs, Batches};
 use crate::config::SweeperSettings;
 use crate::db::Sql;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{write_outbox, EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
@@ -97,21 +99,42 @@ pub fn brake_reason(cfg: &Config, candidates: i64, active: i64, backlog: Option<
     None
 }
 
-/// Active connections past the stale threshold ($1 seconds).
+/// Active connections past the stale threshold ($1 seconds). The index on `heartbeat_minute` (never later than
+/// `last_heartbeat_at`) bounds the scan to the connections not heard from within the threshold plus a minute;
+/// `last_heartbeat_at` decides.
 pub const COUNT_CANDIDATES: &str = "SELECT count(*) FROM agent_connection \
-     WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
+     WHERE status = 'active' AND heartbeat_minute < now() - $1::float8 * interval '1 second' \
+       AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
 const RELEASE_HOLD: &str = "UPDATE sweeper_state SET held_since = NULL WHERE task = $1 AND held_since IS NOT NULL";
-/// Active connections (only counted when the brake may apply).
+/// Active connections (only counted when the brake holds for a heartbeat backlog, to report them).
 pub const COUNT_ACTIVE: &str = "SELECT count(*) FROM agent_connection WHERE status = 'active'";
-/// Closes up to $2 connections past the stale threshold ($1 seconds), re-checked in the update.
+/// Active connections, counted up to $1 at most: enough to tell whether the candidates are a large share of them
+/// without counting every active connection.
+pub const COUNT_ACTIVE_UP_TO: &str =
+    "SELECT count(*) FROM (SELECT 1 FROM agent_connection WHERE status = 'active' LIMIT $1) AS a";
+/// Closes up to $2 connections past the stale threshold ($1 seconds), claimed with `SKIP LOCKED` (a connection
+/// whose heartbeat is being applied is left to a later cycle) and re-checked in the update, so a heartbeat
+/// committed meanwhile keeps its connection open.
 pub const CLOSE_BATCH: &str = "WITH due AS ( \
         SELECT connection_id FROM agent_connection \
-        WHERE status = 'active' AND last_heartbeat_at < now() - $1::float8 * interval '1 second' \
-        ORDER BY last_heartbeat_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+        WHERE status = 'active' AND heartbeat_minute < now() - $1::float8 * interval '1 second' \
+          AND last_heartbeat_at < now() - $1::float8 * interval '1 second' \
+        ORDER BY heartbeat_minute LIMIT $2 FOR UPDATE SKIP LOCKED) \
      UPDATE agent_connection c SET status = 'closed', close_reason = 'stale_connection', closed_at = now() \
      FROM due WHERE c.connection_id = due.connection_id AND c.status = 'active' \
        AND c.last_heartbeat_at < now() - $1::float8 * interval '1 second' \
      RETURNING c.connection_id, c.session_id, c.agent_id, c.last_heartbeat_at";
+
+/// How many active connections to count so that the brake's ratio can be decided: one more than the most for which
+/// `candidates` would still be at least `ratio` of them.
+pub fn active_count_bound(candidates: i64, ratio: f64) -> i64 {
+    let most = (candidates as f64 / ratio).floor();
+    if most >= i64::MAX as f64 - 1.0 {
+        i64::MAX
+    } else {
+        most as i64 + 1
+    }
+}
 
 /// Runs once; `None` when another worker is running this task.
 /// `outbox` is told after every commit that wrote events.
@@ -139,25 +162,35 @@ async fn judge_and_close(
 ) -> Result<Report> {
     let client = claim.client();
     let stale_secs = cfg.stale_after.as_secs_f64();
-    let candidates: i64 = client.typed_one(COUNT_CANDIDATES, &[&stale_secs]).await?.get(0);
+    let candidates: i64 = one(client, COUNT_CANDIDATES, &[(&stale_secs, Type::FLOAT8)]).await?.get(0);
     let mut report = Report::default();
     if candidates == 0 {
-        client.typed_execute(RELEASE_HOLD, &[&TASK]).await?;
+        client.query_typed(RELEASE_HOLD, &[(&TASK, Type::TEXT)]).await?;
         return Ok(report);
     }
-    // The active count is only needed when the brake might apply.
-    let may_brake =
-        candidates as u64 >= cfg.brake_min_connections || backlog.is_some_and(|b| b > cfg.max_heartbeat_backlog);
-    let active: i64 = if may_brake { client.typed_one(COUNT_ACTIVE, &[]).await?.get(0) } else { 0 };
+    // The active count is only needed when the brake might apply. Behind on heartbeats, the brake holds and reports
+    // the exact count; otherwise counting up to the bound that decides the ratio is enough (with a million active
+    // connections and a few stale ones, that is a few index entries, not the whole index).
+    let behind = backlog.is_some_and(|b| b > cfg.max_heartbeat_backlog);
+    let active: i64 = if behind {
+        one(client, COUNT_ACTIVE, &[]).await?.get(0)
+    } else if candidates as u64 >= cfg.brake_min_connections {
+        let bound = active_count_bound(candidates, cfg.brake_ratio);
+        one(client, COUNT_ACTIVE_UP_TO, &[(&bound, Type::INT8)]).await?.get(0)
+    } else {
+        0
+    };
     if let Some(reason) = brake_reason(cfg, candidates, active, backlog) {
         let tx = client.transaction().await?;
         let row = tx
-            .typed_one(
+            .query_typed(
                 "UPDATE sweeper_state SET held_since = coalesce(held_since, now()) WHERE task = $1 \
                  RETURNING now() - held_since < $2::float8 * interval '1 second', now()",
-                &[&TASK, &cfg.max_hold.as_secs_f64()],
+                &[(&TASK, Type::TEXT), (&cfg.max_hold.as_secs_f64(), Type::FLOAT8)],
             )
-            .await?;
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Migration("sweeper_state has no row for the stale task".into()))?;
         let within_hold: bool = row.get(0);
         let now: DateTime<Utc> = row.get(1);
         if within_hold {
@@ -190,6 +223,11 @@ async fn judge_and_close(
     Ok(report)
 }
 
+/// The one row of a statement run with `query_typed` (unnamed, one round trip).
+async fn one(client: &tokio_postgres::Client, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row> {
+    client.query_typed(sql, params).await?.pop().ok_or_else(|| Error::Migration(format!("expected a row from: {sql}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +243,18 @@ mod tests {
         assert_eq!(brake_reason(&c, 19, 20, Some(0)), None, "below the minimum count");
         assert_eq!(brake_reason(&c, 20, 41, Some(0)), None, "below the ratio");
         assert_eq!(brake_reason(&c, 0, 100, Some(0)), None);
+    }
+
+    #[test]
+    fn the_active_count_bound_decides_the_ratio() {
+        let c = cfg();
+        for candidates in [20, 21, 999, 10_000] {
+            let bound = active_count_bound(candidates, c.brake_ratio);
+            assert_eq!(brake_reason(&c, candidates, bound - 1, Some(0)), Some("mass_stale"), "{candidates}");
+            assert_eq!(brake_reason(&c, candidates, bound, Some(0)), None, "{candidates}");
+        }
+        assert_eq!(active_count_bound(10, 0.3), 34);
+        assert_eq!(active_count_bound(i64::MAX, 0.5), i64::MAX);
     }
 
     #[test]
