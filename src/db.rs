@@ -216,7 +216,7 @@ pub async fn connect_with(settings: &DatabaseSettings, dbname: Option<&str>, lim
     }
     let per_host = per_host_timeout(settings, &hosts[0]);
     let budget = connect_budget(settings, &hosts);
-    let timed_out = || Error::Timeout(format!("no database host accepted a connection within {budget:?}"));
+    let timed_out = || Error::DbUnreachable(format!("no database host accepted a connection within {budget:?}"));
     match tls(settings, &hosts[0])? {
         Some(tls) => {
             let connecting = hosts::connect_first(&hosts, tls, per_host);

@@ -21,9 +21,12 @@ pub enum Error {
     /// A consumer or channel ended, or the broker refused an acknowledgement (the channel was reset).
     #[error("broker connection lost: {0}")]
     Disconnected(String),
-    /// No answer in time (client requests).
+    /// No answer in time (client requests, broker queries, confirms).
     #[error("timed out: {0}")]
     Timeout(String),
+    /// No database host accepted a connection in time (a direct connection; the pool's are [`Error::Pool`]).
+    #[error("database unreachable: {0}")]
+    DbUnreachable(String),
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -76,7 +79,12 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Db(_) => self.poison_reason().is_none(),
-            Error::Pool(_) | Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) | Error::Timeout(_) => true,
+            Error::DbUnreachable(_)
+            | Error::Pool(_)
+            | Error::Amqp(_)
+            | Error::Nack(_)
+            | Error::Disconnected(_)
+            | Error::Timeout(_) => true,
             Error::Config(_) | Error::Migration(_) | Error::Command(_) | Error::Shutdown => false,
         }
     }

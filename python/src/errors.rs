@@ -46,7 +46,7 @@ pyo3::create_exception!(
 pub(crate) fn to_py(e: Error) -> PyErr {
     let text = e.to_string();
     match e {
-        Error::Db(_) | Error::Pool(_) | Error::Migration(_) => DatabaseError::new_err(text),
+        Error::Db(_) | Error::DbUnreachable(_) | Error::Pool(_) | Error::Migration(_) => DatabaseError::new_err(text),
         Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) => BrokerError::new_err(text),
         Error::Timeout(_) => RequestTimeoutError::new_err(text),
         Error::Config(_) => ConfigurationError::new_err(text),

@@ -16,7 +16,8 @@
 //! holder rescans from the oldest row, so the failed events are published again, first. A relay that dies keeps the
 //! lease until it expires; the relay that takes over rescans from the oldest row and publishes the dead relay's
 //! unconfirmed or undeleted events again, with the same `event_id`. While the broker blocks publishers the relay
-//! claims nothing (and so does not renew the lease).
+//! claims nothing (and so does not renew the lease). After [`NACKED_ROUNDS_BEFORE_NEW_SESSION`] rounds of nacked
+//! batches in a row the relay ends with the nack, and the worker starts a new broker session.
 //!
 //! The relay wakes at once when its own process commits events ([`OutboxSignal`]) and polls every
 //! `outbox.poll_interval_ms` for events other processes commit: no `LISTEN`/`NOTIFY`, so it works through a
@@ -80,6 +81,11 @@ impl Publishing {
     }
 }
 
+/// Rounds of nacked batches in a row after which the relay gives up its channel: it ends with the nack, so the worker
+/// starts a new broker session (on the next node of `amqp.url`). A quorum queue that lost its leader nacks for a few
+/// seconds until a new one is elected; a channel that keeps being refused long after that is not trusted again.
+pub const NACKED_ROUNDS_BEFORE_NEW_SESSION: u32 = 3;
+
 /// Ids of the batches in flight, by batch number (registered by each batch once claimed, removed when it ends).
 type Flying = Mutex<HashMap<u64, Vec<i64>>>;
 
@@ -125,6 +131,7 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
     let depth = pipeline.max(1);
     let flying = Flying::default();
     let mut backoff = Backoff::default();
+    let mut nacked_rounds = 0u32;
     let mut in_flight = FuturesUnordered::new();
     let mut failure: Option<Error> = None;
     let mut leader = false;
@@ -156,11 +163,12 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
                 tokio::select! {
                     biased;
                     r = &mut rx => break r.ok(),
-                    Some(done) = in_flight.next() => {
-                        if let Err(e) = done {
+                    Some(done) = in_flight.next() => match done {
+                        Ok(_) => nacked_rounds = 0,
+                        Err(e) => {
                             failure.get_or_insert(e);
                         }
-                    }
+                    },
                 }
             };
             match claimed {
@@ -185,7 +193,10 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
             let may_claim = !more && leader && open && failure.is_none() && !shutdown.is_cancelled();
             tokio::select! {
                 Some(done) = in_flight.next() => match done {
-                    Ok(_) => backoff = Backoff::default(),
+                    Ok(_) => {
+                        backoff = Backoff::default();
+                        nacked_rounds = 0;
+                    }
                     Err(e) => {
                         failure.get_or_insert(e);
                     }
@@ -197,7 +208,16 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
         // Nothing in flight: the next claim rescans from the oldest row.
         after = 0;
         match failure.take() {
-            Some(e @ (Error::Pool(_) | Error::Db(_) | Error::Timeout(_) | Error::Nack(_))) => {
+            Some(e @ Error::Nack(_)) if nacked_rounds + 1 >= NACKED_ROUNDS_BEFORE_NEW_SESSION => {
+                tracing::warn!(error = %e, rounds = nacked_rounds + 1, "outbox relay: the broker keeps refusing its publishes; its events stay in the outbox, starting a new broker session");
+                return Err(e);
+            }
+            Some(
+                e @ (Error::Pool(_) | Error::Db(_) | Error::DbUnreachable(_) | Error::Timeout(_) | Error::Nack(_)),
+            ) => {
+                if matches!(e, Error::Nack(_)) {
+                    nacked_rounds += 1;
+                }
                 tracing::warn!(error = %e, "outbox relay: batch not published; its events stay in the outbox, retrying");
                 if !backoff.wait(&shutdown).await {
                     break;

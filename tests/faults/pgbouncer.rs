@@ -166,32 +166,43 @@ async fn ten_workers_behind_pgbouncer_in_transaction_mode_close_each_stale_conne
         worst = worst.max(latency);
     }
 
-    // Each decision once: one stale event per connection in the outbox, and one distinct event published.
-    let per_connection: Vec<(String, i64)> = direct
-        .query(
-            "SELECT payload->>'connection_id', count(*) FROM event_outbox \
-             WHERE event_type = 'agent.connection.stale' GROUP BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(per_connection.len(), connections, "a stale event for every connection");
-    assert!(per_connection.iter().all(|(_, n)| *n == 1), "one stale decision per connection: {per_connection:?}");
+    // Each decision once: every event published (the outbox empty: published events are deleted once confirmed,
+    // so each is in this test's queue), then a marker published behind them; everything before the marker is every
+    // stale event there is, and each connection must have exactly one distinct event.
+    common::eventually("the outbox to be published", Duration::from_secs(60), || async {
+        let left: i64 = direct.query_one("SELECT count(*) FROM event_outbox", &[]).await.ok()?.get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    let marker = uuid::Uuid::new_v4().to_string();
+    let (conn, _) = common::amqp_channel(&settings).await;
+    let ch = agent_connection_manager::amqp::confirm_channel(&conn).await.expect("a confirm channel");
+    agent_connection_manager::amqp::publish_confirmed(
+        &ch,
+        &Topology::new(&settings.amqp.prefix).event_exchange,
+        "agent.connection.stale",
+        json!({"marker": marker}).to_string().as_bytes(),
+        agent_connection_manager::amqp::json_properties(),
+        settings.confirm_timeout(),
+    )
+    .await
+    .expect("the marker is published");
+    let _ = conn.close(200, "done".into()).await;
     let mut published: HashMap<String, HashSet<String>> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while published.len() < connections && Instant::now() < deadline {
-        if let Some((id, v)) = stale_events.next_raw(Duration::from_secs(1)).await {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the marker did not arrive within 60 s ({} connections seen)",
+            published.len()
+        );
+        if let Some((id, v)) = stale_events.next_raw(Duration::from_millis(500)).await {
+            if v["marker"] == marker.as_str() {
+                break;
+            }
             let connection = v["connection_id"].as_str().unwrap_or_default().to_string();
             published.entry(connection).or_default().insert(id.unwrap_or_default());
         }
-    }
-    // Stragglers (a second decision would be one): whatever arrives within a further second.
-    while let Some((id, v)) = stale_events.next_raw(Duration::from_secs(1)).await {
-        let connection = v["connection_id"].as_str().unwrap_or_default().to_string();
-        published.entry(connection).or_default().insert(id.unwrap_or_default());
     }
     assert_eq!(published.len(), connections, "a stale event published for every connection");
     assert!(published.values().all(|ids| ids.len() == 1), "one distinct stale event per connection: {published:?}");
