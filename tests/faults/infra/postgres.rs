@@ -51,6 +51,17 @@ fn pg_command(program: &str, dir: &Path) -> Command {
     c
 }
 
+/// Runs `command` to its end and fails the test with its output unless it succeeded.
+fn run_ok(mut command: Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl PgCluster {
     /// `initdb` a new cluster under `base` and start it.
     pub fn start_new(base: &Path) -> Self {
@@ -61,18 +72,14 @@ impl PgCluster {
     pub fn start_new_as(base: &Path, dir: &str, extra_opts: &str) -> Self {
         let root = owned_dir(base, dir);
         let data = root.join("data");
-        let out = pg_command("initdb", &root)
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"])
-            .output()
-            .expect("initdb runs");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut initdb = pg_command("initdb", &root);
+        initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        run_ok(initdb, "initdb");
+        Self::started(root, data, extra_opts)
+    }
+
+    /// The cluster whose data directory is `data` (sockets and log in `root`), started on a free port.
+    fn started(root: PathBuf, data: PathBuf, extra_opts: &str) -> Self {
         let mut pg = Self {
             data,
             log: root.join("postgres.log"),
@@ -91,29 +98,14 @@ impl PgCluster {
     pub fn start_standby_of(primary: &PgCluster, base: &Path, dir: &str) -> Self {
         let root = owned_dir(base, dir);
         let data = root.join("data");
-        let out = pg_command("pg_basebackup", &root)
+        let mut backup = pg_command("pg_basebackup", &root);
+        backup
             .arg("-D")
             .arg(&data)
             .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream"])
-            .args(["--no-sync", "--checkpoint=fast"])
-            .output()
-            .expect("pg_basebackup runs");
-        assert!(
-            out.status.success(),
-            "pg_basebackup failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut pg = Self {
-            data,
-            log: root.join("postgres.log"),
-            socket_dir: root,
-            port: free_port(),
-            running: false,
-            extra_opts: String::new(),
-        };
-        pg.start();
-        pg
+            .args(["--no-sync", "--checkpoint=fast"]);
+        run_ok(backup, "pg_basebackup");
+        Self::started(root, data, "")
     }
 
     /// Its port.
