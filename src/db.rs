@@ -4,7 +4,7 @@
 mod migrate;
 mod sql;
 
-pub use sql::{enum_label, Param, PgType, Sql};
+pub use sql::{enum_label, forbid_named_statements, named_statements_allowed, Param, PgType, Sql};
 
 use std::time::Duration;
 
@@ -176,6 +176,9 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
     let first = hosts[0].clone();
     let per_host = per_host_timeout(settings, &first);
     let budget = connect_budget(settings, &hosts);
+    if settings.pooler == Pooler::Pgbouncer {
+        forbid_named_statements();
+    }
     let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = match tls(settings, &first)? {
         Some(tls) => Manager::from_connect(first, hosts::HostsConnect { hosts, tls, per_host }, mc),

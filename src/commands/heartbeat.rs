@@ -15,10 +15,10 @@ use std::time::Duration;
 use deadpool_postgres::{Pool, Transaction};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio_postgres::types::Type;
 
 use self::slow_path::{connections_slow_path, sessions_slow_path, Verdict};
 use super::{Context, Message, Outcome, Queue, Sender};
+use crate::db::{Param, Sql};
 use crate::domain::{Ident, Json, Timestamp};
 use crate::error::{CommandError, Poison, Result};
 
@@ -203,10 +203,7 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat], activity_e
     // Session id → owner, of the sessions touched.
     let every = activity_every.as_secs_f64();
     let touched: HashMap<String, String> = tx
-        .query_typed(
-            TOUCH_ACTIVE_SESSIONS,
-            &[(&sids, Type::TEXT_ARRAY), (&aids, Type::TEXT_ARRAY), (&every, Type::FLOAT8)],
-        )
+        .typed_query(TOUCH_ACTIVE_SESSIONS, &[&sids as &dyn Param, &aids, &every])
         .await?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -242,15 +239,7 @@ pub async fn apply_in(tx: &Transaction<'_>, heartbeats: &[Heartbeat], activity_e
     let vsids: Vec<&str> = valid.iter().map(|v| v.2).collect();
     let infos: Vec<Option<Value>> = valid.iter().map(|v| v.3.cloned()).collect();
     let refreshed: HashSet<String> = tx
-        .query_typed(
-            TOUCH_ACTIVE_CONNECTIONS,
-            &[
-                (&ids, Type::TEXT_ARRAY),
-                (&vsids, Type::TEXT_ARRAY),
-                (&vaids, Type::TEXT_ARRAY),
-                (&infos, Type::JSONB_ARRAY),
-            ],
-        )
+        .typed_query(TOUCH_ACTIVE_CONNECTIONS, &[&ids as &dyn Param, &vsids, &vaids, &infos])
         .await?
         .into_iter()
         .map(|r| r.get(0))

@@ -1,11 +1,11 @@
 //! The relay's statements: the relay lease (take, give back), the claim of a batch and the delete of a published
-//! one. Each is one unnamed statement sent with its parameter types (`query_typed`: one round trip, nothing
-//! prepared, so it works through a transaction pooler), and each is its own short transaction.
+//! one. Each is its own short transaction, sent through [`Sql`] (prepared once per connection, or unnamed behind a
+//! transaction pooler).
 
 use deadpool_postgres::Pool;
-use tokio_postgres::types::Type;
 use uuid::Uuid;
 
+use crate::db::{Param, Sql};
 use crate::error::Result;
 
 /// Takes the relay lease for relay $1 for $2 seconds when it has expired or is already $1's; returns a row when $1
@@ -67,33 +67,22 @@ pub struct Window {
 /// Takes (or renews) the lease for `name`; whether `name` holds it now.
 pub async fn acquire(pool: &Pool, name: &str, lease_secs: f64) -> Result<bool> {
     let client = pool.get().await?;
-    let rows = client.query_typed(ACQUIRE, &[(&name, Type::TEXT), (&lease_secs, Type::FLOAT8)]).await?;
+    let rows = client.typed_query(ACQUIRE, &[&name as &dyn Param, &lease_secs]).await?;
     Ok(!rows.is_empty())
 }
 
 /// Gives the lease of `name` back, if it holds it.
 pub async fn release(pool: &Pool, name: &str) -> Result<()> {
     let client = pool.get().await?;
-    client.execute_typed(RELEASE, &[(&name, Type::TEXT)]).await?;
+    client.typed_execute(RELEASE, &[&name]).await?;
     Ok(())
 }
 
 /// Claims up to `limit` events for `name`, in id order; `None` when `name` does not hold the lease.
 pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: i64) -> Result<Option<Vec<Claimed>>> {
     let client = pool.get().await?;
-    let rows = client
-        .query_typed(
-            CLAIM,
-            &[
-                (&name, Type::TEXT),
-                (&lease_secs, Type::FLOAT8),
-                (&w.after, Type::INT8),
-                (&w.rescan, Type::BOOL),
-                (&w.skip, Type::INT8_ARRAY),
-                (&limit, Type::INT8),
-            ],
-        )
-        .await?;
+    let rows =
+        client.typed_query(CLAIM, &[&name as &dyn Param, &lease_secs, &w.after, &w.rescan, &w.skip, &limit]).await?;
     if rows.is_empty() {
         return Ok(None);
     }
@@ -111,13 +100,13 @@ pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: 
 /// Deletes published events by id.
 pub async fn delete(pool: &Pool, ids: &[i64]) -> Result<u64> {
     let client = pool.get().await?;
-    Ok(client.execute_typed(DELETE, &[(&ids, Type::INT8_ARRAY)]).await?)
+    Ok(client.typed_execute(DELETE, &[&ids.to_vec()]).await?)
 }
 
 /// Unpublished events and the age of the oldest, in seconds.
 pub async fn backlog(pool: &Pool) -> Result<(i64, f64)> {
     let client = pool.get().await?;
-    let row = client.query_typed_one(BACKLOG, &[]).await?;
+    let row = client.typed_one(BACKLOG, &[]).await?;
     let oldest: Option<chrono::DateTime<chrono::Utc>> = row.get(1);
     let now: chrono::DateTime<chrono::Utc> = row.get(2);
     let age = oldest.map(|o| (now - o).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
