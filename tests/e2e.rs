@@ -304,3 +304,33 @@ async fn pooled_sessions_bound_statements_lock_waits_and_idle_transactions() {
     assert_eq!(show(&c, "statement_timeout").await, "7s");
     assert_eq!(show(&c, "lock_timeout").await, "2s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_config_change_nothing_in_a_database_without_the_schema() {
+    let settings = test_settings();
+    agent_connection_manager::db::ensure_database(&settings.database).await.unwrap();
+    let cli = |command: &str| {
+        Command::new(BIN)
+            .arg(command)
+            .env("ACM_DATABASE__URL", &settings.database.url)
+            .env("ACM_AMQP__PREFIX", &settings.amqp.prefix)
+            .output()
+            .unwrap()
+    };
+    let config = cli("config");
+    assert!(config.status.success(), "config: {}", String::from_utf8_lossy(&config.stderr));
+    let stats = cli("stats");
+    assert!(!stats.status.success(), "stats succeeded on a database without the schema");
+    let err = String::from_utf8_lossy(&stats.stderr);
+    assert!(!err.trim().is_empty() && !err.contains("panicked"), "stats should say why it failed: {err}");
+    let (db, conn) = tokio_postgres::connect(&settings.database.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tables: i64 = db
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "a read-only command created tables (migrated)");
+    drop(db);
+    common::cleanup(&settings).await;
+}

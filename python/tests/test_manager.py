@@ -74,7 +74,7 @@ async def test_awaitable_twins(isolated):
     assert await manager.aclose_session("no-such-session") is False
 
 
-async def test_sync_calls_inside_a_running_loop_leave_the_loop_free(isolated):
+async def test_sync_calls_work_inside_a_running_loop_and_release_the_gil(isolated):
     """The synchronous methods wait on the engine, not on the caller's loop, and release the GIL meanwhile."""
     manager = AgentConnectionManager(isolated.db_url)
     manager.get_connection_stats()  # the schema, once

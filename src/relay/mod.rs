@@ -143,6 +143,9 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
     let mut seq = 0u64;
     // Whether the last claim came back full, so more may be waiting.
     let mut more = true;
+    // Whether this process committed events since the last claim while batches were in flight: they are claimed
+    // when the next batch in flight ends.
+    let mut woken = false;
     loop {
         let open = !blocked.load(Ordering::Relaxed);
         if leader && more && open && failure.is_none() && in_flight.len() < depth && !shutdown.is_cancelled() {
@@ -188,20 +191,27 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
             continue;
         }
         if !in_flight.is_empty() {
-            // A batch ends, or (after a short claim) this process commits more events: claim them at once rather
-            // than after the batches in flight.
+            // A batch ends. Events this process commits meanwhile (after a short claim) are claimed when it does,
+            // together, rather than one small claim per commit: under a stream of commands that is a few events per
+            // claim instead of about one, at the cost of waiting for one confirm; with nothing in flight a commit is
+            // claimed at once (below).
             let may_claim = !more && leader && open && failure.is_none() && !shutdown.is_cancelled();
             tokio::select! {
-                Some(done) = in_flight.next() => match done {
-                    Ok(_) => {
-                        backoff = Backoff::default();
-                        nacked_rounds = 0;
+                Some(done) = in_flight.next() => {
+                    match done {
+                        Ok(_) => {
+                            backoff = Backoff::default();
+                            nacked_rounds = 0;
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
                     }
-                    Err(e) => {
-                        failure.get_or_insert(e);
+                    if std::mem::take(&mut woken) {
+                        more = true;
                     }
-                },
-                _ = wake.notified(), if may_claim => more = true,
+                }
+                _ = wake.notified(), if may_claim && !woken => woken = true,
             }
             continue;
         }
