@@ -4,7 +4,7 @@
 mod migrate;
 mod sql;
 
-pub use sql::{enum_label, forbid_named_statements, named_statements_allowed, Param, PgType, Sql};
+pub use sql::{enum_label, forbid_named_statements, named_statements_allowed, Param, PgType, Sql, Unnamed};
 
 use std::time::Duration;
 

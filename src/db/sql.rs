@@ -167,6 +167,18 @@ pub trait Sql: Sync {
     }
 }
 
+/// A client or transaction whose statements are always sent unnamed, and so planned for their parameters and the
+/// data at every execution: for statements whose best plan depends on them (the relay's claim, the sweeper's
+/// batches and checks), where the generic plan PostgreSQL may settle on for a kept statement can read a whole table.
+pub struct Unnamed<'a, T: Sql>(pub &'a T);
+
+impl<T: Sql> Sql for Unnamed<'_, T> {
+    type Pg = T::Pg;
+    fn pg(&self) -> &T::Pg {
+        self.0.pg()
+    }
+}
+
 impl Sql for tokio_postgres::Client {
     type Pg = Self;
     fn pg(&self) -> &Self {

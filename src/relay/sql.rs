@@ -5,7 +5,7 @@
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use crate::db::{Param, Sql};
+use crate::db::{Param, Sql, Unnamed};
 use crate::error::Result;
 
 /// Takes the relay lease for relay $1 for $2 seconds when it has expired or is already $1's; returns a row when $1
@@ -81,8 +81,10 @@ pub async fn release(pool: &Pool, name: &str) -> Result<()> {
 /// Claims up to `limit` events for `name`, in id order; `None` when `name` does not hold the lease.
 pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: i64) -> Result<Option<Vec<Claimed>>> {
     let client = pool.get().await?;
-    let rows =
-        client.typed_query(CLAIM, &[&name as &dyn Param, &lease_secs, &w.after, &w.rescan, &w.skip, &limit]).await?;
+    // Unnamed: a kept generic plan for this claim (`id > $3 OR $4`) can scan the whole outbox.
+    let rows = Unnamed(&client)
+        .typed_query(CLAIM, &[&name as &dyn Param, &lease_secs, &w.after, &w.rescan, &w.skip, &limit])
+        .await?;
     if rows.is_empty() {
         return Ok(None);
     }

@@ -67,9 +67,11 @@ pub const EXPIRE_BATCH: &str = "WITH due AS ( \
      RETURNING i.instruction_id, i.session_id, i.agent_id, i.instruction_type, i.payload, i.priority::text, \
        i.status::text, i.retry_count, i.max_retries, i.expires_at, due.previous";
 
-/// Whether any open instruction is past its deadline (read-only).
-pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM agent_instruction \
-     WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL AND expires_at <= now())";
+/// Whether any open instruction is past its deadline (read-only): the earliest open deadline, one entry of the
+/// partial index `agent_instruction_open_deadline`. (An `EXISTS` over the same condition let the planner scan the
+/// table, expecting a match early, and read every row when nothing was due: 110–210 ms at a million instructions.)
+pub const ANY_DUE: &str = "SELECT coalesce((SELECT min(expires_at) FROM agent_instruction \
+     WHERE status IN ('pending', 'sent') AND expires_at IS NOT NULL) <= now(), false)";
 
 /// Runs once; `None` when another worker is running this task.
 /// `outbox` is told after every commit that wrote events.

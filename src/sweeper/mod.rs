@@ -27,7 +27,7 @@ pub use lease::{Lease, CLAIM_TASK, RELEASE_TASK};
 
 use crate::amqp::Topology;
 use crate::config::Settings;
-use crate::db::Sql;
+use crate::db::{Sql, Unnamed};
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody, OutboxSignal};
 use crate::metrics::{Metrics, NameLabel};
@@ -210,7 +210,7 @@ async fn one_batch(
     marked: &AtomicBool,
 ) -> Result<usize> {
     let tx = client.transaction().await?;
-    let rows = tx.typed_query(b.sql, &[&b.param, &b.size]).await?;
+    let rows = Unnamed(&tx).typed_query(b.sql, &[&b.param, &b.size]).await?;
     if !rows.is_empty() {
         let now = crate::db::now(&tx).await?;
         let bodies: Vec<EventBody> = {
@@ -233,7 +233,7 @@ async fn one_batch(
 /// nothing due neither claims its lease nor writes anything.
 pub(crate) async fn any_due(pool: &Pool, sql: &str, params: &[&dyn crate::db::Param]) -> Result<bool> {
     let client = pool.get().await?;
-    Ok(client.typed_one(sql, params).await?.get(0))
+    Ok(Unnamed(&client).typed_one(sql, params).await?.get(0))
 }
 
 /// Records in `sweeper_state.last_run_at` that a task changed something (the transaction's start time).
