@@ -32,6 +32,10 @@ use crate::relay;
 use crate::retry::Backoff;
 use crate::sweeper::{BacklogProbe, Sweeper};
 
+/// How long the consumers of a failed broker session get to stop before they are abandoned (their deliveries are
+/// redelivered by the broker).
+const CONSUMERS_GONE: Duration = Duration::from_secs(10);
+
 /// Liveness of the parts `/readyz` reports on.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -159,14 +163,26 @@ impl Worker {
         let topology = Topology::for_settings(s);
         let (conn, connected) = amqp::connect_from(&s.amqp.url, *node, "agent-connection-manager").await?;
         *node = connected;
-        // Watch for connection.blocked / unblocked for the whole session; a new connection starts unblocked.
+        // Watch for connection.blocked / unblocked for the whole session (a new connection starts unblocked), and
+        // for the connection's loss: the session ends on it, whether or not its consumers' streams end too (after a
+        // cluster node was killed, lapin reported the reset connection while the consumers went on waiting).
         let mut events = conn.events_listener();
         let (health, metrics) = (self.health.clone(), self.metrics.clone());
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
+        let status = conn.status().clone();
         let watcher = AbortOnDrop(tokio::spawn(async move {
+            let mut lost_tx = Some(lost_tx);
             while let Some(event) = events.next().await {
                 match event {
                     lapin::Event::ConnectionBlocked(reason) => health.set_blocked(Some(&reason), &metrics),
                     lapin::Event::ConnectionUnblocked => health.set_blocked(None, &metrics),
+                    // A channel's error (the expected NOT_FOUND of a passive check, say) is reported here too;
+                    // only the connection's own state says it is gone.
+                    lapin::Event::Error(e) if !status.connected() => {
+                        if let Some(tx) = lost_tx.take() {
+                            let _ = tx.send(e.to_string());
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -231,12 +247,28 @@ impl Worker {
                 relay_done = true;
                 failure = Some(flatten(done).err().unwrap_or_else(|| Error::Disconnected("the relay stopped".into())));
             }
+            Ok(why) = &mut lost => {
+                tracing::warn!(error = %why, "broker connection failed; ending the broker session");
+                failure = Some(Error::Disconnected(format!("the connection failed: {why}")));
+            }
         }
         stop_consumers.cancel();
-        while let Some(done) = consumers.join_next().await {
-            if let Err(e) = flatten(done) {
-                failure.get_or_insert(e);
+        let failed = failure.is_some();
+        // At shutdown the consumers finish what they hold (bounded by the worker's shutdown grace); after a failure
+        // they get CONSUMERS_GONE: what they still hold cannot be acknowledged on a failed connection anyway, and the
+        // broker redelivers it.
+        let joined = async {
+            while let Some(done) = consumers.join_next().await {
+                if let Err(e) = flatten(done) {
+                    failure.get_or_insert(e);
+                }
             }
+        };
+        if !failed {
+            joined.await;
+        } else if tokio::time::timeout(CONSUMERS_GONE, joined).await.is_err() {
+            tracing::warn!("consumers did not stop within {CONSUMERS_GONE:?} of the failure; their deliveries are left for redelivery");
+            consumers.abort_all();
         }
         self.health.set(failure.is_none(), false);
         stop_relay.cancel();

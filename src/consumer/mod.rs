@@ -66,9 +66,19 @@ pub(crate) async fn consume_queue(channel: &Channel, queue: &str, prefetch: u16)
 }
 
 /// Acknowledges a delivery (with `multiple`, every earlier one of its channel too), failing when the channel was
-/// reset: lapin then answers `Ok(false)`, and the broker redelivers.
+/// reset: lapin then answers `Ok(false)`, and the broker redelivers. The acknowledgement is sent within
+/// [`crate::amqp::BROKER_QUERY_TIMEOUT`] or counted as not sent (on a connection that was reset it may never be).
 pub(crate) async fn ack(d: &Delivery, multiple: bool) -> Result<()> {
-    if d.acker.ack(BasicAckOptions { multiple }).await? {
+    let sent = tokio::time::timeout(crate::amqp::BROKER_QUERY_TIMEOUT, d.acker.ack(BasicAckOptions { multiple }))
+        .await
+        .map_err(|_| {
+            Error::Disconnected(format!(
+                "acknowledgement of delivery {} not sent within {:?}, the broker will redeliver",
+                d.delivery_tag,
+                crate::amqp::BROKER_QUERY_TIMEOUT
+            ))
+        })??;
+    if sent {
         Ok(())
     } else {
         Err(Error::Disconnected(format!(
