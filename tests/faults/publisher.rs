@@ -77,8 +77,16 @@ impl ReliablePublisher {
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+        // Bounded like the connect: on a connection the broker reset while it was being set up, lapin may never
+        // answer.
+        let ch = tokio::time::timeout(Duration::from_secs(10), conn.create_channel())
+            .await
+            .map_err(|_| "channel creation timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(10), ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .map_err(|_| "confirm.select timed out".to_string())?
+            .map_err(|e| e.to_string())?;
         if self.connects > 0 {
             self.reconnects += 1;
         }
