@@ -48,7 +48,7 @@ pg_types! {
     str => TEXT, String => TEXT, [u8] => BYTEA, Vec<u8> => BYTEA, serde_json::Value => JSONB, uuid::Uuid => UUID,
     chrono::DateTime<chrono::Utc> => TIMESTAMPTZ,
     [String] => TEXT_ARRAY, Vec<String> => TEXT_ARRAY, Vec<&str> => TEXT_ARRAY, Vec<Option<String>> => TEXT_ARRAY,
-    Vec<i32> => INT4_ARRAY, Vec<i64> => INT8_ARRAY, Vec<serde_json::Value> => JSONB_ARRAY,
+    Vec<i32> => INT4_ARRAY, [i64] => INT8_ARRAY, Vec<i64> => INT8_ARRAY, Vec<serde_json::Value> => JSONB_ARRAY,
     Vec<Option<serde_json::Value>> => JSONB_ARRAY, Vec<uuid::Uuid> => UUID_ARRAY,
     Vec<chrono::DateTime<chrono::Utc>> => TIMESTAMPTZ_ARRAY,
 }
@@ -93,13 +93,6 @@ fn values<'a>(params: &'a [&'a dyn Param]) -> Vec<&'a (dyn ToSql + Sync)> {
     params.iter().map(|p| p.value()).collect()
 }
 
-/// The parameter types of a statement that may be kept prepared: none of them left for the server to infer (a
-/// statement prepared with an inferred enum type would refuse the label sent as text).
-fn preparable(params: &[&dyn Param]) -> Option<Vec<Type>> {
-    let types: Vec<Type> = params.iter().map(|p| p.pg_type()).collect();
-    (named_statements_allowed() && !types.contains(&Type::UNKNOWN)).then_some(types)
-}
-
 /// One-round-trip statements on a client, a transaction or a pooled connection.
 pub trait Sql: Sync {
     /// The tokio-postgres client or transaction underneath.
@@ -115,13 +108,24 @@ pub trait Sql: Sync {
         async { None }
     }
 
+    /// The kept statement for `sql` when this client keeps them and the statement may be kept: named statements not
+    /// forbidden, and no parameter type left for the server to infer (a statement prepared with an inferred enum type
+    /// would refuse the label sent as text). `None`: send it unnamed.
+    fn kept(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Option<Result<Statement, Error>>> + Send {
+        async move {
+            let types: Vec<Type> = params.iter().map(|p| p.pg_type()).collect();
+            if !named_statements_allowed() || types.contains(&Type::UNKNOWN) {
+                return None;
+            }
+            self.prepared(sql, types).await
+        }
+    }
+
     /// The rows of a statement.
     fn typed_query(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
         async move {
-            if let Some(types) = preparable(params) {
-                if let Some(st) = self.prepared(sql, types).await {
-                    return self.pg().query(&st?, &values(params)).await;
-                }
+            if let Some(st) = self.kept(sql, params).await {
+                return self.pg().query(&st?, &values(params)).await;
             }
             self.pg().query_typed(sql, &typed(params)).await
         }
@@ -130,10 +134,8 @@ pub trait Sql: Sync {
     /// The one row of a statement (an error when it returns none or more).
     fn typed_one(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Row, Error>> + Send {
         async move {
-            if let Some(types) = preparable(params) {
-                if let Some(st) = self.prepared(sql, types).await {
-                    return self.pg().query_one(&st?, &values(params)).await;
-                }
+            if let Some(st) = self.kept(sql, params).await {
+                return self.pg().query_one(&st?, &values(params)).await;
             }
             self.pg().query_typed_one(sql, &typed(params)).await
         }
@@ -142,10 +144,8 @@ pub trait Sql: Sync {
     /// The row of a statement, if any (an error when it returns more than one).
     fn typed_opt(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
         async move {
-            if let Some(types) = preparable(params) {
-                if let Some(st) = self.prepared(sql, types).await {
-                    return self.pg().query_opt(&st?, &values(params)).await;
-                }
+            if let Some(st) = self.kept(sql, params).await {
+                return self.pg().query_opt(&st?, &values(params)).await;
             }
             self.pg().query_typed_opt(sql, &typed(params)).await
         }
@@ -154,10 +154,8 @@ pub trait Sql: Sync {
     /// Runs a statement and returns the rows it affected.
     fn typed_execute(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<u64, Error>> + Send {
         async move {
-            if let Some(types) = preparable(params) {
-                if let Some(st) = self.prepared(sql, types).await {
-                    return self.pg().execute(&st?, &values(params)).await;
-                }
+            if let Some(st) = self.kept(sql, params).await {
+                return self.pg().execute(&st?, &values(params)).await;
             }
             let stream = self.pg().query_typed_raw(sql, typed(params)).await?;
             futures_util::pin_mut!(stream);

@@ -1,6 +1,6 @@
 //! The relay's statements: the relay lease (take, give back), the claim of a batch and the delete of a published
 //! one. Each is its own short transaction, sent through [`Sql`] (prepared once per connection, or unnamed behind a
-//! transaction pooler).
+//! transaction pooler); the claim is always sent unnamed ([`Unnamed`]), planned for its parameters.
 
 use deadpool_postgres::Pool;
 use uuid::Uuid;
@@ -102,7 +102,7 @@ pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: 
 /// Deletes published events by id.
 pub async fn delete(pool: &Pool, ids: &[i64]) -> Result<u64> {
     let client = pool.get().await?;
-    Ok(client.typed_execute(DELETE, &[&ids.to_vec()]).await?)
+    Ok(client.typed_execute(DELETE, &[&ids]).await?)
 }
 
 /// Unpublished events and the age of the oldest, in seconds.
