@@ -124,13 +124,14 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     let (want_stale, want_instr) = (o.stale as u64, o.due as u64);
     let counter = tokio::spawn(async move {
         let (mut stale, mut instr, mut other) = (0u64, 0u64, 0u64);
-        let (mut first_instr, mut last_stale, mut last) = (None, None, None);
+        let (mut first, mut first_instr, mut last_stale, mut last) = (None, None, None, None);
         let deadline = Instant::now() + Duration::from_secs(300);
         while stale < want_stale || instr < want_instr {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, consumer.next()).await {
                 Ok(Some(Ok(d))) => {
                     let now = SystemTime::now();
+                    first.get_or_insert(now);
                     match d.routing_key.as_str() {
                         "agent.connection.stale" => {
                             stale += 1;
@@ -147,7 +148,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
                 _ => break,
             }
         }
-        (stale, instr, other, first_instr, last_stale, last)
+        (stale, instr, other, first, first_instr, last_stale, last)
     });
 
     // Pick T just before the worker's next cycle (cycles start every second, in phase with the last one), at least
@@ -224,7 +225,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
             (stale_start - expiry_start).num_milliseconds()
         ));
     }
-    let (stale_n, instr_n, other_n, first_instr, last_stale, last) = counter.await?;
+    let (stale_n, instr_n, other_n, first, first_instr, last_stale, last) = counter.await?;
     if stale_n < want_stale || instr_n < want_instr {
         return Err(fail(format!(
             "only {stale_n} of {want_stale} stale and {instr_n} of {want_instr} instruction events arrived"
@@ -263,12 +264,13 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     };
     println!(
         "    sweep start {} (stale task {}, expiry task {}); last stale event +{:.2} s, first instruction event \
-         +{:.2} s, last event +{busy:.2} s; {other_n} other events",
+         +{:.2} s, first event +{:.2} s, last event +{busy:.2} s; {other_n} other events",
         start.format("%H:%M:%S%.3f"),
         stale_start.format("%H:%M:%S%.3f"),
         expiry_start.format("%H:%M:%S%.3f"),
         secs_since(last_stale),
         secs_since(first_instr),
+        secs_since(first),
     );
     let (confirm_secs, relay_batches) = histogram(&metrics, "acm_publish_confirm_seconds");
     println!(
@@ -282,6 +284,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     res.record("4 busy sweep", "busy sweep / broker floor (relay's pattern)", "ratio", Target::None, busy / floor);
     res.record("4 busy sweep", "sweep start -> last stale event", "s", Target::None, secs_since(last_stale));
     res.record("4 busy sweep", "sweep start -> first instruction event", "s", Target::None, secs_since(first_instr));
+    res.record("4 busy sweep", "sweep start -> first event", "s", Target::None, secs_since(first));
     res.record("4 busy sweep", "relay: publish-to-confirm, all batches", "s", Target::None, confirm_secs);
     res.record(
         "4 busy sweep",

@@ -224,7 +224,7 @@ async fn one_batch(
     }
     tx.commit().await?;
     if !rows.is_empty() {
-        b.outbox.committed();
+        b.outbox.committed_many(rows.len() as u64);
     }
     Ok(rows.len())
 }
