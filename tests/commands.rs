@@ -19,7 +19,7 @@ async fn session_create_replies_stores_and_announces() {
     let row = app
         .db
         .query_one(
-            "SELECT agent_id, status::text, name, acquisition_uuid, experimental_parameters->>'voltage' \
+            "SELECT agent_id, status::text, name, acquisition_uuid, experimental_parameters->>'voltage', created_at \
              FROM agent_session WHERE session_id = $1",
             &[&sid],
         )
@@ -28,7 +28,8 @@ async fn session_create_replies_stores_and_announces() {
     assert_eq!(row.get::<_, String>(0), "a1");
     assert_eq!(row.get::<_, String>(1), "active");
     let name: String = row.get(2);
-    assert!(name.starts_with("Session-") && name.len() == "Session-YYYYmmdd-HHMMSS".len(), "default name: {name}");
+    let created: chrono::DateTime<chrono::Utc> = row.get(5);
+    assert_eq!(name, created.format("Session-%Y%m%d-%H%M%S").to_string(), "default name: its creation time in UTC");
     assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("acq-1"));
     assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("300"));
     let e = app.next_event("agent.session.created").await;
@@ -376,6 +377,49 @@ async fn inactive_sessions_accept_commands_and_wake_up() {
     let status: String =
         app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
     assert_eq!(status, "active", "an ack is agent activity");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
+    let app = TestApp::start().await;
+    let sid = app.session("a1").await;
+    let age_sql = format!(
+        "SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM agent_session WHERE session_id = '{sid}'"
+    );
+    let version_sql = format!("SELECT xmin::text FROM agent_session WHERE session_id = '{sid}'");
+    let ack = |i: &serde_json::Value| {
+        json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": "a1",
+               "session_id": sid, "status": "received"})
+    };
+    let create = json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t",
+                        "payload": 1});
+    // Heard from 30 s ago, within the default granularity (60 s): the ack leaves the session row alone.
+    app.db
+        .execute(
+            "UPDATE agent_session SET last_activity_at = now() - interval '30 seconds' WHERE session_id = $1",
+            &[&sid],
+        )
+        .await
+        .unwrap();
+    let i = app.ok(create.clone()).await;
+    let before: String = app.scalar(&version_sql).await;
+    app.ok(ack(&i)).await;
+    let kept: f64 = app.scalar(&age_sql).await;
+    assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
+    assert_eq!(app.scalar::<String>(&version_sql).await, before, "the session row got a new version");
+    // Heard from 2 minutes ago: the ack moves the activity to now.
+    app.db
+        .execute(
+            "UPDATE agent_session SET last_activity_at = now() - interval '2 minutes' WHERE session_id = $1",
+            &[&sid],
+        )
+        .await
+        .unwrap();
+    let i = app.ok(create).await;
+    app.ok(ack(&i)).await;
+    let moved: f64 = app.scalar(&age_sql).await;
+    assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");
     app.cleanup().await;
 }
 

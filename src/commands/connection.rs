@@ -57,8 +57,8 @@ impl Message for Open {
         Some(&self.agent_id)
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        open(tx, self).await
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        open(tx, self, ctx).await
     }
 }
 
@@ -75,8 +75,8 @@ impl Message for Close {
         Some(&self.agent_id)
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        close(tx, self).await
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        close(tx, self, ctx).await
     }
 }
 
@@ -110,7 +110,7 @@ pub(crate) async fn lock_agent_session(
 /// Opens the connection; the same id again in the same session is the same connection. A connection a heartbeat
 /// opened first (as `amqp`, already announced) is completed: its `connection_type` and `client_info` become the
 /// open's, with no second `agent.connection.opened`.
-pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
+pub async fn open(tx: &Transaction<'_>, cmd: &Open, ctx: &Context<'_>) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
     let aid = cmd.agent_id.as_str();
     if let Err(e) = lock_agent_session(tx, sid, aid, true).await? {
@@ -146,12 +146,12 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
                 &[&cid, &ctype, &info],
             )
             .await?;
-            touch_session(tx, sid).await?;
+            touch_session(tx, sid, ctx).await?;
             tracing::info!(connection_id = %cid, session_id = sid, agent_id = aid, connection_type = ctype, "connection opened by a heartbeat completed by its open");
         }
         return Ok(Ok(result(ConnectionOpened { connection_id: cid })));
     }
-    touch_session(tx, sid).await?;
+    touch_session(tx, sid, ctx).await?;
     let now = db::now(tx).await?;
     write_outbox(
         tx,
@@ -171,7 +171,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open) -> Result<Outcome> {
 
 /// Closes the agent's connection: `{closed: false}` when there is no such connection, `forbidden` when it is another
 /// agent's; closing a closed one changes nothing.
-pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
+pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Result<Outcome> {
     let cid = cmd.connection_id.as_str();
     let Some(row) =
         tx.typed_opt("SELECT session_id, agent_id FROM agent_connection WHERE connection_id = $1", &[&cid]).await?
@@ -193,7 +193,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
             &[&cid, &reason],
         )
         .await?;
-    touch_session(tx, &sid).await?;
+    touch_session(tx, &sid, ctx).await?;
     if closed == 1 {
         let now = db::now(tx).await?;
         write_outbox(

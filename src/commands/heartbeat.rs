@@ -82,8 +82,8 @@ pub struct BatchReport {
     pub rejected: usize,
 }
 
-/// Default `worker.session_activity_granularity_secs`: a heartbeat moves its session's `last_activity_at` only when
-/// that is older than this.
+/// Default `worker.session_activity_granularity_secs`: agent activity (a heartbeat, `connection.open`/`close`,
+/// `instruction.ack`) moves its session's `last_activity_at` only when that is older than this.
 pub const ACTIVITY_GRANULARITY_DEFAULT: Duration = Duration::from_secs(60);
 
 /// Applies a batch in its own transaction, with the default activity granularity.

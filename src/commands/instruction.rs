@@ -148,8 +148,8 @@ impl Message for Ack {
         Some(&self.agent_id)
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        ack(tx, self).await
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        ack(tx, self, ctx).await
     }
 }
 
@@ -251,7 +251,7 @@ pub async fn sent(tx: &Transaction<'_>, cmd: &Sent) -> Result<Outcome> {
 }
 
 /// Records the acknowledgement; an open instruction becomes `acknowledged`, a late ack changes nothing else.
-pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
+pub async fn ack(tx: &Transaction<'_>, cmd: &Ack, ctx: &Context<'_>) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
     let aid = cmd.agent_id.as_str();
     if let Err(e) = lock_agent_session(tx, sid, aid, false).await? {
@@ -317,6 +317,6 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack) -> Result<Outcome> {
         ],
     )
     .await?;
-    touch_session(tx, sid).await?;
+    touch_session(tx, sid, ctx).await?;
     Ok(Ok(result(AckResult { status, accepted })))
 }

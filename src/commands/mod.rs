@@ -260,14 +260,19 @@ pub struct Context<'a> {
     pub settings: &'a Settings,
 }
 
-/// Marks a session as touched by its agent: activity moves forward, an inactive session becomes active.
-pub(crate) async fn touch_session(tx: &Transaction<'_>, session_id: &str) -> Result<()> {
+/// Marks a session as touched by its agent: an inactive session becomes active, and the activity of an active one
+/// moves forward when it is older than `worker.session_activity_granularity_secs` (as a heartbeat moves it), so that
+/// a stream of acknowledgements does not write a new session row version, with four index entries, each time. The
+/// callers hold the session's row lock already.
+pub(crate) async fn touch_session(tx: &Transaction<'_>, session_id: &str, ctx: &Context<'_>) -> Result<()> {
+    let every = ctx.settings.worker.session_activity_granularity_secs as f64;
     let rows = tx
         .typed_query(
             "UPDATE agent_session SET last_activity_at = greatest(last_activity_at, now()), status = 'active' \
-             WHERE session_id = $1 AND status <> 'ended' \
+             WHERE session_id = $1 AND (status = 'inactive' \
+               OR (status = 'active' AND last_activity_at < now() - $2::float8 * interval '1 second')) \
              RETURNING (SELECT status::text FROM agent_session o WHERE o.session_id = $1)",
-            &[&session_id],
+            &[&session_id, &every],
         )
         .await?;
     if let Some(row) = rows.first() {

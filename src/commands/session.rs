@@ -1,5 +1,6 @@
 //! `session.create` and `session.close`.
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -72,31 +73,31 @@ impl Message for Close {
 
 /// Creates the session; an existing id of the same agent is the same session (no second event).
 pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
-    let now = db::now(tx).await?;
     let session_id = cmd.session_id.as_ref().map(|s| s.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
-    let name = match &cmd.name {
-        Some(n) => n.as_str().to_string(),
-        None => format!("Session-{}", now.format("%Y%m%d-%H%M%S")),
-    };
+    let name = cmd.name.as_ref().map(|n| n.as_str());
     let acquisition = cmd.acquisition_uuid.as_ref().map(|t| t.as_str());
     let description = cmd.description.as_ref().map(|t| t.as_str());
     let params = cmd.experimental_parameters.as_ref().map(Json::to_value);
+    // Without a name, `Session-<UTC date>-<time>` of the transaction's start.
     let inserted = tx
-        .typed_execute(
+        .typed_opt(
             "INSERT INTO agent_session (session_id, agent_id, acquisition_uuid, name, description, \
-             experimental_parameters, created_at, last_activity_at) VALUES ($1, $2, $3, $4, $5, $6, now(), now()) \
-             ON CONFLICT (session_id) DO NOTHING",
+             experimental_parameters, created_at, last_activity_at) VALUES ($1, $2, $3, \
+             coalesce($4, 'Session-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD-HH24MISS')), $5, $6, now(), now()) \
+             ON CONFLICT (session_id) DO NOTHING RETURNING name, now()",
             &[&session_id, &cmd.agent_id.as_str(), &acquisition, &name, &description, &params],
         )
         .await?;
-    if inserted == 0 {
+    let Some(row) = inserted else {
         let row = tx.typed_one("SELECT agent_id FROM agent_session WHERE session_id = $1", &[&session_id]).await?;
         let owner: String = row.get(0);
         if owner != cmd.agent_id.as_str() {
             return Ok(Err(CommandError::Conflict(format!("session {session_id} exists for another agent"))));
         }
         return Ok(Ok(result(SessionCreated { session_id })));
-    }
+    };
+    let name: String = row.get(0);
+    let now: DateTime<Utc> = row.get(1);
     write_outbox(
         tx,
         now,

@@ -175,8 +175,9 @@ pub struct WorkerSettings {
     pub heartbeat_batch_size: usize,
     /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
     pub heartbeat_pipeline: usize,
-    /// A heartbeat moves its session's `last_activity_at` only when that is older than this, in seconds; must be
-    /// below `sweeper.session_inactive_after_secs`.
+    /// Agent activity (a heartbeat, `connection.open`/`close`, `instruction.ack`) moves its session's
+    /// `last_activity_at` only when that is older than this, in seconds; must be below
+    /// `sweeper.session_inactive_after_secs`.
     pub session_activity_granularity_secs: u64,
     /// Commands applied concurrently (commands on one connection, instruction or session keep their order).
     pub command_lanes: usize,
