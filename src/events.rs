@@ -225,40 +225,21 @@ events! {
 /// Wakes this process's outbox relay once a transaction that wrote events has committed.
 ///
 /// Everything in the process that commits events (command execution, heartbeat batches, sweeper tasks, the
-/// library's session calls) holds a clone and calls [`OutboxSignal::committed`] (or [`OutboxSignal::committed_many`]
-/// with the number of events, when it knows it wrote many) after the commit — never before: a relay woken before the
-/// commit would find nothing and wait for its next poll. A wake-up that comes while the relay is busy is kept for its
-/// next wait, and the events told of add up until the relay takes them ([`OutboxSignal::take_told`]), so that it can
-/// tell a trickle of single events from a sweeper's batches. Events committed by other processes are found by the
-/// relay's poll.
+/// library's session calls) holds a clone and calls [`OutboxSignal::committed`] after the commit — never before: a
+/// relay woken before the commit would find nothing and wait for its next poll. A wake-up that comes while the relay
+/// is busy is kept for its next wait. Events committed by other processes are found by the relay's poll.
 #[derive(Debug, Clone, Default)]
-pub struct OutboxSignal(Arc<(tokio::sync::Notify, std::sync::atomic::AtomicU64)>);
+pub struct OutboxSignal(Arc<tokio::sync::Notify>);
 
 impl OutboxSignal {
-    /// A transaction that wrote events (a few) has committed.
+    /// A transaction that wrote events has committed.
     pub fn committed(&self) {
-        self.committed_many(1);
+        self.0.notify_one();
     }
 
-    /// A transaction that wrote `n` events has committed.
-    pub fn committed_many(&self, n: u64) {
-        self.0 .1.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        self.0 .0.notify_one();
-    }
-
-    /// Waits for the next commit told of (or returns at once for one that came meanwhile).
+    /// Waits for the next [`OutboxSignal::committed`] (or returns at once for one that came meanwhile).
     pub async fn notified(&self) {
-        self.0 .0.notified().await;
-    }
-
-    /// The events told of since the last call (a commit told with [`OutboxSignal::committed`] counts one).
-    pub fn take_told(&self) -> u64 {
-        self.0 .1.swap(0, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The events told of since the last [`OutboxSignal::take_told`], leaving them counted.
-    pub fn told(&self) -> u64 {
-        self.0 .1.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.notified().await;
     }
 }
 
@@ -302,20 +283,5 @@ mod tests {
         assert_eq!(v["candidates"], 30);
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
-    }
-
-    #[tokio::test]
-    async fn the_outbox_signal_counts_the_events_told_of_until_taken() {
-        let signal = OutboxSignal::default();
-        let relay = signal.clone();
-        signal.committed();
-        signal.committed_many(1000);
-        assert_eq!(relay.told(), 1001);
-        // A commit told while the relay was not waiting is kept for its next wait.
-        tokio::time::timeout(std::time::Duration::from_secs(5), relay.notified())
-            .await
-            .expect("a commit told before the wait wakes the relay");
-        assert_eq!(relay.take_told(), 1001);
-        assert_eq!(relay.told(), 0);
     }
 }

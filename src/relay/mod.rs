@@ -19,8 +19,7 @@
 //! claims nothing (and so does not renew the lease). After [`NACKED_ROUNDS_BEFORE_NEW_SESSION`] rounds of nacked
 //! batches in a row the relay ends with the nack, and the worker starts a new broker session.
 //!
-//! The relay wakes at once when its own process commits events ([`OutboxSignal`]); with batches in flight it claims
-//! such events when the next batch ends, or at once when they reach a quarter of a batch. It polls every
+//! The relay wakes at once when its own process commits events ([`OutboxSignal`]) and polls every
 //! `outbox.poll_interval_ms` for events other processes commit: no `LISTEN`/`NOTIFY`, so it works through a
 //! transaction pooler.
 
@@ -130,8 +129,6 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
     let (name, lease) = (publishing.name.as_str(), publishing.lease.as_secs_f64());
     let batch = publishing.batch;
     let depth = pipeline.max(1);
-    // Events told of (by commits in this process) that are claimed at once even while batches are in flight.
-    let burst = (batch as u64 / 4).max(1);
     let flying = Flying::default();
     let mut backoff = Backoff::default();
     let mut nacked_rounds = 0u32;
@@ -160,8 +157,6 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
                 Vec::new()
             };
             seq += 1;
-            // What was told of so far is in this claim (or was in one before it).
-            wake.take_told();
             let (tx, mut rx) = oneshot::channel();
             let window = Window { after, rescan, skip };
             in_flight.push(relay_batch(&pool, &channel, &publishing, &metrics, window, (seq, &flying), Some(tx)));
@@ -198,10 +193,8 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
         if !in_flight.is_empty() {
             // A batch ends. Events this process commits meanwhile (after a short claim) are claimed when it does,
             // together, rather than one small claim per commit: under a stream of commands that is a few events per
-            // claim instead of about one, at the cost of waiting for one confirm. Once a quarter of a batch has been
-            // told of (a sweeper's batch commits hundreds at once) they are claimed at once, so that a burst fills
-            // the pipeline instead of waiting for a confirm; with nothing in flight a commit is claimed at once
-            // (below).
+            // claim instead of about one, at the cost of waiting for one confirm; with nothing in flight a commit is
+            // claimed at once (below).
             let may_claim = !more && leader && open && failure.is_none() && !shutdown.is_cancelled();
             tokio::select! {
                 Some(done) = in_flight.next() => {
@@ -218,13 +211,7 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
                         more = true;
                     }
                 }
-                _ = wake.notified(), if may_claim => {
-                    woken = true;
-                    if wake.told() >= burst {
-                        woken = false;
-                        more = true;
-                    }
-                }
+                _ = wake.notified(), if may_claim && !woken => woken = true,
             }
             continue;
         }

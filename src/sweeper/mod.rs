@@ -224,7 +224,7 @@ async fn one_batch(
     }
     tx.commit().await?;
     if !rows.is_empty() {
-        b.outbox.committed_many(rows.len() as u64);
+        b.outbox.committed();
     }
     Ok(rows.len())
 }
