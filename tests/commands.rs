@@ -395,13 +395,7 @@ async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
     let create = json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t",
                         "payload": 1});
     // Heard from 30 s ago, within the default granularity (60 s): the ack leaves the session row alone.
-    app.db
-        .execute(
-            "UPDATE agent_session SET last_activity_at = now() - interval '30 seconds' WHERE session_id = $1",
-            &[&sid],
-        )
-        .await
-        .unwrap();
+    app.set_session_activity_ago(&sid, "30 seconds").await;
     let i = app.ok(create.clone()).await;
     let before: String = app.scalar(&version_sql).await;
     app.ok(ack(&i)).await;
@@ -409,13 +403,7 @@ async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
     assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
     assert_eq!(app.scalar::<String>(&version_sql).await, before, "the session row got a new version");
     // Heard from 2 minutes ago: the ack moves the activity to now.
-    app.db
-        .execute(
-            "UPDATE agent_session SET last_activity_at = now() - interval '2 minutes' WHERE session_id = $1",
-            &[&sid],
-        )
-        .await
-        .unwrap();
+    app.set_session_activity_ago(&sid, "2 minutes").await;
     let i = app.ok(create).await;
     app.ok(ack(&i)).await;
     let moved: f64 = app.scalar(&age_sql).await;

@@ -363,13 +363,7 @@ async fn session_activity_is_written_only_when_older_than_the_granularity() {
         }
     };
     // Heard from 30 s ago, within the default granularity (60 s): the heartbeat leaves the session row alone.
-    app.db
-        .execute(
-            "UPDATE agent_session SET last_activity_at = now() - interval '30 seconds' WHERE session_id = $1",
-            &[&sid],
-        )
-        .await
-        .unwrap();
+    app.set_session_activity_ago(&sid, "30 seconds").await;
     let updates_before: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
     apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
     let kept = age(sid.clone()).await;
@@ -377,13 +371,7 @@ async fn session_activity_is_written_only_when_older_than_the_granularity() {
     let updates_after: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
     assert_eq!(updates_before, updates_after, "the session row got a new version");
     // Heard from 2 minutes ago: the heartbeat moves the activity to now.
-    app.db
-        .execute(
-            "UPDATE agent_session SET last_activity_at = now() - interval '2 minutes' WHERE session_id = $1",
-            &[&sid],
-        )
-        .await
-        .unwrap();
+    app.set_session_activity_ago(&sid, "2 minutes").await;
     apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
     let moved = age(sid.clone()).await;
     assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");

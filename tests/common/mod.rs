@@ -261,6 +261,17 @@ impl TestApp {
         self.db.query_one("SELECT count(*) FROM event_outbox", &[]).await.unwrap().get(0)
     }
 
+    /// Sets a session's `last_activity_at` to `ago` (a PostgreSQL interval, such as `30 seconds`) before now.
+    pub async fn set_session_activity_ago(&self, session_id: &str, ago: &str) {
+        self.db
+            .execute(
+                "UPDATE agent_session SET last_activity_at = now() - $2::text::interval WHERE session_id = $1",
+                &[&session_id, &ago],
+            )
+            .await
+            .unwrap();
+    }
+
     /// One value from a query.
     pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
