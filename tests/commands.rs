@@ -384,9 +384,6 @@ async fn inactive_sessions_accept_commands_and_wake_up() {
 async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
     let app = TestApp::start().await;
     let sid = app.session("a1").await;
-    let age_sql = format!(
-        "SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM agent_session WHERE session_id = '{sid}'"
-    );
     let version_sql = format!("SELECT xmin::text FROM agent_session WHERE session_id = '{sid}'");
     let ack = |i: &serde_json::Value| {
         json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": "a1",
@@ -399,14 +396,14 @@ async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
     let i = app.ok(create.clone()).await;
     let before: String = app.scalar(&version_sql).await;
     app.ok(ack(&i)).await;
-    let kept: f64 = app.scalar(&age_sql).await;
+    let kept = app.session_activity_age_secs(&sid).await;
     assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
     assert_eq!(app.scalar::<String>(&version_sql).await, before, "the session row got a new version");
     // Heard from 2 minutes ago: the ack moves the activity to now.
     app.set_session_activity_ago(&sid, "2 minutes").await;
     let i = app.ok(create).await;
     app.ok(ack(&i)).await;
-    let moved: f64 = app.scalar(&age_sql).await;
+    let moved = app.session_activity_age_secs(&sid).await;
     assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");
     app.cleanup().await;
 }

@@ -352,28 +352,18 @@ async fn session_activity_is_written_only_when_older_than_the_granularity() {
     let app = TestApp::unstarted_with(|_| {}).await;
     let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
     apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
-    let age = |sid: String| {
-        let db = &app.db;
-        async move {
-            let row = db
-                .query_one("SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM agent_session WHERE session_id = $1", &[&sid])
-                .await
-                .unwrap();
-            row.get::<_, f64>(0)
-        }
-    };
     // Heard from 30 s ago, within the default granularity (60 s): the heartbeat leaves the session row alone.
     app.set_session_activity_ago(&sid, "30 seconds").await;
     let updates_before: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
     apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
-    let kept = age(sid.clone()).await;
+    let kept = app.session_activity_age_secs(&sid).await;
     assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
     let updates_after: i64 = app.scalar("SELECT xmin::text::bigint FROM agent_session").await;
     assert_eq!(updates_before, updates_after, "the session row got a new version");
     // Heard from 2 minutes ago: the heartbeat moves the activity to now.
     app.set_session_activity_ago(&sid, "2 minutes").await;
     apply_batch(app.manager.pool(), &[hb("a1", &sid, "c1")]).await.unwrap();
-    let moved = age(sid.clone()).await;
+    let moved = app.session_activity_age_secs(&sid).await;
     assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");
     // The connection's heartbeat time moves with every heartbeat.
     let fresh: bool =

@@ -272,6 +272,18 @@ impl TestApp {
             .unwrap();
     }
 
+    /// How long ago a session's `last_activity_at` is, in seconds (database clock).
+    pub async fn session_activity_age_secs(&self, session_id: &str) -> f64 {
+        self.db
+            .query_one(
+                "SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM agent_session WHERE session_id = $1",
+                &[&session_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// One value from a query.
     pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
