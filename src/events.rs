@@ -248,14 +248,23 @@ const INSERT_OUTBOX: &str = "INSERT INTO event_outbox (event_id, event_type, pay
 
 /// Writes events to the outbox in the caller's transaction, all with `occurred_at` = `now` (the database clock).
 pub async fn write_outbox(tx: &impl Sql, now: DateTime<Utc>, bodies: Vec<EventBody>) -> Result<()> {
-    if bodies.is_empty() {
+    write_events(tx, events_at(now, bodies)).await
+}
+
+/// The events of `bodies`, each with a new `event_id` and `occurred_at` = `now`.
+pub fn events_at(now: DateTime<Utc>, bodies: Vec<EventBody>) -> Vec<Event> {
+    bodies.into_iter().map(|body| Event { event_id: Uuid::new_v4(), occurred_at: now, body }).collect()
+}
+
+/// Writes `events` to the outbox in the caller's transaction, in one statement.
+pub async fn write_events(tx: &impl Sql, events: Vec<Event>) -> Result<()> {
+    if events.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(bodies.len());
-    let mut types = Vec::with_capacity(bodies.len());
-    let mut payloads = Vec::with_capacity(bodies.len());
-    for body in bodies {
-        let event = Event { event_id: Uuid::new_v4(), occurred_at: now, body };
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for event in events {
         tracing::debug!(event_id = %event.event_id, event_type = event.body.event_type(), "event written to outbox");
         ids.push(event.event_id);
         types.push(event.body.event_type().to_string());

@@ -1,11 +1,14 @@
-//! Order per object: commands on the same connection are applied in the order the worker received them, and a
-//! connection a heartbeat opened first is completed, not ignored, by its `connection.open`.
+//! Order per object: commands on the same connection are applied in the order the worker received them, a command
+//! held up holds up only its own object's, and a connection a heartbeat opened first is completed, not ignored, by
+//! its `connection.open`.
 
 mod common;
 
 use std::time::Duration;
 
+use agent_connection_manager::db;
 use common::TestApp;
+use futures_util::future::join_all;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,5 +90,62 @@ async fn a_heartbeat_before_the_open_is_completed_by_the_open() {
             .await,
         "forbidden"
     );
+    app.cleanup().await;
+}
+
+/// With two places for commands, one command held up by a lock on its session (held here by the test) holds up
+/// neither place's other commands: instructions for ten other sessions are all created meanwhile. (Lanes chosen by a
+/// hash of the object would have queued about half of them behind it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_held_up_holds_up_only_its_own_objects_commands() {
+    let app = TestApp::start_with(|s| s.worker.command_lanes = 2).await;
+    let held = app.session("a0").await;
+    let mut others = Vec::new();
+    for i in 1..=10 {
+        others.push((format!("a{i}"), app.session(&format!("a{i}")).await));
+    }
+    let mut locker = db::connect(&app.settings.database, None).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&held]).await.unwrap();
+    let held_instruction = "00000000-0000-4000-8000-000000000001";
+    app.client
+        .send(
+            &json!({"type": "instruction.create", "agent_id": "a0", "session_id": held,
+                    "instruction_id": held_instruction, "instruction_type": "t", "payload": {}}),
+            None,
+        )
+        .await
+        .unwrap();
+    common::eventually("the instruction.create to wait for the session's lock", Duration::from_secs(20), || async {
+        let waiting: i64 = app
+            .scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%agent_session%'",
+            )
+            .await;
+        (waiting == 1).then_some(())
+    })
+    .await;
+    let creates = others.iter().map(|(agent, sid)| {
+        app.ok(json!({"type": "instruction.create", "agent_id": agent, "session_id": sid,
+                      "instruction_type": "t", "payload": {}}))
+    });
+    let created = join_all(creates).await;
+    assert_eq!(created.len(), 10);
+    let held_applied: i64 = app
+        .scalar(&format!("SELECT count(*) FROM agent_instruction WHERE instruction_id = '{held_instruction}'"))
+        .await;
+    assert_eq!(held_applied, 0, "the held command was applied while its session was locked");
+    lock.commit().await.unwrap();
+    common::eventually(
+        "the held instruction.create to be applied once the lock is gone",
+        Duration::from_secs(20),
+        || async {
+            let n: i64 = app
+                .scalar(&format!("SELECT count(*) FROM agent_instruction WHERE instruction_id = '{held_instruction}'"))
+                .await;
+            (n == 1).then_some(())
+        },
+    )
+    .await;
     app.cleanup().await;
 }

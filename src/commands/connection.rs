@@ -10,7 +10,7 @@ use crate::db;
 use crate::db::Sql;
 use crate::domain::{ClientCloseReason, CloseReason, ConnectionStatus, Ident, Json, SessionStatus};
 use crate::error::{CommandError, Result};
-use crate::events::{write_outbox, EventBody};
+use crate::events::EventBody;
 
 /// `connection.open`: a new active connection in an agent's session.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -153,8 +153,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open, ctx: &Context<'_>) -> Result
     }
     touch_session(tx, sid, ctx).await?;
     let now = db::now(tx).await?;
-    write_outbox(
-        tx,
+    ctx.emit(
         now,
         vec![EventBody::ConnectionOpened {
             connection_id: cid.clone(),
@@ -163,8 +162,7 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open, ctx: &Context<'_>) -> Result
             connection_type: ctype.to_string(),
             restored: false,
         }],
-    )
-    .await?;
+    );
     tracing::info!(connection_id = %cid, session_id = sid, agent_id = aid, "connection opened");
     Ok(Ok(result(ConnectionOpened { connection_id: cid })))
 }
@@ -196,8 +194,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
     touch_session(tx, &sid, ctx).await?;
     if closed == 1 {
         let now = db::now(tx).await?;
-        write_outbox(
-            tx,
+        ctx.emit(
             now,
             vec![EventBody::ConnectionClosed {
                 connection_id: cid.to_string(),
@@ -205,8 +202,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
                 agent_id: aid.clone(),
                 reason,
             }],
-        )
-        .await?;
+        );
         tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason = reason.as_str(), "connection closed");
     }
     Ok(Ok(result(Closed { closed: true })))

@@ -8,6 +8,7 @@ use super::{Command, Context, Outcome};
 use crate::config::Settings;
 use crate::db::Sql;
 use crate::error::{CommandError, Result};
+use crate::events::write_events;
 
 /// Where a command came from: AMQP properties that count, and the body's digest.
 #[derive(Debug, Clone, Default)]
@@ -86,11 +87,20 @@ pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Met
             return Ok(reply.as_ref().map(outcome_from_reply).unwrap_or_else(|| Ok(Value::Null)));
         }
     }
-    let ctx = Context { settings };
+    let ctx = Context::new(settings);
     let outcome = cmd.apply(&tx, &ctx).await?;
-    if let Some(mid) = record {
-        tx.typed_execute(STORE_REPLY, &[&sender, &ty, mid, &reply_json(&outcome)]).await?;
-    }
+    // The command's events and its stored reply, sent together (pipelined on the connection): neither needs the
+    // other's answer, and an error in the first aborts the transaction, so the second fails too.
+    let reply = reply_json(&outcome);
+    let store = async {
+        match record {
+            Some(mid) => {
+                tx.typed_execute(STORE_REPLY, &[&sender, &ty, mid, &reply]).await.map(drop).map_err(Into::into)
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(write_events(&tx, ctx.take_events()), store)?;
     tx.commit().await?;
     Ok(outcome)
 }

@@ -10,8 +10,8 @@ use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db::Sql;
 use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Json, Priority, Text, Timestamp};
-use crate::error::{CommandError, Result};
-use crate::events::{write_outbox, EventBody};
+use crate::error::{CommandError, Error, Result};
+use crate::events::EventBody;
 
 /// Longest accepted `ttl_seconds`: ten years.
 pub const MAX_TTL_SECONDS: f64 = 315_360_000.0;
@@ -206,8 +206,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
     };
     let expires_at: Option<DateTime<Utc>> = row.get(0);
     let now: DateTime<Utc> = row.get(1);
-    write_outbox(
-        tx,
+    ctx.emit(
         now,
         vec![EventBody::InstructionCreated {
             instruction_id: id,
@@ -221,8 +220,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
             max_retries,
             instruction_metadata: cmd.instruction_metadata.as_ref().map(|m| m.get().clone()),
         }],
-    )
-    .await?;
+    );
     tracing::info!(instruction_id = %id, session_id = sid, agent_id = aid, "instruction created");
     Ok(Ok(result(InstructionCreated { instruction_id: id, expires_at })))
 }
@@ -284,8 +282,7 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack, ctx: &Context<'_>) -> Result<O
             .await?;
         let acknowledged_at: DateTime<Utc> = row.get(0);
         status = InstructionStatus::Acknowledged;
-        write_outbox(
-            tx,
+        ctx.emit(
             acknowledged_at,
             vec![EventBody::InstructionAcknowledged {
                 instruction_id: cmd.instruction_id,
@@ -294,29 +291,32 @@ pub async fn ack(tx: &Transaction<'_>, cmd: &Ack, ctx: &Context<'_>) -> Result<O
                 ack_status: cmd.status,
                 acknowledged_at,
             }],
-        )
-        .await?;
+        );
         tracing::info!(instruction_id = %cmd.instruction_id, session_id = sid, agent_id = aid, ack_status = cmd.status.as_str(), "instruction acknowledged");
     } else {
         tracing::info!(instruction_id = %cmd.instruction_id, agent_id = aid, status = %status, "late acknowledgement recorded, nothing changed");
     }
-    tx.typed_execute(
-        "INSERT INTO agent_instruction_acknowledgement (instruction_id, agent_id, session_id, status, result, \
-         error_message, processing_time_ms, processed_at, accepted, acknowledged_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
-        &[
-            &cmd.instruction_id,
-            &aid,
-            &sid,
-            &cmd.status,
-            &cmd.result.as_ref().map(Json::get),
-            &cmd.error_message.as_ref().map(|t| t.as_str()),
-            &cmd.processing_time_ms.map(i64::from),
-            &cmd.processed_at.map(|t| t.0),
-            &accepted,
-        ],
-    )
-    .await?;
-    touch_session(tx, sid, ctx).await?;
+    // The acknowledgement's record and the session's activity, sent together (neither needs the other's answer).
+    let record = async {
+        tx.typed_execute(
+            "INSERT INTO agent_instruction_acknowledgement (instruction_id, agent_id, session_id, status, result, \
+             error_message, processing_time_ms, processed_at, accepted, acknowledged_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+            &[
+                &cmd.instruction_id,
+                &aid,
+                &sid,
+                &cmd.status,
+                &cmd.result.as_ref().map(Json::get),
+                &cmd.error_message.as_ref().map(|t| t.as_str()),
+                &cmd.processing_time_ms.map(i64::from),
+                &cmd.processed_at.map(|t| t.0),
+                &accepted,
+            ],
+        )
+        .await
+        .map_err(Error::from)
+    };
+    tokio::try_join!(record, touch_session(tx, sid, ctx))?;
     Ok(Ok(result(AckResult { status, accepted })))
 }

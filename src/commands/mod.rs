@@ -21,7 +21,9 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -32,6 +34,7 @@ use crate::config::Settings;
 use crate::db::Sql;
 use crate::domain::{Ident, SessionStatus};
 use crate::error::{CommandError, Poison, PoisonKind, Result};
+use crate::events::{events_at, Event, EventBody};
 
 /// What a handler decided: the reply's `result`, or why it refused.
 pub type Outcome = std::result::Result<Value, CommandError>;
@@ -254,10 +257,30 @@ impl Command {
     }
 }
 
-/// What handlers may read besides their command.
+/// What handlers may read besides their command, and the events they decide.
 pub struct Context<'a> {
     /// The service settings.
     pub settings: &'a Settings,
+    /// Events decided so far, written to the outbox by [`execute`] in the same transaction, sent together with its
+    /// last statements (one round trip for all of them instead of one each).
+    events: Mutex<Vec<Event>>,
+}
+
+impl<'a> Context<'a> {
+    fn new(settings: &'a Settings) -> Self {
+        Context { settings, events: Mutex::default() }
+    }
+
+    /// Adds events, all with `occurred_at` = `now` (the database clock), to those the command writes to the outbox
+    /// before it commits.
+    pub fn emit(&self, now: DateTime<Utc>, bodies: Vec<EventBody>) {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).extend(events_at(now, bodies));
+    }
+
+    /// The events decided so far (taking them).
+    fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Marks a session as touched by its agent: an inactive session becomes active, and the activity of an active one

@@ -12,7 +12,7 @@ use crate::db;
 use crate::db::Sql;
 use crate::domain::{CloseReason, Ident, Json, SessionStatus, Text};
 use crate::error::{CommandError, Result};
-use crate::events::{write_outbox, EventBody};
+use crate::events::EventBody;
 
 /// `session.create`: a new active session.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -52,8 +52,8 @@ impl Message for Create {
         self.session_id.as_ref().unwrap_or(&self.agent_id).to_string()
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        create(tx, self).await
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        create(tx, self, ctx).await
     }
 }
 
@@ -66,13 +66,13 @@ impl Message for Close {
         self.session_id.to_string()
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, _ctx: &Context<'_>) -> Result<Outcome> {
-        close(tx, self).await
+    async fn apply(&self, tx: &Transaction<'_>, ctx: &Context<'_>) -> Result<Outcome> {
+        close(tx, self, ctx).await
     }
 }
 
 /// Creates the session; an existing id of the same agent is the same session (no second event).
-pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
+pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Result<Outcome> {
     let session_id = cmd.session_id.as_ref().map(|s| s.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
     let name = cmd.name.as_ref().map(|n| n.as_str());
     let acquisition = cmd.acquisition_uuid.as_ref().map(|t| t.as_str());
@@ -98,8 +98,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
     };
     let name: String = row.get(0);
     let now: DateTime<Utc> = row.get(1);
-    write_outbox(
-        tx,
+    ctx.emit(
         now,
         vec![EventBody::SessionCreated {
             session_id: session_id.clone(),
@@ -107,14 +106,13 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create) -> Result<Outcome> {
             acquisition_uuid: acquisition.map(str::to_string),
             name,
         }],
-    )
-    .await?;
+    );
     tracing::info!(session_id = %session_id, agent_id = %cmd.agent_id, "session created");
     Ok(Ok(result(SessionCreated { session_id })))
 }
 
 /// Ends the session: `{closed: false}` when there is no such session, `{closed: true}` otherwise (again: no change).
-pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
+pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Result<Outcome> {
     let sid = cmd.session_id.as_str();
     let Some(row) = tx
         .typed_opt("SELECT agent_id, status::text FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&sid])
@@ -170,7 +168,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close) -> Result<Outcome> {
         closed_connections: connections.len() as i64,
         cancelled_instructions: instructions.len() as i64,
     });
-    write_outbox(tx, now, events).await?;
+    ctx.emit(now, events);
     tracing::info!(
         session_id = sid,
         agent_id = %agent_id,

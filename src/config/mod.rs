@@ -179,7 +179,8 @@ pub struct WorkerSettings {
     /// `last_activity_at` only when that is older than this, in seconds; must be below
     /// `sweeper.session_inactive_after_secs`.
     pub session_activity_granularity_secs: u64,
-    /// Commands applied concurrently (commands on one connection, instruction or session keep their order).
+    /// Commands applied at once (commands on one connection, instruction or session keep their order; a command waits
+    /// only for its own object's earlier commands and a free place).
     pub command_lanes: usize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
     /// broker redelivers it) and the process exits.

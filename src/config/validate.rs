@@ -108,7 +108,7 @@ impl Settings {
     }
 
     /// Pooled connections a running worker holds at once at full load: one per heartbeat batch in flight, command
-    /// lane, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`.
+    /// applied at once, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`.
     pub fn worker_connections(&self) -> usize {
         self.worker.heartbeat_pipeline
             + self.worker.command_lanes

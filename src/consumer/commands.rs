@@ -1,16 +1,15 @@
-//! The command consumer: deliveries spread over `worker.command_lanes` lanes by their order key, each lane applying
-//! its commands one by one, replying (with confirms), then acknowledging.
+//! The command consumer: each command applied in a task of its order key, at most `worker.command_lanes` at once,
+//! replying (with confirms), then acknowledging.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicCancelOptions;
 use lapin::Channel;
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -20,49 +19,56 @@ use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::retry::retry_transient;
 
-/// Consumes the command queue until shutdown. Commands run in `worker.command_lanes` lanes; a lane is chosen by
-/// the command's order key (the object it changes), so commands on the same object are applied in the order this
-/// worker received them.
+/// A delivery and what parsing made of it.
+type Job = (Delivery, std::result::Result<Command, Poison>);
+
+/// The order keys that have a task, each with the commands received behind the one its task is applying.
+type Waiting = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
+
+/// Consumes the command queue until shutdown. Commands with the same order key (the object they change) are applied
+/// one after another in the order this worker received them, by one task of that key; commands with different keys
+/// are applied concurrently, at most `worker.command_lanes` at once, so that no command waits behind another
+/// object's.
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
-    let lanes = s.worker.command_lanes;
-    let mut senders = Vec::with_capacity(lanes);
+    let slots = Arc::new(Semaphore::new(s.worker.command_lanes));
+    let waiting: Waiting = Arc::default();
     let mut set = JoinSet::new();
-    for _ in 0..lanes {
-        let (tx, mut rx) =
-            mpsc::channel::<(Delivery, std::result::Result<Command, Poison>)>(usize::from(s.amqp.prefetch));
-        senders.push(tx);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        set.spawn(async move {
-            while let Some((d, parsed)) = rx.recv().await {
-                match command(&shared, &d, parsed, &shutdown).await {
-                    Err(Error::Shutdown) => return Ok(()),
-                    other => other?,
-                }
-            }
-            Ok::<(), Error>(())
-        });
-    }
     let result = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some(done) = set.join_next() => {
-                break Err(done.unwrap_or_else(|e| Err(Error::Disconnected(format!("command lane failed: {e}")))).err()
-                    .unwrap_or_else(|| Error::Disconnected("command lane ended".into())));
-            }
+            Some(done) = set.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(Error::Disconnected(format!("command task failed: {e}"))),
+            },
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
                     let parsed = Command::parse(&d.data, s.amqp.max_message_bytes);
-                    // Poison has no order to keep: spread it over the lanes instead of queueing it behind one.
-                    let key = parsed.as_ref().map(Command::order_key).unwrap_or_else(|_| d.delivery_tag.to_string());
-                    let mut h = DefaultHasher::new();
-                    key.hash(&mut h);
-                    let lane = (h.finish() % lanes as u64) as usize;
-                    if senders[lane].send((d, parsed)).await.is_err() {
-                        break Err(Error::Disconnected("command lane closed".into()));
+                    // Poison has no order to keep: each gets a key of its own (no order key starts with NUL).
+                    let key = match &parsed {
+                        Ok(cmd) => cmd.order_key(),
+                        Err(_) => format!("\0{}", d.delivery_tag),
+                    };
+                    let job = {
+                        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                        match waiting.get_mut(&key) {
+                            Some(behind) => {
+                                behind.push_back((d, parsed));
+                                None
+                            }
+                            None => {
+                                waiting.insert(key.clone(), VecDeque::new());
+                                Some((d, parsed))
+                            }
+                        }
+                    };
+                    if let Some(job) = job {
+                        let (shared, waiting, slots, shutdown) =
+                            (shared.clone(), waiting.clone(), slots.clone(), shutdown.clone());
+                        set.spawn(async move { key_task(&shared, key, job, &waiting, &slots, &shutdown).await });
                     }
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -70,19 +76,48 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             }
         }
     };
-    // Stop taking deliveries, then let every lane finish (apply, reply, acknowledge) what it already holds; only
-    // then close the channel.
+    // Stop taking deliveries, then let every task finish (apply, reply, acknowledge) what its key holds; only then
+    // close the channel.
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    drop(senders);
     let mut first_err = result.err();
     while let Some(done) = set.join_next().await {
-        let r = done.unwrap_or_else(|e| Err(Error::Disconnected(format!("command lane failed: {e}"))));
+        let r = done.unwrap_or_else(|e| Err(Error::Disconnected(format!("command task failed: {e}"))));
         if let (Err(e), None) = (r, &first_err) {
             first_err = Some(e);
         }
     }
     let _ = channel.close(200, "consumer stopped".into()).await;
     first_err.map_or(Ok(()), Err)
+}
+
+/// Applies `first`, then whatever was received for the same key meanwhile, in order, each with a slot; ends (and
+/// gives up the key) when nothing is left behind it.
+async fn key_task(
+    shared: &Shared,
+    key: String,
+    first: Job,
+    waiting: &Mutex<HashMap<String, VecDeque<Job>>>,
+    slots: &Semaphore,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut job = first;
+    loop {
+        let slot = slots.acquire().await.map_err(|_| Error::Shutdown)?;
+        let (d, parsed) = job;
+        match command(shared, &d, parsed, shutdown).await {
+            Err(Error::Shutdown) => return Ok(()),
+            other => other?,
+        }
+        drop(slot);
+        let mut queues = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(next) => job = next,
+            None => {
+                queues.remove(&key);
+                return Ok(());
+            }
+        }
+    }
 }
 
 async fn command(
