@@ -84,6 +84,12 @@ use crate::stale1m::scenario_stale1m;
 use crate::sweep::scenario_sweep;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");
+
+/// The worker binary the scenarios start: `ACM_BENCH_WORKER_BIN` when set (to compare another build of the worker
+/// against the same clients and ceilings), otherwise the one Cargo built with this benchmark.
+pub fn worker_bin() -> String {
+    std::env::var("ACM_BENCH_WORKER_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 const ROLE_ENV: &str = "ACM_BENCH_ROLE";
 
 type BoxErr = Box<dyn std::error::Error + Send + Sync>;
@@ -107,7 +113,7 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 async fn run_all(o: Opts) {
     let mut res = Results::default();
-    println!("agent-connection-manager benchmarks: {} run(s) of {:?}; worker binary {BIN}", o.runs, o.only);
+    println!("agent-connection-manager benchmarks: {} run(s) of {:?}; worker binary {}", o.runs, o.only, worker_bin());
     for run in 1..=o.runs {
         for s in &o.only {
             println!("== run {run}/{}: {s} (load average {})", o.runs, loadavg());

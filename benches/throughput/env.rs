@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::NoTls;
 
 use crate::opts::Opts;
-use crate::{fail, Res, BIN};
+use crate::{fail, worker_bin, Res};
 
 pub struct Env {
     db_name: String,
@@ -87,7 +87,7 @@ impl Env {
     }
 
     fn command(&self, extra: &[(&str, String)]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(worker_bin());
         c.env("ACM_DATABASE__URL", &self.db_url)
             .env("ACM_AMQP__URL", &self.amqp_url)
             .env("ACM_AMQP__PREFIX", &self.prefix)

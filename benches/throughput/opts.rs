@@ -65,7 +65,8 @@ const HELP: &str = "cargo bench --bench throughput [-- OPTIONS]
 
 Environment: ACM_BENCH_PG_BASE (default postgres://postgres@127.0.0.1:5432),
              ACM_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
-             ACM_BENCH_KEEP_LOGS (set: keep every worker log, not only those of failed scenarios).";
+             ACM_BENCH_KEEP_LOGS (set: keep every worker log, not only those of failed scenarios),
+             ACM_BENCH_WORKER_BIN (another worker binary to start instead of the one built with the benchmark).";
 
 pub fn parse_opts() -> Opts {
     let mut o = Opts {
