@@ -27,8 +27,8 @@ type Waiting = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
 
 /// Consumes the command queue until shutdown. Commands with the same order key (the object they change) are applied
 /// one after another in the order this worker received them, by one task of that key; commands with different keys
-/// are applied concurrently, at most `worker.command_lanes` at once, so that no command waits behind another
-/// object's.
+/// are applied concurrently, at most `worker.command_lanes` at once, so that a command waits only for its own
+/// object's earlier commands and a free place, never behind another object's.
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
@@ -104,7 +104,9 @@ async fn key_task(
     loop {
         let slot = slots.acquire().await.map_err(|_| Error::Shutdown)?;
         let (d, parsed) = job;
-        match command(shared, &d, parsed, shutdown).await {
+        // Boxed: a task waiting for a place holds only a pointer, not room for a whole command's state (up to
+        // `amqp.prefetch` tasks can wait).
+        match Box::pin(command(shared, &d, parsed, shutdown)).await {
             Err(Error::Shutdown) => return Ok(()),
             other => other?,
         }
