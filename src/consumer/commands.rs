@@ -23,7 +23,36 @@ use crate::retry::retry_transient;
 type Job = (Delivery, std::result::Result<Command, Poison>);
 
 /// The order keys that have a task, each with the commands received behind the one its task is applying.
-type Waiting = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
+#[derive(Default)]
+struct Keys(Mutex<HashMap<String, VecDeque<Job>>>);
+
+impl Keys {
+    /// Queues `job` behind its key's task and returns `None`, or, when the key has no task, claims the key and
+    /// returns `job` for a new task to start with.
+    fn enqueue(&self, key: &str, job: Job) -> Option<Job> {
+        let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.get_mut(key) {
+            Some(behind) => {
+                behind.push_back(job);
+                None
+            }
+            None => {
+                keys.insert(key.to_string(), VecDeque::new());
+                Some(job)
+            }
+        }
+    }
+
+    /// The next job of `key`'s task, or `None` after giving up the key when nothing is left behind.
+    fn next(&self, key: &str) -> Option<Job> {
+        let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let next = keys.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            keys.remove(key);
+        }
+        next
+    }
+}
 
 /// Consumes the command queue until shutdown. Commands with the same order key (the object they change) are applied
 /// one after another in the order this worker received them, by one task of that key; commands with different keys
@@ -33,7 +62,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
     let slots = Arc::new(Semaphore::new(s.worker.command_lanes));
-    let waiting: Waiting = Arc::default();
+    let keys = Arc::new(Keys::default());
     let mut set = JoinSet::new();
     let result = loop {
         tokio::select! {
@@ -52,23 +81,10 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
                         Ok(cmd) => cmd.order_key(),
                         Err(_) => format!("\0{}", d.delivery_tag),
                     };
-                    let job = {
-                        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        match waiting.get_mut(&key) {
-                            Some(behind) => {
-                                behind.push_back((d, parsed));
-                                None
-                            }
-                            None => {
-                                waiting.insert(key.clone(), VecDeque::new());
-                                Some((d, parsed))
-                            }
-                        }
-                    };
-                    if let Some(job) = job {
-                        let (shared, waiting, slots, shutdown) =
-                            (shared.clone(), waiting.clone(), slots.clone(), shutdown.clone());
-                        set.spawn(async move { key_task(&shared, key, job, &waiting, &slots, &shutdown).await });
+                    if let Some(job) = keys.enqueue(&key, (d, parsed)) {
+                        let (shared, keys, slots, shutdown) =
+                            (shared.clone(), keys.clone(), slots.clone(), shutdown.clone());
+                        set.spawn(async move { key_task(&shared, key, job, &keys, &slots, &shutdown).await });
                     }
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -96,7 +112,7 @@ async fn key_task(
     shared: &Shared,
     key: String,
     first: Job,
-    waiting: &Mutex<HashMap<String, VecDeque<Job>>>,
+    keys: &Keys,
     slots: &Semaphore,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -111,13 +127,9 @@ async fn key_task(
             other => other?,
         }
         drop(slot);
-        let mut queues = waiting.lock().unwrap_or_else(|e| e.into_inner());
-        match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+        match keys.next(&key) {
             Some(next) => job = next,
-            None => {
-                queues.remove(&key);
-                return Ok(());
-            }
+            None => return Ok(()),
         }
     }
 }
