@@ -108,6 +108,7 @@ async fn a_command_held_up_holds_up_only_its_own_objects_commands() {
     let lock = locker.transaction().await.unwrap();
     lock.execute("SELECT 1 FROM agent_session WHERE session_id = $1 FOR UPDATE", &[&held]).await.unwrap();
     let held_instruction = "00000000-0000-4000-8000-000000000001";
+    let count_held = format!("SELECT count(*) FROM agent_instruction WHERE instruction_id = '{held_instruction}'");
     app.client
         .send(
             &json!({"type": "instruction.create", "agent_id": "a0", "session_id": held,
@@ -131,18 +132,14 @@ async fn a_command_held_up_holds_up_only_its_own_objects_commands() {
     });
     let created = join_all(creates).await;
     assert_eq!(created.len(), 10);
-    let held_applied: i64 = app
-        .scalar(&format!("SELECT count(*) FROM agent_instruction WHERE instruction_id = '{held_instruction}'"))
-        .await;
+    let held_applied: i64 = app.scalar(&count_held).await;
     assert_eq!(held_applied, 0, "the held command was applied while its session was locked");
     lock.commit().await.unwrap();
     common::eventually(
         "the held instruction.create to be applied once the lock is gone",
         Duration::from_secs(20),
         || async {
-            let n: i64 = app
-                .scalar(&format!("SELECT count(*) FROM agent_instruction WHERE instruction_id = '{held_instruction}'"))
-                .await;
+            let n: i64 = app.scalar(&count_held).await;
             (n == 1).then_some(())
         },
     )
