@@ -18,6 +18,8 @@
 mod infra;
 #[path = "capacity/measure.rs"]
 mod measure;
+#[path = "../tests/common/process.rs"]
+mod process;
 #[allow(dead_code)]
 #[path = "../tests/faults/publisher.rs"]
 mod publisher;

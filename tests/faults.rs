@@ -67,6 +67,9 @@ mod standard;
 #[path = "faults/workload.rs"]
 mod workload;
 
+// `infra` runs commands through `crate::process` (the capacity bench, which has no `common`, includes the file itself).
+use common::process;
+
 use std::time::Duration;
 
 const PREFIX: &str = "acmfault";

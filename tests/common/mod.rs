@@ -2,6 +2,10 @@
 //! to the real PostgreSQL and RabbitMQ, and removes both at the end.
 #![allow(dead_code)]
 
+#[path = "process.rs"]
+pub mod process;
+pub use process::output_within;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +55,9 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f().await {
+        // Each attempt is bounded by the time left too, so a probe that never answers cannot outlive the deadline.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        if let Ok(Some(v)) = tokio::time::timeout(left, f()).await {
             return v;
         }
         if Instant::now() > deadline {
@@ -320,9 +326,12 @@ pub async fn queue_counts(ch: &lapin::Channel, queue: &str) -> (u32, u32) {
     (q.message_count(), q.consumer_count())
 }
 
-/// Runs `rabbitmqctl` on the test broker, failing the test with its error output; returns its standard output.
+/// Runs `rabbitmqctl` on the test broker (for at most two minutes), failing the test with its error output; returns
+/// its standard output.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    let mut command = std::process::Command::new("rabbitmqctl");
+    command.args(args).stdin(std::process::Stdio::null());
+    let out = output_within(&mut command, Duration::from_secs(120), &format!("rabbitmqctl {args:?}"));
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::Topology;
+use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use futures_util::StreamExt;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -155,14 +155,15 @@ impl Captured {
 /// Consumes the event capture queue until it is empty and quiet (the workers are stopped by then).
 pub async fn drain_events(lab: &Lab) -> Captured {
     let (conn, ch) = lab.amqp().await;
-    let mut consumer = ch
-        .basic_consume(
-            events_queue().as_str().into(),
-            "faults".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
+    let consumer = ch.basic_consume(
+        events_queue().as_str().into(),
+        "faults".into(),
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let mut consumer = tokio::time::timeout(BROKER_QUERY_TIMEOUT, consumer)
         .await
+        .unwrap_or_else(|_| panic!("no answer to basic.consume within {BROKER_QUERY_TIMEOUT:?}"))
         .expect("consume events");
     let mut got = Captured::default();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -186,7 +187,7 @@ pub async fn drain_events(lab: &Lab) -> Captured {
             }
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
     got
 }
 
@@ -194,14 +195,15 @@ pub async fn drain_events(lab: &Lab) -> Captured {
 pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
     let queue = Topology::new(PREFIX).dead_letter;
     let (conn, ch) = lab.amqp().await;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "faults-dl".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
+    let consumer = ch.basic_consume(
+        queue.as_str().into(),
+        "faults-dl".into(),
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let mut consumer = tokio::time::timeout(BROKER_QUERY_TIMEOUT, consumer)
         .await
+        .unwrap_or_else(|_| panic!("no answer to basic.consume within {BROKER_QUERY_TIMEOUT:?}"))
         .expect("consume dead letters");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -230,7 +232,7 @@ pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
             }
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
     out
 }
 

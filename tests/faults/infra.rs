@@ -38,7 +38,9 @@ pub fn random_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
 }
 
-/// Polls `f` until it returns `Some`, at most `timeout`; `None` when it never did.
+/// Polls `f` until it returns `Some`, at most `timeout`; `None` when it never did. Each attempt is bounded too (by
+/// the time left, or `every` when less is left): an attempt that never answers is cut off and counts as `None`, so
+/// a probe of a node that stopped answering cannot outlive the deadline.
 pub async fn poll_until<T, F, Fut>(timeout: Duration, every: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
@@ -46,7 +48,8 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f().await {
+        let left = deadline.saturating_duration_since(Instant::now()).max(every);
+        if let Ok(Some(v)) = tokio::time::timeout(left, f()).await {
             return Some(v);
         }
         if Instant::now() >= deadline {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::Topology;
+use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use agent_connection_manager::config::Settings;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -165,7 +165,10 @@ impl Lab {
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
         let conn =
             agent_connection_manager::amqp::connect(&self.env.amqp_url, "acm faults test").await.expect("broker");
-        let ch = conn.create_channel().await.expect("channel");
+        let ch = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.create_channel())
+            .await
+            .unwrap_or_else(|_| panic!("no channel from the broker within {BROKER_QUERY_TIMEOUT:?}"))
+            .expect("channel");
         (conn, ch)
     }
 
@@ -201,21 +204,24 @@ impl Lab {
         self.workers.clear();
     }
 
-    /// Messages ready in a queue (`None` while the broker cannot be asked).
+    /// Messages ready in a queue (`None` while the broker cannot be asked, or does not answer within
+    /// [`BROKER_QUERY_TIMEOUT`]).
     pub async fn depth(&self, queue: &str) -> Option<u32> {
         let conn = agent_connection_manager::amqp::connect(&self.env.amqp_url, "acm faults probe").await.ok()?;
-        let q = conn
-            .create_channel()
-            .await
-            .ok()?
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .ok();
-        let _ = conn.close(200, "done".into()).await;
+        let ask = async {
+            conn.create_channel()
+                .await
+                .ok()?
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .ok()
+        };
+        let q = tokio::time::timeout(BROKER_QUERY_TIMEOUT, ask).await.ok().flatten();
+        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
         q.map(|q| q.message_count())
     }
 }
@@ -229,9 +235,10 @@ pub async fn db(url: &str) -> Option<tokio_postgres::Client> {
     Some(client)
 }
 
+/// The one number `sql` returns (`None` when the database cannot be asked, or does not answer within a minute).
 pub async fn query_i64(url: &str, sql: &str) -> Option<i64> {
     let client = db(url).await?;
-    client.query_one(sql, &[]).await.ok().map(|r| r.get(0))
+    tokio::time::timeout(Duration::from_secs(60), client.query_one(sql, &[])).await.ok()?.ok().map(|r| r.get(0))
 }
 
 /// Waits (bounded) until `sql` counts `want`; fails the test otherwise.

@@ -149,8 +149,14 @@ async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
             crate::cluster::kill_and_recover(lab, leader.expect("asked above")).await;
         }
     }
-    let republished_cmd = commands.await.expect("command client");
-    let republished_hb = heartbeats.await.expect("heartbeat client");
+    // Every wait inside the client tasks is bounded; so is waiting for them, in case one of those bounds is missed.
+    let t = settle_timeout();
+    let finished =
+        |what: &'static str| move |_| panic!("the {what} client did not finish within {t:?} after the fault");
+    let republished_cmd =
+        tokio::time::timeout(t, commands).await.unwrap_or_else(finished("command")).expect("command client");
+    let republished_hb =
+        tokio::time::timeout(t, heartbeats).await.unwrap_or_else(finished("heartbeat")).expect("heartbeat client");
     republished_cmd + republished_hb
 }
 
@@ -185,18 +191,15 @@ pub async fn run_standard(mut lab: Lab, name: &str, w: Standard, fault: Fault, s
     let left = left_in_queues(&lab).await;
 
     let client = db(&url).await.expect("database");
-    let one = |sql: &'static str| {
-        let client = &client;
-        async move { client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64 }
-    };
-    let sessions = one("SELECT count(*) FROM agent_session WHERE session_id LIKE 's-%'").await;
-    let instructions = one("SELECT count(*) FROM agent_instruction").await;
-    let acked = one("SELECT count(*) FROM agent_instruction WHERE status = 'acknowledged'").await;
-    let ack_rows = one("SELECT count(*) FROM agent_instruction_acknowledgement").await;
-    let ack_distinct = one("SELECT count(DISTINCT instruction_id) FROM agent_instruction_acknowledgement").await;
-    let connections = one("SELECT count(*) FROM agent_connection").await;
-    let final_hb = client.query_one(final_round.as_str(), &[]).await.expect("final round").get::<_, i64>(0) as u64;
-    let processed = one("SELECT count(*) FROM processed_message").await;
+    let sessions = count_of(&client, "SELECT count(*) FROM agent_session WHERE session_id LIKE 's-%'").await;
+    let instructions = count_of(&client, "SELECT count(*) FROM agent_instruction").await;
+    let acked = count_of(&client, "SELECT count(*) FROM agent_instruction WHERE status = 'acknowledged'").await;
+    let ack_rows = count_of(&client, "SELECT count(*) FROM agent_instruction_acknowledgement").await;
+    let ack_distinct =
+        count_of(&client, "SELECT count(DISTINCT instruction_id) FROM agent_instruction_acknowledgement").await;
+    let connections = count_of(&client, "SELECT count(*) FROM agent_connection").await;
+    let final_hb = count_of(&client, &final_round).await;
+    let processed = count_of(&client, "SELECT count(*) FROM processed_message").await;
 
     let mut expected = HashSet::new();
     expected.extend((0..w.sessions).map(key_session));
@@ -267,4 +270,12 @@ async fn rabbitmq_restart_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_30s_loses_and_duplicates_nothing() {
     standard_scenario("3. PostgreSQL down 30 s", Fault::StopPostgres(Duration::from_secs(30))).await;
+}
+
+/// The one number `sql` returns, within a minute; fails the test otherwise.
+async fn count_of(client: &tokio_postgres::Client, sql: &str) -> u64 {
+    let row = tokio::time::timeout(Duration::from_secs(60), client.query_one(sql, &[]))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer within 60 s"));
+    row.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64
 }

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, random_suffix, tail};
 
+/// Longest run of one `rabbitmqctl` command (joining a cluster takes seconds; a node that stopped answering, forever).
+const CTL_LIMIT: Duration = Duration::from_secs(180);
+
 /// A private RabbitMQ node: its own node name, AMQP port, distribution port, epmd port, config, data and logs.
 pub struct RabbitNode {
     base: PathBuf,
@@ -192,7 +195,8 @@ impl RabbitNode {
         let direct = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
         let mut c = Command::new(if direct.exists() { direct.into() } else { PathBuf::from("rabbitmqctl") });
         self.env(&mut c);
-        let out = c.arg("-n").arg(&self.name).args(args).stdin(Stdio::null()).output().expect("rabbitmqctl runs");
+        c.arg("-n").arg(&self.name).args(args).stdin(Stdio::null());
+        let out = crate::process::output_within(&mut c, CTL_LIMIT, &format!("rabbitmqctl {args:?}"));
         assert!(
             out.status.success(),
             "rabbitmqctl {args:?} failed: {}{}",
