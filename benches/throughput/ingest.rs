@@ -227,7 +227,7 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient:
     let core = |u: &[(&'static str, f64)], k: &str| u.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap_or(0.0);
     res.record(sc, "worker heartbeats/s", "msg/s", Target::None, worker_rate);
     res.record(sc, "ceiling (bare consumer) heartbeats/s", "msg/s", Target::None, ceiling_rate);
-    res.record(sc, "worker / ceiling", "ratio", Target::AtLeast(0.8), worker_rate / ceiling_rate);
+    res.record(sc, "worker / ceiling", "ratio", Target::AtLeast(0.9), worker_rate / ceiling_rate);
     res.record(sc, "worker mean heartbeat batch", "msgs", Target::None, batch_mean);
     res.record(sc, "worker mean heartbeat transaction", "ms", Target::None, tx_ms);
     res.record(sc, "ceiling phase: rabbitmq cores", "cores", Target::None, core(&ceiling_cpu, "rabbitmq"));
