@@ -11,16 +11,15 @@ use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::Topology;
+use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::counting::{event_key, field, key_acked, key_created, key_opened, key_session, left_in_queues, Row};
-use crate::infra::eventually;
-use crate::lab::{db, query_i64, wait_count, Lab};
+use crate::infra::{eventually, http_get, within};
+use crate::lab::{db, query_i64, wait_count, Lab, QUERY_LIMIT, SETUP_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, events_queue, settle_timeout, PREFIX};
@@ -36,19 +35,6 @@ const EXIT_MARGIN: Duration = Duration::from_secs(5);
 /// A transaction idle between two statements for longer than this is one the worker forgot.
 const IDLE_IN_TRANSACTION_LIMIT_SECS: f64 = 2.0;
 
-/// `GET path` on the worker's HTTP port: status and body.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf)).await.ok()?.ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
-}
-
 /// A transaction of the worker's database seen open too long.
 struct LongTransaction {
     pid: i32,
@@ -61,16 +47,14 @@ struct LongTransaction {
 /// Transactions of the worker's database (other than this probe's) open longer than the limits, or idle inside
 /// a transaction for longer than [`IDLE_IN_TRANSACTION_LIMIT_SECS`].
 async fn long_transactions(client: &tokio_postgres::Client) -> Vec<LongTransaction> {
-    let rows = client
-        .query(
-            "SELECT pid, coalesce(state, ''), extract(epoch FROM now() - xact_start)::float8, \
-                    extract(epoch FROM now() - state_change)::float8, left(coalesce(query, ''), 120) \
-             FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity");
+    let query = client.query(
+        "SELECT pid, coalesce(state, ''), extract(epoch FROM now() - xact_start)::float8, \
+                extract(epoch FROM now() - state_change)::float8, left(coalesce(query, ''), 120) \
+         FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+        &[],
+    );
+    let rows = within("pg_stat_activity", QUERY_LIMIT, query).await.expect("pg_stat_activity");
     rows.iter()
         .map(|r| LongTransaction {
             pid: r.get(0),
@@ -109,14 +93,13 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
     let replies = format!("{PREFIX}.faults-replies");
     {
         let (conn, ch) = lab.amqp().await;
-        ch.queue_declare(
+        let declare = ch.queue_declare(
             replies.as_str().into(),
             QueueDeclareOptions { durable: true, ..Default::default() },
             FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-        let _ = conn.close(200, "done".into()).await;
+        );
+        within("declaring the reply queue", SETUP_LIMIT, declare).await.expect("reply queue");
+        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
     }
 
     // Sessions and instructions first (a worker running), then the acknowledgements and heartbeats queue while no
@@ -213,15 +196,13 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
     expected.extend((0..acks).map(key_acked));
     expected.extend((0..connections).map(key_opened));
     let (conn, ch) = lab.amqp().await;
-    let mut events = ch
-        .basic_consume(
-            events_queue().as_str().into(),
-            "blocked-events".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume events");
+    let consume = ch.basic_consume(
+        events_queue().as_str().into(),
+        "blocked-events".into(),
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let mut events = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume events");
     let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
     let mut deliveries = 0u64;
     let mut bad_message_id = 0u64;
@@ -259,20 +240,18 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
             Err(_) => panic!("{name}: the marker event never arrived"),
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
     ids.remove(&marker);
 
     // Every acknowledgement replied to (a redelivered one may be replied to twice, with the same reply).
     let (conn, ch) = lab.amqp().await;
-    let mut consumer = ch
-        .basic_consume(
-            replies.as_str().into(),
-            "blocked-replies".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let consume = ch.basic_consume(
+        replies.as_str().into(),
+        "blocked-replies".into(),
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume replies");
     let mut replied: HashSet<String> = HashSet::new();
     let mut not_ok = 0;
     let deadline = Instant::now() + settle_timeout();
@@ -292,7 +271,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
             Err(_) => break,
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
     assert_eq!(replied.len(), acks, "{name}: acknowledgements replied to");
 
     lab.stop_workers().await;

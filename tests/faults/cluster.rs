@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp;
+use agent_connection_manager::amqp::{self, BROKER_QUERY_TIMEOUT};
 use agent_connection_manager::client::{reply_result, Client};
 use agent_connection_manager::config::{QueueType, Settings};
 use lapin::options::QueueDeclareOptions;
@@ -19,8 +19,8 @@ use lapin::types::FieldTable;
 use serde_json::json;
 
 use crate::count;
-use crate::infra::{free_port, random_suffix, RabbitNode, TempDir};
-use crate::lab::Lab;
+use crate::infra::{free_port, random_suffix, within, RabbitNode, TempDir};
+use crate::lab::{Lab, SETUP_LIMIT};
 use crate::standard::{run_standard, Fault, Standard};
 
 const NODES: usize = 3;
@@ -190,16 +190,15 @@ async fn cluster_node_leading_the_queues_sigkilled_loses_and_duplicates_nothing(
     let nodes = tokio::task::block_in_place(|| start_cluster(dir.path()));
     // The classic dead-letter queue goes to the third node (see the module's description).
     let conn = amqp::connect(&nodes[2].url(), "acm faults setup").await.expect("third node");
-    let ch = conn.create_channel().await.expect("channel");
+    let ch = within("a channel", BROKER_QUERY_TIMEOUT, conn.create_channel()).await.expect("channel");
     let dead_letter = agent_connection_manager::amqp::Topology::new(crate::PREFIX).dead_letter;
-    ch.queue_declare(
+    let declare = ch.queue_declare(
         dead_letter.as_str().into(),
         QueueDeclareOptions { durable: true, ..Default::default() },
         FieldTable::default(),
-    )
-    .await
-    .expect("dead-letter queue on the third node");
-    let _ = conn.close(200, "done".into()).await;
+    );
+    within("declaring the dead-letter queue", SETUP_LIMIT, declare).await.expect("dead-letter queue on the third node");
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
 
     let mut settings = Settings::default();
     settings.amqp.heartbeat_queue_type = QueueType::Quorum;

@@ -10,7 +10,7 @@ use lapin::options::BasicConsumeOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
-use crate::infra::eventually;
+use crate::infra::{eventually, within};
 use crate::lab::{wait_count, Lab};
 use crate::{events_queue, instruction_uuid, settle_timeout, PREFIX};
 
@@ -161,10 +161,7 @@ pub async fn drain_events(lab: &Lab) -> Captured {
         BasicConsumeOptions { no_ack: true, ..Default::default() },
         FieldTable::default(),
     );
-    let mut consumer = tokio::time::timeout(BROKER_QUERY_TIMEOUT, consumer)
-        .await
-        .unwrap_or_else(|_| panic!("no answer to basic.consume within {BROKER_QUERY_TIMEOUT:?}"))
-        .expect("consume events");
+    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consumer).await.expect("consume events");
     let mut got = Captured::default();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -201,10 +198,7 @@ pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
         BasicConsumeOptions { no_ack: true, ..Default::default() },
         FieldTable::default(),
     );
-    let mut consumer = tokio::time::timeout(BROKER_QUERY_TIMEOUT, consumer)
-        .await
-        .unwrap_or_else(|_| panic!("no answer to basic.consume within {BROKER_QUERY_TIMEOUT:?}"))
-        .expect("consume dead letters");
+    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consumer).await.expect("consume dead letters");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

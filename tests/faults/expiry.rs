@@ -12,7 +12,7 @@ use crate::counting::{
     wait_quiet, Row,
 };
 use crate::infra::poll_until;
-use crate::lab::{db, query_i64, wait_count, Lab};
+use crate::lab::{count_of, db, query_i64, wait_count, Lab};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, settle_timeout, PREFIX};
@@ -61,14 +61,11 @@ async fn three_workers_expire_each_instruction_through_all_retries_exactly_once(
     let left = left_in_queues(&lab).await;
 
     let client = db(&url).await.expect("database");
-    let get = |sql: &'static str| {
-        let client = &client;
-        async move { client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64 }
-    };
-    let s = get("SELECT count(*) FROM agent_session").await;
-    let created = get("SELECT count(*) FROM agent_instruction").await;
-    let expired = get("SELECT count(*) FROM agent_instruction WHERE status = 'expired' AND retry_count = 3").await;
-    let connections = get("SELECT count(*) FROM agent_connection").await;
+    let s = count_of(&client, "SELECT count(*) FROM agent_session").await;
+    let created = count_of(&client, "SELECT count(*) FROM agent_instruction").await;
+    let expired =
+        count_of(&client, "SELECT count(*) FROM agent_instruction WHERE status = 'expired' AND retry_count = 3").await;
+    let connections = count_of(&client, "SELECT count(*) FROM agent_connection").await;
 
     let mut expected = HashSet::new();
     expected.extend((0..sessions).map(key_session));

@@ -14,8 +14,8 @@ use agent_connection_manager::config::DatabaseSettings;
 
 use crate::counting::{drain_dead_letters, drain_events, key_opened, key_session, left_in_queues, wait_quiet, Row};
 use crate::failover_load::{collect_replies, run_commands, run_heartbeats, Replies, Resent};
-use crate::infra::{eventually, PgCluster, TempDir};
-use crate::lab::{db, wait_count, Lab};
+use crate::infra::{eventually, within, PgCluster, TempDir};
+use crate::lab::{count_of, db, wait_count, Lab, QUERY_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::session_msg;
 use crate::{count, settle_timeout, PREFIX};
@@ -23,15 +23,16 @@ use crate::{count, settle_timeout, PREFIX};
 /// (connection_id, last round applied) of every connection, read on one server.
 async fn rounds(url: &str) -> Option<HashMap<String, i64>> {
     let client = db(url).await?;
-    let rows =
-        client.query("SELECT connection_id, (client_info->>'round')::bigint FROM agent_connection", &[]).await.ok()?;
+    let query = client.query("SELECT connection_id, (client_info->>'round')::bigint FROM agent_connection", &[]);
+    let rows = tokio::time::timeout(QUERY_LIMIT, query).await.ok()?.ok()?;
     Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The `payload.j` of every instruction, read on one server (with repeats, if any).
 async fn instruction_js(url: &str) -> Option<Vec<i64>> {
     let client = db(url).await?;
-    let rows = client.query("SELECT (payload->>'j')::bigint FROM agent_instruction", &[]).await.ok()?;
+    let query = client.query("SELECT (payload->>'j')::bigint FROM agent_instruction", &[]);
+    let rows = tokio::time::timeout(QUERY_LIMIT, query).await.ok()?.ok()?;
     Some(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -127,10 +128,11 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
     let lost_commands: Vec<&String> =
         answered_before.iter().filter(|id| !js.contains(&id[3..].parse::<i64>().expect("fo-<j>"))).collect();
 
-    let cmd_republished = cmd.await.expect("command client");
+    let cmd_republished = within("the command client", settle_timeout(), cmd).await.expect("command client");
     let resent = resent.total.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
-    let (final_round, heartbeats_sent, hb_republished) = hb.await.expect("heartbeat client");
+    let (final_round, heartbeats_sent, hb_republished) =
+        within("the heartbeat client", settle_timeout(), hb).await.expect("heartbeat client");
     republished += cmd_republished + hb_republished;
     let final_sql = format!("SELECT count(*) FROM agent_connection WHERE (client_info->>'round')::int = {final_round}");
     wait_count(&url, &final_sql, connections, "the final heartbeat round", settle_timeout()).await;
@@ -140,17 +142,19 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
     let left = left_in_queues(&lab).await;
 
     let client = db(&url).await.expect("database");
-    let one = |sql: &'static str| {
-        let client = &client;
-        async move { client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64 }
-    };
-    let session_rows = one("SELECT count(*) FROM agent_session").await;
+    let session_rows = count_of(&client, "SELECT count(*) FROM agent_session").await;
     let all_js = instruction_js(&url).await.expect("instructions");
     let distinct_js: HashSet<i64> = all_js.iter().copied().collect();
-    let connection_rows = one("SELECT count(*) FROM agent_connection").await;
-    let final_hb = client.query_one(final_sql.as_str(), &[]).await.expect("final round").get::<_, i64>(0) as u64;
-    let idempotency = one("SELECT count(*) FROM processed_message WHERE message_id LIKE 'fo-%'").await;
-    let ids = client.query("SELECT instruction_id::text FROM agent_instruction", &[]).await.expect("ids");
+    let connection_rows = count_of(&client, "SELECT count(*) FROM agent_connection").await;
+    let final_hb = count_of(&client, &final_sql).await;
+    let idempotency = count_of(&client, "SELECT count(*) FROM processed_message WHERE message_id LIKE 'fo-%'").await;
+    let ids = within(
+        "the instruction ids",
+        QUERY_LIMIT,
+        client.query("SELECT instruction_id::text FROM agent_instruction", &[]),
+    )
+    .await
+    .expect("ids");
 
     let mut expected: HashSet<String> = (0..sessions).map(key_session).collect();
     expected.extend(ids.iter().map(|r| format!("agent.instruction.created/{}", r.get::<_, String>(0))));

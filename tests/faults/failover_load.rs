@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agent_connection_manager::amqp::BROKER_QUERY_TIMEOUT;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
 
-use crate::lab::Lab;
+use crate::infra::within;
+use crate::lab::{Lab, SETUP_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::settle_timeout;
 use crate::workload::heartbeat_msg;
@@ -51,24 +53,20 @@ pub struct Replies {
 /// Declares a server-named reply queue and records every reply on it; returns the queue's name.
 pub async fn collect_replies(lab: &Lab, replies: Arc<Mutex<Replies>>) -> (lapin::Connection, String) {
     let (conn, ch) = lab.amqp().await;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
+    let declare = ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let q = within("declaring the reply queue", SETUP_LIMIT, declare).await.expect("reply queue");
     let name = q.name().to_string();
-    let mut consumer = ch
-        .basic_consume(
-            name.as_str().into(),
-            "failover-replies".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let consume = ch.basic_consume(
+        name.as_str().into(),
+        "failover-replies".into(),
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
+        FieldTable::default(),
+    );
+    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume replies");
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             let id = d.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();

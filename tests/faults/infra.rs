@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub use pgbouncer::PgBouncer;
 pub use postgres::PgCluster;
 pub use rabbitmq::RabbitNode;
-pub use worker::{WorkerEnv, WorkerProc};
+pub use worker::{http_get, WorkerEnv, WorkerProc};
 
 /// The worker binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");
@@ -57,6 +57,11 @@ where
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Awaits `fut` for at most `limit`; fails the test with `what` when it takes longer.
+pub async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {limit:?}"))
 }
 
 /// Like [`poll_until`], but fails the test with `what` when the time is up.

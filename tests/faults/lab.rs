@@ -8,7 +8,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio_postgres::NoTls;
 
-use crate::infra::{PgCluster, RabbitNode, TempDir, WorkerEnv, WorkerProc};
+use crate::infra::{within, PgCluster, RabbitNode, TempDir, WorkerEnv, WorkerProc};
 use crate::{events_queue, PREFIX};
 
 /// A private PostgreSQL, a private RabbitMQ (one node, or a cluster's) and the workers of one scenario. Fields drop
@@ -140,35 +140,33 @@ impl Lab {
         // The heartbeat queues' TTL is the workers' stale window (set above), so that they find them as they are.
         let mut settings = settings.clone();
         settings.sweeper.connection_stale_after_secs = 3600;
-        lab.topology.declare(&conn, &settings).await.expect("topology declares");
+        within("declaring the topology", SETUP_LIMIT, lab.topology.declare(&conn, &settings))
+            .await
+            .expect("topology declares");
         let q = events_queue();
         let mut args = FieldTable::default();
         if clustered {
             args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         }
-        ch.queue_declare(q.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .expect("event capture queue");
-        ch.queue_bind(
+        let declare =
+            ch.queue_declare(q.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args);
+        within("declaring the event capture queue", SETUP_LIMIT, declare).await.expect("event capture queue");
+        let bind = ch.queue_bind(
             q.as_str().into(),
             lab.topology.event_exchange.as_str().into(),
             "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
-        )
-        .await
-        .expect("bind event capture queue");
-        let _ = conn.close(200, "done".into()).await;
+        );
+        within("binding the event capture queue", SETUP_LIMIT, bind).await.expect("bind event capture queue");
+        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
         lab
     }
 
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
         let conn =
             agent_connection_manager::amqp::connect(&self.env.amqp_url, "acm faults test").await.expect("broker");
-        let ch = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.create_channel())
-            .await
-            .unwrap_or_else(|_| panic!("no channel from the broker within {BROKER_QUERY_TIMEOUT:?}"))
-            .expect("channel");
+        let ch = within("a channel", BROKER_QUERY_TIMEOUT, conn.create_channel()).await.expect("channel");
         (conn, ch)
     }
 
@@ -226,6 +224,12 @@ impl Lab {
     }
 }
 
+/// Longest wait for one query of the test's own.
+pub const QUERY_LIMIT: Duration = Duration::from_secs(60);
+
+/// Longest wait for one setup step on the broker (a quorum queue's declaration waits for its members).
+pub const SETUP_LIMIT: Duration = Duration::from_secs(60);
+
 // Database probes (a fresh connection each time, so they work across a PostgreSQL restart).
 
 pub async fn db(url: &str) -> Option<tokio_postgres::Client> {
@@ -238,7 +242,7 @@ pub async fn db(url: &str) -> Option<tokio_postgres::Client> {
 /// The one number `sql` returns (`None` when the database cannot be asked, or does not answer within a minute).
 pub async fn query_i64(url: &str, sql: &str) -> Option<i64> {
     let client = db(url).await?;
-    tokio::time::timeout(Duration::from_secs(60), client.query_one(sql, &[])).await.ok()?.ok().map(|r| r.get(0))
+    tokio::time::timeout(QUERY_LIMIT, client.query_one(sql, &[])).await.ok()?.ok().map(|r| r.get(0))
 }
 
 /// Waits (bounded) until `sql` counts `want`; fails the test otherwise.
@@ -255,4 +259,10 @@ pub async fn wait_count(url: &str, sql: &str, want: usize, what: &str, timeout: 
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The one number `sql` returns, within [`QUERY_LIMIT`]; fails the test otherwise.
+pub async fn count_of(client: &tokio_postgres::Client, sql: &str) -> u64 {
+    let row = within(sql, QUERY_LIMIT, client.query_one(sql, &[])).await;
+    row.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64
 }

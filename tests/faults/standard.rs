@@ -14,7 +14,7 @@ use crate::counting::{
     drain_dead_letters, drain_events, key_acked, key_created, key_opened, key_session, left_in_queues, wait_quiet, Row,
 };
 use crate::infra::{eventually, poll_until};
-use crate::lab::{db, query_i64, wait_count, Lab};
+use crate::lab::{count_of, db, query_i64, wait_count, Lab};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, settle_timeout, PREFIX};
@@ -270,12 +270,4 @@ async fn rabbitmq_restart_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_30s_loses_and_duplicates_nothing() {
     standard_scenario("3. PostgreSQL down 30 s", Fault::StopPostgres(Duration::from_secs(30))).await;
-}
-
-/// The one number `sql` returns, within a minute; fails the test otherwise.
-async fn count_of(client: &tokio_postgres::Client, sql: &str) -> u64 {
-    let row = tokio::time::timeout(Duration::from_secs(60), client.query_one(sql, &[]))
-        .await
-        .unwrap_or_else(|_| panic!("{sql}: no answer within 60 s"));
-    row.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0) as u64
 }
