@@ -13,13 +13,13 @@
 //! with every backend, live and reaped; `beam.smp`) and of `pg_current_wal_lsn()`, less the idle rates measured
 //! first. The publishing client (this process) is not counted. `ACM_CAPACITY_SCALE` multiplies the counts.
 
+#[path = "../tests/common/bounded.rs"]
+mod bounded;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/faults/infra.rs"]
 mod infra;
 #[path = "capacity/measure.rs"]
 mod measure;
-#[path = "../tests/common/process.rs"]
-mod process;
 #[allow(dead_code)]
 #[path = "../tests/faults/publisher.rs"]
 mod publisher;

@@ -43,6 +43,10 @@
 
 #[path = "throughput/backlog.rs"]
 mod backlog;
+// The bounded HTTP probe the tests use (its child-command helper is not used here).
+#[allow(dead_code)]
+#[path = "../tests/common/bounded.rs"]
+mod bounded;
 #[path = "throughput/commands.rs"]
 mod commands;
 #[path = "throughput/cpu.rs"]

@@ -67,8 +67,9 @@ mod standard;
 #[path = "faults/workload.rs"]
 mod workload;
 
-// `infra` runs commands through `crate::process` (the capacity bench, which has no `common`, includes the file itself).
-use common::process;
+// `infra` runs commands and HTTP requests through `crate::bounded` (the capacity bench, which has no `common`,
+// includes the file itself).
+use common::bounded;
 
 use std::time::Duration;
 

@@ -6,7 +6,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::{self, Topology};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::NoTls;
 
 use crate::opts::Opts;
@@ -33,20 +32,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(19090)
 }
 
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
-}
+pub use crate::bounded::http_get;
 
 /// Drops a database and deletes the broker objects of some prefixes.
 async fn remove_resources(pg_base: &str, amqp_url: &str, db_name: &str, prefixes: &[String]) {

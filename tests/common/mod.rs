@@ -2,9 +2,10 @@
 //! to the real PostgreSQL and RabbitMQ, and removes both at the end.
 #![allow(dead_code)]
 
-#[path = "process.rs"]
-pub mod process;
-pub use process::output_within;
+#[path = "bounded.rs"]
+pub mod bounded;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use bounded::{http_get, output_within};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -339,20 +340,6 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 /// A port nothing listens on yet.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port()
-}
-
-/// `GET path` on 127.0.0.1:`port`: the status and the body, `None` while nothing answers.
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
 }
 
 /// Drops the test database and deletes the test topology.

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
 
+use crate::bounded::http_get;
 use crate::counting::{event_key, field, key_acked, key_created, key_opened, key_session, left_in_queues, Row};
-use crate::infra::{eventually, http_get, within};
-use crate::lab::{db, query_i64, wait_count, Lab, QUERY_LIMIT, SETUP_LIMIT};
+use crate::infra::{eventually, within};
+use crate::lab::{consume_no_ack, db, query_i64, wait_count, Lab, QUERY_LIMIT, SETUP_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, events_queue, settle_timeout, PREFIX};
@@ -196,13 +197,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
     expected.extend((0..acks).map(key_acked));
     expected.extend((0..connections).map(key_opened));
     let (conn, ch) = lab.amqp().await;
-    let consume = ch.basic_consume(
-        events_queue().as_str().into(),
-        "blocked-events".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    );
-    let mut events = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume events");
+    let mut events = consume_no_ack(&ch, &events_queue(), "blocked-events").await;
     let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
     let mut deliveries = 0u64;
     let mut bad_message_id = 0u64;
@@ -245,13 +240,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
 
     // Every acknowledgement replied to (a redelivered one may be replied to twice, with the same reply).
     let (conn, ch) = lab.amqp().await;
-    let consume = ch.basic_consume(
-        replies.as_str().into(),
-        "blocked-replies".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    );
-    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume replies");
+    let mut consumer = consume_no_ack(&ch, &replies, "blocked-replies").await;
     let mut replied: HashSet<String> = HashSet::new();
     let mut not_ok = 0;
     let deadline = Instant::now() + settle_timeout();

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use serde_json::Value;
 
-use crate::infra::{eventually, within};
-use crate::lab::{wait_count, Lab};
+use crate::infra::eventually;
+use crate::lab::{consume_no_ack, wait_count, Lab};
 use crate::{events_queue, instruction_uuid, settle_timeout, PREFIX};
 
 /// One row of the results table.
@@ -155,13 +154,7 @@ impl Captured {
 /// Consumes the event capture queue until it is empty and quiet (the workers are stopped by then).
 pub async fn drain_events(lab: &Lab) -> Captured {
     let (conn, ch) = lab.amqp().await;
-    let consumer = ch.basic_consume(
-        events_queue().as_str().into(),
-        "faults".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    );
-    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consumer).await.expect("consume events");
+    let mut consumer = consume_no_ack(&ch, &events_queue(), "faults").await;
     let mut got = Captured::default();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -192,13 +185,7 @@ pub async fn drain_events(lab: &Lab) -> Captured {
 pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
     let queue = Topology::new(PREFIX).dead_letter;
     let (conn, ch) = lab.amqp().await;
-    let consumer = ch.basic_consume(
-        queue.as_str().into(),
-        "faults-dl".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    );
-    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consumer).await.expect("consume dead letters");
+    let mut consumer = consume_no_ack(&ch, &queue, "faults-dl").await;
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

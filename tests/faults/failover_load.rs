@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::BROKER_QUERY_TIMEOUT;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
 
 use crate::infra::within;
-use crate::lab::{Lab, SETUP_LIMIT};
+use crate::lab::{consume_no_ack, Lab, SETUP_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::settle_timeout;
 use crate::workload::heartbeat_msg;
@@ -60,13 +59,7 @@ pub async fn collect_replies(lab: &Lab, replies: Arc<Mutex<Replies>>) -> (lapin:
     );
     let q = within("declaring the reply queue", SETUP_LIMIT, declare).await.expect("reply queue");
     let name = q.name().to_string();
-    let consume = ch.basic_consume(
-        name.as_str().into(),
-        "failover-replies".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    );
-    let mut consumer = within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.expect("consume replies");
+    let mut consumer = consume_no_ack(&ch, &name, "failover-replies").await;
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             let id = d.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub use pgbouncer::PgBouncer;
 pub use postgres::PgCluster;
 pub use rabbitmq::RabbitNode;
-pub use worker::{http_get, WorkerEnv, WorkerProc};
+pub use worker::{WorkerEnv, WorkerProc};
 
 /// The worker binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
 use agent_connection_manager::config::Settings;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio_postgres::NoTls;
 
@@ -229,6 +229,14 @@ pub const QUERY_LIMIT: Duration = Duration::from_secs(60);
 
 /// Longest wait for one setup step on the broker (a quorum queue's declaration waits for its members).
 pub const SETUP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Consumes `queue` without acknowledgements (the test only reads and counts), asking within
+/// [`BROKER_QUERY_TIMEOUT`]; fails the test otherwise.
+pub async fn consume_no_ack(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let consume = ch.basic_consume(queue.into(), tag.into(), options, FieldTable::default());
+    within("basic.consume", BROKER_QUERY_TIMEOUT, consume).await.unwrap_or_else(|e| panic!("consuming {queue}: {e}"))
+}
 
 // Database probes (a fresh connection each time, so they work across a PostgreSQL restart).
 

@@ -196,7 +196,7 @@ impl RabbitNode {
         let mut c = Command::new(if direct.exists() { direct.into() } else { PathBuf::from("rabbitmqctl") });
         self.env(&mut c);
         c.arg("-n").arg(&self.name).args(args).stdin(Stdio::null());
-        let out = crate::process::output_within(&mut c, CTL_LIMIT, &format!("rabbitmqctl {args:?}"));
+        let out = crate::bounded::output_within(&mut c, CTL_LIMIT, &format!("rabbitmqctl {args:?}"));
         assert!(
             out.status.success(),
             "rabbitmqctl {args:?} failed: {}{}",

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::{free_port, poll_until, tail, BIN};
 
 /// One run of the worker binary (`run`), with its log and its peak memory.
@@ -52,7 +50,7 @@ impl WorkerEnv {
         let mut c = Command::new(BIN);
         self.apply(&mut c);
         c.arg("migrate").stdin(Stdio::null());
-        let out = crate::process::output_within(&mut c, Duration::from_secs(120), "migrate");
+        let out = crate::bounded::output_within(&mut c, Duration::from_secs(120), "migrate");
         assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
@@ -70,24 +68,8 @@ impl WorkerEnv {
     }
 }
 
-/// `GET path` on the worker's HTTP port: status and body (`None` when it does not answer within 5 s).
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), ask).await.ok()?
-}
-
 async fn http_status(port: u16, path: &str) -> Option<u16> {
-    http_get(port, path).await.map(|(status, _)| status)
+    crate::bounded::http_get(port, path).await.map(|(status, _)| status)
 }
 
 /// `VmHWM` (peak resident set) of a process in KiB.
