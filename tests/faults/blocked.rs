@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
+use agent_connection_manager::amqp::Topology;
 use futures_util::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::bounded::http_get;
 use crate::counting::{event_key, field, key_acked, key_created, key_opened, key_session, left_in_queues, Row};
 use crate::infra::{eventually, within};
-use crate::lab::{consume_no_ack, db, query_i64, wait_count, Lab, QUERY_LIMIT, SETUP_LIMIT};
+use crate::lab::{close, consume_no_ack, db, query_i64, wait_count, Lab, QUERY_LIMIT, SETUP_LIMIT};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
 use crate::{count, events_queue, settle_timeout, PREFIX};
@@ -100,7 +100,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
             FieldTable::default(),
         );
         within("declaring the reply queue", SETUP_LIMIT, declare).await.expect("reply queue");
-        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+        close(&conn).await;
     }
 
     // Sessions and instructions first (a worker running), then the acknowledgements and heartbeats queue while no
@@ -235,7 +235,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
             Err(_) => panic!("{name}: the marker event never arrived"),
         }
     }
-    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+    close(&conn).await;
     ids.remove(&marker);
 
     // Every acknowledgement replied to (a redelivered one may be replied to twice, with the same reply).
@@ -260,7 +260,7 @@ async fn a_blocked_broker_holds_no_transaction_stops_within_the_grace_and_loses_
             Err(_) => break,
         }
     }
-    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+    close(&conn).await;
     assert_eq!(replied.len(), acks, "{name}: acknowledgements replied to");
 
     lab.stop_workers().await;

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::count;
 use crate::infra::{free_port, random_suffix, within, RabbitNode, TempDir};
-use crate::lab::{Lab, SETUP_LIMIT};
+use crate::lab::{close, Lab, SETUP_LIMIT};
 use crate::standard::{run_standard, Fault, Standard};
 
 const NODES: usize = 3;
@@ -198,7 +198,7 @@ async fn cluster_node_leading_the_queues_sigkilled_loses_and_duplicates_nothing(
         FieldTable::default(),
     );
     within("declaring the dead-letter queue", SETUP_LIMIT, declare).await.expect("dead-letter queue on the third node");
-    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+    close(&conn).await;
 
     let mut settings = Settings::default();
     settings.amqp.heartbeat_queue_type = QueueType::Quorum;

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::amqp::{Topology, BROKER_QUERY_TIMEOUT};
+use agent_connection_manager::amqp::Topology;
 use futures_util::StreamExt;
 use lapin::types::AMQPValue;
 use serde_json::Value;
 
 use crate::infra::eventually;
-use crate::lab::{consume_no_ack, wait_count, Lab};
+use crate::lab::{close, consume_no_ack, wait_count, Lab};
 use crate::{events_queue, instruction_uuid, settle_timeout, PREFIX};
 
 /// One row of the results table.
@@ -177,7 +177,7 @@ pub async fn drain_events(lab: &Lab) -> Captured {
             }
         }
     }
-    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+    close(&conn).await;
     got
 }
 
@@ -213,7 +213,7 @@ pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
             }
         }
     }
-    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+    close(&conn).await;
     out
 }
 

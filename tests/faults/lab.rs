@@ -159,7 +159,7 @@ impl Lab {
             FieldTable::default(),
         );
         within("binding the event capture queue", SETUP_LIMIT, bind).await.expect("bind event capture queue");
-        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+        close(&conn).await;
         lab
     }
 
@@ -219,7 +219,7 @@ impl Lab {
                 .ok()
         };
         let q = tokio::time::timeout(BROKER_QUERY_TIMEOUT, ask).await.ok().flatten();
-        let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+        close(&conn).await;
         q.map(|q| q.message_count())
     }
 }
@@ -229,6 +229,12 @@ pub const QUERY_LIMIT: Duration = Duration::from_secs(60);
 
 /// Longest wait for one setup step on the broker (a quorum queue's declaration waits for its members).
 pub const SETUP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Closes a connection of the test's own, waiting at most [`BROKER_QUERY_TIMEOUT`] (a connection the broker already
+/// dropped may never answer; nothing depends on the close).
+pub async fn close(conn: &lapin::Connection) {
+    let _ = tokio::time::timeout(BROKER_QUERY_TIMEOUT, conn.close(200, "done".into())).await;
+}
 
 /// Consumes `queue` without acknowledgements (the test only reads and counts), asking within
 /// [`BROKER_QUERY_TIMEOUT`]; fails the test otherwise.

@@ -187,7 +187,7 @@ async fn ten_workers_behind_pgbouncer_in_transaction_mode_close_each_stale_conne
     )
     .await
     .expect("the marker is published");
-    let _ = conn.close(200, "done".into()).await;
+    crate::lab::close(&conn).await;
     let mut published: HashMap<String, HashSet<String>> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

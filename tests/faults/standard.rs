@@ -13,7 +13,7 @@ use agent_connection_manager::amqp::Topology;
 use crate::counting::{
     drain_dead_letters, drain_events, key_acked, key_created, key_opened, key_session, left_in_queues, wait_quiet, Row,
 };
-use crate::infra::{eventually, poll_until};
+use crate::infra::{eventually, poll_until, within};
 use crate::lab::{count_of, db, query_i64, wait_count, Lab};
 use crate::publisher::{Msg, ReliablePublisher};
 use crate::workload::{ack_msg, heartbeat_msg, instruction_msg, session_msg};
@@ -150,13 +150,8 @@ async fn drive_standard(lab: &mut Lab, w: Standard, fault: Fault) -> u64 {
         }
     }
     // Every wait inside the client tasks is bounded; so is waiting for them, in case one of those bounds is missed.
-    let t = settle_timeout();
-    let finished =
-        |what: &'static str| move |_| panic!("the {what} client did not finish within {t:?} after the fault");
-    let republished_cmd =
-        tokio::time::timeout(t, commands).await.unwrap_or_else(finished("command")).expect("command client");
-    let republished_hb =
-        tokio::time::timeout(t, heartbeats).await.unwrap_or_else(finished("heartbeat")).expect("heartbeat client");
+    let republished_cmd = within("the command client", settle_timeout(), commands).await.expect("command client");
+    let republished_hb = within("the heartbeat client", settle_timeout(), heartbeats).await.expect("heartbeat client");
     republished_cmd + republished_hb
 }
 
