@@ -3,7 +3,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use acm::client::Client as EngineClient;
 use agent_connection_manager as acm;
@@ -12,8 +12,9 @@ use pyo3::prelude::*;
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 
+use crate::awaitable::{awaitable, Json};
 use crate::config::load_settings;
-use crate::convert::{json_to_py, non_empty, py_to_json, py_to_object};
+use crate::convert::{non_empty, py_to_json, py_to_object};
 use crate::errors::{to_py, AgentConnectionManagerError, BrokerError};
 use crate::subscription::{Subscription, SubscriptionInner};
 
@@ -29,8 +30,16 @@ pub(crate) struct ClientState {
 }
 
 impl ClientState {
-    /// Connects when not yet connected.
+    /// Connects when not yet connected, waiting at most `BROKER_CONNECT_TIMEOUT`.
     pub(crate) async fn connected(&self) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
+        self.connected_within(BROKER_CONNECT_TIMEOUT).await
+    }
+
+    /// Connects when not yet connected, waiting at most `limit` for the broker.
+    pub(crate) async fn connected_within(
+        &self,
+        limit: Duration,
+    ) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(AgentConnectionManagerError::new_err("the client is closed"));
         }
@@ -38,8 +47,12 @@ impl ClientState {
             let mut slot = self.client.write().await;
             if slot.is_none() && !self.closed.load(Ordering::Acquire) {
                 let connect = EngineClient::connect(&self.amqp_url, &self.prefix);
-                let client = tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connect).await.map_err(|_| {
-                    BrokerError::new_err(format!("broker: no connection within {}s", BROKER_CONNECT_TIMEOUT.as_secs()))
+                let client = tokio::time::timeout(limit, connect).await.map_err(|_| {
+                    BrokerError::new_err(format!(
+                        "broker {}: no connection within {:.1}s (never reached)",
+                        acm::config::redact_url(&self.amqp_url),
+                        limit.as_secs_f64()
+                    ))
                 })?;
                 *slot = Some(client.map_err(to_py)?);
             }
@@ -93,7 +106,7 @@ impl Client {
     /// Connects now (otherwise the first call connects).
     fn connect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             drop(state.connected().await?);
             Ok(())
         })
@@ -117,7 +130,7 @@ impl Client {
             _ => None,
         };
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
             client.heartbeat_with(&agent_id, &session_id, &connection_id, client_info).await.map_err(to_py)
@@ -133,11 +146,14 @@ impl Client {
         }
         let timeout = Duration::from_secs_f64(timeout);
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let guard = state.connected().await?;
+        awaitable(py, async move {
+            // `timeout` bounds the whole call: connecting (when this is the first) and waiting for the reply.
+            let began = Instant::now();
+            let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            let reply = client.request(&Value::Object(body), None, timeout).await.map_err(to_py)?;
-            Python::attach(|py| json_to_py(py, &reply))
+            let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
+            let reply = client.request(&Value::Object(body), None, left).await.map_err(to_py)?;
+            Ok(Json(reply))
         })
     }
 
@@ -145,7 +161,7 @@ impl Client {
     fn send<'py>(&self, py: Python<'py>, body: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let body = command_body(body)?;
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
             client.send(&Value::Object(body), None).await.map_err(to_py)
@@ -174,7 +190,7 @@ impl Client {
     /// Closes the connection; its subscriptions end.
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             state.closed.store(true, Ordering::Release);
             let client = state.client.write().await.take();
             if let Some(c) = client {
@@ -186,8 +202,8 @@ impl Client {
 
     fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let state = slf.get().state.clone();
-        let object = slf.clone().unbind();
-        pyo3_async_runtimes::tokio::future_into_py(slf.py(), async move {
+        let object = slf.clone().into_any().unbind();
+        awaitable(slf.py(), async move {
             drop(state.connected().await?);
             Ok(object)
         })

@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use crate::convert::{json_to_py, non_empty, py_to_object};
+use crate::awaitable::Stats;
+use crate::convert::{non_empty, py_to_object};
 use crate::errors::{to_py, ConfigurationError, DatabaseError};
 
 /// Longest time for creating the database and applying the migrations, once a connection was made.
@@ -106,15 +107,11 @@ impl Engine {
         stopped
     }
 
-    pub(crate) async fn stats(self) -> PyResult<Py<PyAny>> {
+    pub(crate) async fn stats(self) -> PyResult<Stats> {
         self.ensure_schema().await?;
         let stats = self.manager.get_connection_stats().await.map_err(to_py)?;
-        let value = serde_json::to_value(&stats).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        Python::attach(|py| {
-            let dict = json_to_py(py, &value)?;
-            dict.bind(py).set_item("timestamp", stats.timestamp)?;
-            Ok(dict)
-        })
+        let fields = serde_json::to_value(&stats).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(Stats { fields, timestamp: stats.timestamp })
     }
 
     pub(crate) async fn create_session(self, args: SessionArgs) -> PyResult<String> {

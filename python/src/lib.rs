@@ -3,11 +3,15 @@
 //! Thin on purpose: configuration, guarantees and protocol are the library's. This layer only turns Python
 //! arguments into library calls and library results and errors into Python values and exceptions.
 //!
-//! One tokio runtime per process (pyo3-async-runtimes' own) runs everything: the worker started by `start()`, the
-//! futures behind every awaitable, and the calls of the synchronous methods. A synchronous method spawns its work on
-//! that runtime and waits for the answer with the GIL released, so it never touches the caller's asyncio loop, works
-//! from inside a running loop and from many threads at once, and never blocks a runtime thread.
+//! One tokio runtime per process, the engine's own (`runtime.rs`), runs everything: the worker started by
+//! `start()`, the futures behind every awaitable (`awaitable.rs`), and the calls of the synchronous methods. A
+//! synchronous method spawns its work on that runtime and waits for the answer with the GIL released, so it never
+//! touches the caller's asyncio loop, works from inside a running loop and from many threads at once, and never
+//! blocks a runtime thread. Engine threads enter Python only through `runtime::attach`, whose gate an `atexit`
+//! callback closes before the interpreter finalizes: however the program ends, no engine thread touches a
+//! finalizing interpreter.
 
+mod awaitable;
 mod client;
 mod config;
 mod convert;
@@ -34,6 +38,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         acm::telemetry::init(acm::config::LogFormat::Text, "warn");
     }
+    // Registered at import, so it runs before the interpreter finalizes whatever the program does later.
+    py.import("atexit")?.call_method1("register", (wrap_pyfunction!(runtime::close_gate, m)?,))?;
     m.add_class::<AgentConnectionManager>()?;
     m.add_class::<Client>()?;
     m.add_class::<Subscription>()?;

@@ -8,6 +8,7 @@ use agent_connection_manager as acm;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::awaitable::{awaitable, IntoPython};
 use crate::config::{engine_url, load_settings};
 use crate::engine::{Engine, SessionArgs};
 use crate::errors::to_py;
@@ -50,12 +51,12 @@ impl AgentConnectionManager {
 
     /// Migrates the database if needed, then runs the worker (consumers, sweeper, relay, HTTP when configured).
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().start())
+        awaitable(py, self.engine.clone().start())
     }
 
     /// Stops the worker gracefully.
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().stop())
+        awaitable(py, self.engine.clone().stop())
     }
 
     /// Whether the worker runs.
@@ -91,11 +92,11 @@ impl AgentConnectionManager {
     }
 
     fn get_connection_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        wait(py, self.engine.clone().stats())
+        wait(py, self.engine.clone().stats())?.into_python(py)
     }
 
     fn aget_connection_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().stats())
+        awaitable(py, self.engine.clone().stats())
     }
 
     #[pyo3(signature = (agent_id, acquisition_uuid=None, name=None, description=None, experimental_parameters=None))]
@@ -123,7 +124,7 @@ impl AgentConnectionManager {
         experimental_parameters: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let args = SessionArgs::new(agent_id, acquisition_uuid, name, description, experimental_parameters)?;
-        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().create_session(args))
+        awaitable(py, self.engine.clone().create_session(args))
     }
 
     fn close_session(&self, py: Python<'_>, session_id: String) -> PyResult<bool> {
@@ -131,7 +132,7 @@ impl AgentConnectionManager {
     }
 
     fn aclose_session<'py>(&self, py: Python<'py>, session_id: String) -> PyResult<Bound<'py, PyAny>> {
-        pyo3_async_runtimes::tokio::future_into_py(py, self.engine.clone().close_session(session_id))
+        awaitable(py, self.engine.clone().close_session(session_id))
     }
 
     fn __repr__(&self) -> String {
@@ -163,14 +164,14 @@ pub(crate) fn get_connection_manager(py: Python<'_>) -> PyResult<Py<AgentConnect
 pub(crate) fn start_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     let m = get_connection_manager(py)?;
     let engine = m.get().engine.clone();
-    pyo3_async_runtimes::tokio::future_into_py(py, engine.start())
+    awaitable(py, engine.start())
 }
 
 /// Stops the process-wide manager, if it was made.
 #[pyfunction]
 pub(crate) fn stop_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     let engine = GLOBAL.get().map(|m| m.get().engine.clone());
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+    awaitable(py, async move {
         match engine {
             Some(e) => e.stop().await,
             None => Ok(()),

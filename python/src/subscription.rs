@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 use serde_json::Value;
 use tokio::sync::{mpsc, Mutex, OnceCell};
 
+use crate::awaitable::{awaitable, Json};
 use crate::client::ClientState;
-use crate::convert::json_to_py;
 use crate::errors::{to_py, AgentConnectionManagerError};
 
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.
@@ -103,9 +103,9 @@ impl Subscription {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             match inner.next().await? {
-                Some(v) => Python::attach(|py| json_to_py(py, &v)),
+                Some(v) => Ok(Json(v)),
                 None => Err(PyStopAsyncIteration::new_err(())),
             }
         })
@@ -114,8 +114,8 @@ impl Subscription {
     /// Binds the queues, then gives the subscription itself.
     fn __await__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, PyAny>> {
         let inner = slf.get().inner.clone();
-        let object = slf.clone().unbind();
-        let fut = pyo3_async_runtimes::tokio::future_into_py(slf.py(), async move {
+        let object = slf.clone().into_any().unbind();
+        let fut = awaitable(slf.py(), async move {
             inner.bind().await?;
             Ok(object)
         })?;
@@ -129,11 +129,11 @@ impl Subscription {
             return Err(PyValueError::new_err("timeout must be a non-negative number of seconds"));
         }
         let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             inner.bind().await?;
             match tokio::time::timeout(Duration::from_secs_f64(timeout), inner.next()).await {
-                Ok(Ok(Some(v))) => Python::attach(|py| json_to_py(py, &v)),
-                Ok(Ok(None)) | Err(_) => Ok(Python::attach(|py| py.None())),
+                Ok(Ok(Some(v))) => Ok(Some(Json(v))),
+                Ok(Ok(None)) | Err(_) => Ok(None),
                 Ok(Err(e)) => Err(e),
             }
         })

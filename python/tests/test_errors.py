@@ -60,3 +60,26 @@ async def test_silent_database_never_hangs(isolated):
             await manager.start()
         assert time.monotonic() - began < 6
         assert not manager.running
+
+
+async def test_request_against_a_hung_broker_raises_within_the_callers_timeout():
+    """A broker that accepts TCP and never answers: the request fails within the timeout the caller gave (the
+    client's own 10 s connect bound does not stretch it), naming the address and never the password."""
+    from agent_connection_manager import BrokerError, Client
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    port = hung.getsockname()[1]
+    try:
+        client = Client(f"amqp://guest:S3CRET@127.0.0.1:{port}/%2f", "acm-hung")
+        began = time.monotonic()
+        with pytest.raises(BrokerError) as raised:
+            await client.request({"type": "stats.get"}, timeout=1.5)
+        elapsed = time.monotonic() - began
+        assert elapsed < 1.5 + 1.0, f"the request with timeout=1.5 raised only after {elapsed:.1f}s"
+        message = str(raised.value)
+        assert f"127.0.0.1:{port}" in message, message
+        assert "S3CRET" not in message, message
+    finally:
+        hung.close()
