@@ -87,6 +87,7 @@ async fn the_demo_shows_every_transition_of_its_own_fleet_and_leaves_nothing_beh
     for reason in ["client_disconnect", "session_closed"] {
         assert!(summary["connections_closed_by_reason"][reason].as_u64() >= Some(1), "no {reason} close: {summary}");
     }
+    assert!(summary["heartbeats_sent"].as_u64() >= Some(AGENTS as u64), "heartbeats: {summary}");
     assert!(summary["restored"].as_u64() >= Some(1), "no restored connection: {summary}");
     assert!(summary["reactivated"].as_u64() >= Some(1), "no session active again after inactive: {summary}");
     // Its own fleet, all of it, and ended: one session created and one closed per agent.

@@ -97,10 +97,10 @@ pub async fn run(base: Settings, args: DemoArgs) -> Result<()> {
         .and_then(|c| c.get_dbname().map(str::to_string))
         .unwrap_or_default();
     println!(
-        "demo: a worker in this process on database {database} and prefix {} (removed at the end{}); stale after {}s, \
+        "demo: a worker in this process on database {database} and prefix {} ({}); stale after {}s, \
          inactive after {}s, instructions expire after {}s with one retry {}s later, a sweep every {}s",
         settings.amqp.prefix,
-        if args.keep { " unless kept: --keep is given, so they stay" } else { "" },
+        if args.keep { "kept at the end: --keep" } else { "removed at the end" },
         settings.sweeper.connection_stale_after_secs,
         settings.sweeper.session_inactive_after_secs,
         settings.instructions.default_ttl_secs,
@@ -142,7 +142,7 @@ async fn play(manager: &AgentConnectionManager, settings: &Settings, args: &Demo
     let members = open_sessions(&client, (0..args.agents).map(|i| format!("{fleet}{i}"))).await?;
     let end = start + Duration::from_secs_f64(args.duration - ENDING_SECS);
     println!("demo: {} agents for {}s; a line a second:", args.agents, args.duration);
-    let mut tasks = script::start(&client, &members, start, end);
+    let mut tasks = script::start(&client, &members, start, end, &watch.tally.heartbeats_sent());
     let acks = |agent: &str, retry: i64| role_of(fleet, agent).is_some_and(|role| role.acks(retry));
     watch.until(&client, end, &mut tasks, &acks).await?;
     tasks.shutdown().await;

@@ -201,13 +201,14 @@ pub async fn run(settings: Settings, args: SimulateArgs) -> Result<()> {
     let quiet_at = start + Duration::from_secs_f64(args.duration / 4.0);
     let mut tasks = JoinSet::new();
     for (m, silent) in members.iter().zip(&silent) {
-        let (m, silent, client) = (m.clone(), *silent, client.clone());
+        let (m, silent, client, sent) = (m.clone(), *silent, client.clone(), watch.tally.heartbeats_sent());
         let interval = Duration::from_secs_f64(args.heartbeat_interval);
         tasks.spawn(async move {
             let connection_id = format!("{}-conn", m.agent_id);
             while Instant::now() < end {
                 if !(silent && Instant::now() > quiet_at) {
                     client.heartbeat(&m.agent_id, &m.session_id, &connection_id).await?;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(interval).await;
             }

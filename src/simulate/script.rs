@@ -13,6 +13,7 @@
 //! Closing the sessions at the end closes the connections still open (`session_closed`), cancels the open
 //! instructions and closes the sessions.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,10 +86,17 @@ pub fn role_of(fleet: &str, agent_id: &str) -> Option<Role> {
 }
 
 /// Starts the fleet's agents and the backend; they play until `end`.
-pub fn start(client: &Arc<Client>, members: &[Member], start: Instant, end: Instant) -> JoinSet<Result<()>> {
+pub fn start(
+    client: &Arc<Client>,
+    members: &[Member],
+    start: Instant,
+    end: Instant,
+    heartbeats: &Arc<AtomicU64>,
+) -> JoinSet<Result<()>> {
     let mut tasks = JoinSet::new();
     for (i, m) in members.iter().enumerate() {
-        tasks.spawn(agent(client.clone(), m.clone(), Role::of(i), start, end));
+        let sent = heartbeats.clone();
+        tasks.spawn(agent(client.clone(), m.clone(), Role::of(i), (start, end), sent));
     }
     tasks.spawn(backend(client.clone(), members.to_vec(), end));
     tasks
@@ -96,7 +104,13 @@ pub fn start(client: &Arc<Client>, members: &[Member], start: Instant, end: Inst
 
 /// One agent: a heartbeat at each second of the cycle outside its quiet spell; `connection.open` at the start (and,
 /// for a leaving agent, after each disconnection with a new connection id), `connection.close` as its spell starts.
-async fn agent(client: Arc<Client>, m: Member, role: Role, start: Instant, end: Instant) -> Result<()> {
+async fn agent(
+    client: Arc<Client>,
+    m: Member,
+    role: Role,
+    (start, end): (Instant, Instant),
+    sent: Arc<AtomicU64>,
+) -> Result<()> {
     let mut generation = 0;
     let connection = |generation: u32| format!("{}-c{generation}", m.agent_id);
     if role.opens() {
@@ -123,6 +137,7 @@ async fn agent(client: Arc<Client>, m: Member, role: Role, start: Instant, end: 
         }
         if !quiet.contains(&phase) {
             client.heartbeat(&m.agent_id, &m.session_id, &connection(generation)).await?;
+            sent.fetch_add(1, Ordering::Relaxed);
         }
         second += 1;
     }

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -24,6 +26,8 @@ pub struct Tally {
     inactive: HashSet<String>,
     restored: u64,
     reactivated: u64,
+    /// Heartbeats the fleet's agents sent (they have no event: the worker applies them silently).
+    heartbeats: Arc<AtomicU64>,
 }
 
 impl Tally {
@@ -36,7 +40,13 @@ impl Tally {
             inactive: HashSet::new(),
             restored: 0,
             reactivated: 0,
+            heartbeats: Arc::default(),
         }
+    }
+
+    /// The counter the fleet's agents add each heartbeat they send to.
+    pub fn heartbeats_sent(&self) -> Arc<AtomicU64> {
+        self.heartbeats.clone()
     }
 
     /// Records one event body; returns `false` (and counts nothing) when it is not the fleet's.
@@ -85,32 +95,55 @@ impl Tally {
         state_machine_event_types().filter(|t| self.count(t) == 0).collect()
     }
 
-    /// One line of figures, for the progress display.
+    /// One line of figures, for a progress display that is not a terminal.
     pub fn line(&self, elapsed: Duration) -> String {
+        let [sessions, connections, instructions] = self.figures();
+        format!("t={:>3}s events={:<5} {sessions} | {connections} | {instructions}", elapsed.as_secs(), self.total())
+    }
+
+    /// The figures as lines short enough for a terminal, for a display redrawn in place.
+    pub fn block(&self, elapsed: Duration) -> Vec<String> {
+        let [sessions, connections, instructions] = self.figures();
+        vec![
+            format!("{:>4}s  {} events of the fleet", elapsed.as_secs(), self.total()),
+            format!("  {sessions}"),
+            format!("  {connections}"),
+            format!("  {instructions}"),
+        ]
+    }
+
+    fn figures(&self) -> [String; 3] {
         let c = |t: &str| self.count(t);
-        format!(
-            "t={:>3}s events={:<5} sessions: created={} inactive={} reactivated={} closed={} | connections: opened={} \
-             stale={} restored={} closed={} | instructions: created={} acked={} retry={} expired={} cancelled={}",
-            elapsed.as_secs(),
-            self.total(),
-            c("agent.session.created"),
-            c("agent.session.inactive"),
-            self.reactivated,
-            c("agent.session.closed"),
-            c("agent.connection.opened"),
-            c("agent.connection.stale"),
-            self.restored,
-            c("agent.connection.closed"),
-            c("agent.instruction.created"),
-            c("agent.instruction.acknowledged"),
-            c("agent.instruction.retry"),
-            c("agent.instruction.expired"),
-            c("agent.instruction.cancelled"),
-        )
+        [
+            format!(
+                "sessions: created={} inactive={} reactivated={} closed={}",
+                c("agent.session.created"),
+                c("agent.session.inactive"),
+                self.reactivated,
+                c("agent.session.closed"),
+            ),
+            format!(
+                "connections: opened={} heartbeats={} stale={} restored={} closed={}",
+                c("agent.connection.opened"),
+                self.heartbeats.load(Ordering::Relaxed),
+                c("agent.connection.stale"),
+                self.restored,
+                c("agent.connection.closed"),
+            ),
+            format!(
+                "instructions: created={} acked={} retry={} expired={} cancelled={}",
+                c("agent.instruction.created"),
+                c("agent.instruction.acknowledged"),
+                c("agent.instruction.retry"),
+                c("agent.instruction.expired"),
+                c("agent.instruction.cancelled"),
+            ),
+        ]
     }
 
     /// The final figures: `events` has every state-machine event type (0 when not seen) and any other the fleet
-    /// saw; `restored` and `reactivated` count the transitions the events show only indirectly.
+    /// saw; `restored` and `reactivated` count the transitions the events show only indirectly, `heartbeats_sent`
+    /// what the agents sent.
     pub fn to_json(&self) -> Value {
         let mut events: BTreeMap<String, u64> = state_machine_event_types().map(|t| (t.to_string(), 0)).collect();
         events.extend(self.counts.iter().map(|(k, v)| (k.clone(), *v)));
@@ -119,24 +152,26 @@ impl Tally {
             "connections_closed_by_reason": self.closed_by_reason,
             "restored": self.restored,
             "reactivated": self.reactivated,
+            "heartbeats_sent": self.heartbeats.load(Ordering::Relaxed),
         })
     }
 }
 
-/// The live display: on a terminal one line redrawn in place, otherwise one line a second.
+/// The live display: on a terminal a block of short lines redrawn in place, otherwise one line a second.
 #[derive(Debug)]
 pub struct Progress {
     terminal: bool,
     start: Instant,
     next: Instant,
-    drawn: bool,
+    /// Lines of the block drawn last (to move back over them).
+    drawn: usize,
 }
 
 impl Progress {
     /// A display whose clock starts now; it draws on standard output.
     pub fn new() -> Self {
         let start = Instant::now();
-        Self { terminal: std::io::stdout().is_terminal(), start, next: start + Duration::from_secs(1), drawn: false }
+        Self { terminal: std::io::stdout().is_terminal(), start, next: start + Duration::from_secs(1), drawn: 0 }
     }
 
     /// Shows the figures when a second has passed since the last time.
@@ -151,23 +186,24 @@ impl Progress {
     }
 
     fn show(&mut self, tally: &Tally) {
-        let line = tally.line(self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        let text = if self.terminal {
+            // Back to the block's first line, then each line cleared and written again.
+            let up = if self.drawn > 0 { format!("\x1b[{}A", self.drawn) } else { String::new() };
+            let block = tally.block(elapsed);
+            self.drawn = block.len();
+            format!("{up}{}", block.iter().map(|l| format!("\r\x1b[2K{l}\n")).collect::<String>())
+        } else {
+            format!("{}\n", tally.line(elapsed))
+        };
         let mut out = std::io::stdout().lock();
         // A reader that went away (`| head`) only ends the display, not the run.
-        let _ = if self.terminal {
-            self.drawn = true;
-            write!(out, "\r\x1b[2K{line}").and_then(|_| out.flush())
-        } else {
-            writeln!(out, "{line}")
-        };
+        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
     }
 
-    /// Shows the last figures and ends the display (so what follows starts on a line of its own).
+    /// Shows the last figures.
     pub fn finish(&mut self, tally: &Tally) {
         self.show(tally);
-        if self.drawn {
-            println!();
-        }
     }
 }
 
@@ -198,6 +234,13 @@ mod tests {
         assert!(v["events"].get("agent.sweeper.held").is_none());
         assert_eq!((v["restored"].clone(), v["reactivated"].clone()), (json!(2), json!(1)));
         assert_eq!(t.total(), 3);
+        t.heartbeats_sent().fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(t.to_json()["heartbeats_sent"], 2);
+        assert!(
+            t.block(std::time::Duration::from_secs(7)).iter().all(|l| l.len() <= 80),
+            "{:?}",
+            t.block(std::time::Duration::ZERO)
+        );
         assert!(t.missing().contains(&"agent.session.closed"));
     }
 }
