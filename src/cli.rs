@@ -1,4 +1,4 @@
-//! The command line: `run`, `migrate`, `stats`, `session create|close`, `sweep --once`, `config`, `simulate`.
+//! The command line: `run`, `migrate`, `stats`, `session create|close`, `sweep --once`, `config`, `simulate`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::error::Result;
 use crate::manager::AgentConnectionManager;
+use crate::simulate::demo::DemoArgs;
 use crate::simulate::SimulateArgs;
 use crate::sweeper::BacklogProbe;
 use crate::{amqp, db, http, telemetry};
@@ -56,8 +57,13 @@ pub enum Cmd {
     },
     /// Print the effective configuration as TOML, secrets redacted.
     Config,
-    /// Run simulated agents and a simulated backend against a running worker.
+    /// Run simulated agents and a simulated backend against a running worker (with that worker's timings); print
+    /// a line a second and, last, the counts of the fleet's events as one JSON object.
     Simulate(SimulateArgs),
+    /// The whole lifecycle in a minute: a worker in this process (own database and prefix, removed afterwards;
+    /// timings scaled to seconds) and a scripted fleet through every transition; a line a second, then the counts of
+    /// its events as one JSON object.
+    Demo(DemoArgs),
 }
 
 /// `session` subcommands.
@@ -252,6 +258,7 @@ async fn dispatch(command: Cmd, settings: Settings) -> Result<ExitCode> {
             Ok(if report.failed_tasks.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Simulate(args) => crate::simulate::run(settings, args).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Demo(args) => crate::simulate::demo::run(settings, args).await.map(|_| ExitCode::SUCCESS),
     }
 }
 
