@@ -301,6 +301,7 @@ impl Sweeper {
             }
             Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None, &self.outbox).await,
             Backlog::Depth(n) => {
+                self.metrics.heartbeat_backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
                 stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n), &self.outbox).await
             }
         };
