@@ -184,6 +184,11 @@ impl Metrics {
             "Messages in the heartbeat queues, as the sweeper last read them",
             m.heartbeat_backlog.clone(),
         );
+        // Every reason starts at 0, so that the first dead letter of a reason is an increase Prometheus sees (a
+        // series that appears at 1 has no earlier sample to increase from).
+        for kind in crate::error::PoisonKind::ALL {
+            m.dead_lettered.get_or_create(&NameLabel { name: kind.label().into() }).inc_by(0);
+        }
         Metrics { registry: root, ..m }
     }
 

@@ -1,6 +1,7 @@
 //! The metrics operators alert on and chart, against a real worker: `acm_ready` follows what `/readyz` answers,
 //! `acm_heartbeat_backlog` is the heartbeat queue's depth as the sweeper reads it, `acm_command_seconds` is counted
-//! per command type, and the process's `process_*` figures are served beside them.
+//! per command type, the counters alerts take `increase` of start at 0, and the process's `process_*` figures are
+//! served beside them.
 
 mod common;
 
@@ -76,6 +77,14 @@ async fn command_latency_is_counted_by_type_and_process_figures_are_served() {
     let text = encoded(&app);
     assert_eq!(sample(&text, r#"acm_command_seconds_count{type="session.create"}"#), Some(2.0), "{text}");
     assert!(sample(&text, r#"acm_command_seconds_sum{type="session.create"}"#).is_some_and(|s| s > 0.0), "{text}");
+    for reason in ["not_json", "unknown_type", "forbidden", "database_rejected"] {
+        let name = format!(r#"acm_messages_dead_lettered_total{{name="{reason}"}}"#);
+        assert_eq!(sample(&text, &name), Some(0.0), "every dead-letter reason starts at 0:\n{text}");
+    }
+    for task in ["stale_connections", "inactive_sessions", "instruction_expiry", "retention"] {
+        let name = format!(r#"acm_sweeper_task_failures_total{{name="{task}"}}"#);
+        assert_eq!(sample(&text, &name), Some(0.0), "every sweeper task's failures start at 0:\n{text}");
+    }
     let rss = sample(&text, "process_resident_memory_bytes").expect("process_resident_memory_bytes is served");
     assert!(rss > 1_048_576.0, "a resident size of {rss} bytes is implausible");
     assert!(sample(&text, "process_cpu_seconds_total").is_some_and(|s| s > 0.0), "{text}");
