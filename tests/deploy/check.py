@@ -3,9 +3,10 @@ kubernetes-validate). Each check prints one line per problem and exits 1 when th
 
   check.py manifests ROOT   cross-references the Kubernetes files kubernetes-validate cannot check (the
                             kustomizations, the KEDA and Prometheus Operator resources) and the Deployment's settings
-  check.py alerts ROOT      every alert has `for`, a severity, a summary, a runbook_url whose anchor is a heading of
+  check.py alerts ROOT      every required alert exists; every alert has `for`, a severity, a summary, a runbook_url whose anchor is a heading of
                             docs/operations.md, and a test case that fires it and one that keeps it quiet
-  check.py dashboard ROOT   the dashboard's panels and the provisioning file are well formed
+  check.py dashboard ROOT   the dashboard's panels and the provisioning file are well formed, and the panels chart
+                            every metric the dashboard is for
   check.py names ROOT       prints every metric name the dashboard and the alerts use, one per line
 """
 
@@ -150,6 +151,16 @@ def slug(heading):
     return s.replace(" ", "-")
 
 
+# No ready worker; no relay holding the lease; oldest unpublished event too old; dead letters growing; a
+# stale-connection storm and a brake held; the broker blocking publishers; the database pool exhausted; the heartbeat
+# backlog growing; a sweeper task failing cycle after cycle.
+REQUIRED_ALERTS = [
+    "AcmNoReadyWorker", "AcmNoRelayLeader", "AcmOutboxEventTooOld", "AcmDeadLettersGrowing",
+    "AcmStaleConnectionStorm", "AcmStaleBrakeHeld", "AcmBrokerBlockingPublishers", "AcmDatabasePoolExhausted",
+    "AcmHeartbeatBacklogGrowing", "AcmSweeperTaskFailing",
+]
+
+
 def alerts(root):
     rules = yaml.safe_load((root / "deploy" / "prometheus" / "alerts.yaml").read_text())
     tests = yaml.safe_load((root / "deploy" / "prometheus" / "alerts.test.yaml").read_text())
@@ -185,12 +196,32 @@ def alerts(root):
                 problem(f"{name}: no test case keeps it quiet")
     if len(names) != len(set(names)):
         problem("an alert name is used twice")
+    for required in REQUIRED_ALERTS:
+        if required not in names:
+            problem(f"no alert {required}")
     print(f"{len(names)} alerts: {' '.join(names)}")
+
+
+# What the dashboard must chart: heartbeat ingest and batch sizes, commands by type and outcome with latency, events
+# published and publish-to-confirm latency, outbox backlog and oldest age, sweeper changes, durations and brake, dead
+# letters by reason, pool use, active connections and sessions, process memory and CPU.
+DASHBOARD_METRICS = [
+    "acm_messages_consumed_total", "acm_heartbeat_batch_size_bucket", "acm_command_seconds_bucket",
+    "acm_events_published_total", "acm_publish_confirm_seconds_bucket", "acm_outbox_backlog",
+    "acm_outbox_oldest_age_seconds", "acm_sweeper_changes_total", "acm_sweeper_task_seconds_bucket",
+    "acm_sweeper_brake_holds_total", "acm_messages_dead_lettered_total", "acm_db_pool_size", "acm_db_pool_available",
+    "acm_db_pool_waiting", "acm_active_connections", "acm_active_sessions", "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+]
 
 
 def dashboard(root):
     g = root / "deploy" / "grafana"
     d = json.loads((g / "agent-connection-manager.json").read_text())
+    exprs = " ".join(t["expr"] for p in d["panels"] for t in p.get("targets", []))
+    for m in DASHBOARD_METRICS:
+        if not re.search(rf"\b{m}\b", exprs):
+            problem(f"dashboard: no panel charts {m}")
     ids = [p["id"] for p in d["panels"]]
     if len(ids) != len(set(ids)):
         problem("dashboard: panel ids are not unique")
