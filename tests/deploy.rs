@@ -29,7 +29,7 @@ const REQUIREMENT: &str = "kubernetes-validate>=1.30,<2";
 const KUBERNETES_VERSION: &str = "1.30.0";
 
 /// Kinds kubernetes-validate has no schema for (custom resources); `check.py manifests` covers them instead.
-const UNVALIDATED_KINDS: &[&str] = &["ScaledObject", "TriggerAuthentication", "ServiceMonitor"];
+const UNVALIDATED_KINDS: &[&str] = &["ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"];
 
 /// One test at a time creates the virtual environment.
 static VENV: Mutex<()> = Mutex::new(());

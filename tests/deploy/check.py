@@ -2,9 +2,11 @@
 kubernetes-validate). Each check prints one line per problem and exits 1 when there is any.
 
   check.py manifests ROOT   cross-references the Kubernetes files kubernetes-validate cannot check (the
-                            kustomizations, the KEDA and Prometheus Operator resources) and the Deployment's settings
-  check.py alerts ROOT      every required alert exists; every alert has `for`, a severity, a summary, a runbook_url whose anchor is a heading of
-                            docs/operations.md, and a test case that fires it and one that keeps it quiet
+                            kustomizations, the KEDA and Prometheus Operator resources, the PrometheusRule against
+                            deploy/prometheus/alerts.yaml) and the Deployment's settings
+  check.py alerts ROOT      every required alert exists; every alert has `for`, a severity, a summary, a
+                            runbook_url whose anchor is a heading of docs/operations.md, and a test case that fires
+                            it and one that keeps it quiet
   check.py dashboard ROOT   the dashboard's panels and the provisioning file are well formed, and the panels chart
                             every metric the dashboard is for
   check.py names ROOT       prints every metric name the dashboard and the alerts use, one per line
@@ -135,6 +137,11 @@ def manifests(root):
                 problem(f"TriggerAuthentication: Secret {ref['name']} has no key {ref['key']}")
     if queues != {"agent.commands", "agent.heartbeats"}:
         problem(f"ScaledObject: triggers on {sorted(queues)}, not the command and heartbeat queues")
+
+    rule = get("PrometheusRule", "agent-connection-manager").get("spec", {})
+    alerts_file = yaml.safe_load((root / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    if rule.get("groups") != alerts_file["groups"]:
+        problem("PrometheusRule: its groups differ from deploy/prometheus/alerts.yaml's")
 
     sm = get("ServiceMonitor", "agent-connection-manager").get("spec", {})
     svc_labels = svc.get("metadata", {}).get("labels", {})
