@@ -129,7 +129,18 @@ pub enum PoisonKind {
 }
 
 impl PoisonKind {
-    /// The metric label.
+    /// Every kind, in declaration order (the dead-letter counter starts each reason at 0).
+    pub const ALL: [PoisonKind; 7] = [
+        PoisonKind::TooLarge,
+        PoisonKind::NotJson,
+        PoisonKind::NotObject,
+        PoisonKind::UnknownType,
+        PoisonKind::InvalidField,
+        PoisonKind::Forbidden,
+        PoisonKind::DatabaseRejected,
+    ];
+
+    /// The `reason` label of the dead-letter counter.
     pub fn label(self) -> &'static str {
         match self {
             PoisonKind::TooLarge => "too_large",

@@ -93,39 +93,45 @@ async fn database_ok(m: &AgentConnectionManager) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Some(_)))
 }
 
-async fn readyz(State(AppState { manager: m, .. }): State<AppState>) -> impl IntoResponse {
+/// What `/readyz` checks: `Ok` when ready, else the reasons; with the checks' values either way.
+async fn readiness(m: &AgentConnectionManager) -> (std::result::Result<(), String>, serde_json::Value) {
     let broker = m.health().broker_connected.load(Ordering::Relaxed);
     let consumers = m.health().consumers_running.load(Ordering::Relaxed);
     let blocked = m.health().blocked();
-    let database = database_ok(&m).await;
+    let database = database_ok(m).await;
     let body = json!({ "broker": broker, "database": database, "consumers": consumers,
                        "broker_blocked": blocked.is_some() });
-    if broker && database && consumers && blocked.is_none() {
-        (StatusCode::OK, Json(json!({ "status": "ready", "checks": body })))
-    } else {
-        let mut reasons = Vec::new();
-        if !broker {
-            reasons.push("broker not connected".to_string());
+    let mut reasons = Vec::new();
+    if !broker {
+        reasons.push("broker not connected".to_string());
+    }
+    if let Some(why) = blocked {
+        reasons.push(format!("broker blocks publishers ({why})"));
+    }
+    if !database {
+        reasons.push("database unreachable".to_string());
+    }
+    if !consumers {
+        reasons.push("consumers not running".to_string());
+    }
+    let verdict = if reasons.is_empty() { Ok(()) } else { Err(reasons.join(", ")) };
+    (verdict, body)
+}
+
+async fn readyz(State(AppState { manager: m, .. }): State<AppState>) -> impl IntoResponse {
+    match readiness(&m).await {
+        (Ok(()), body) => (StatusCode::OK, Json(json!({ "status": "ready", "checks": body }))),
+        (Err(reason), body) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "reason": reason, "checks": body })))
         }
-        if let Some(why) = blocked {
-            reasons.push(format!("broker blocks publishers ({why})"));
-        }
-        if !database {
-            reasons.push("database unreachable".to_string());
-        }
-        if !consumers {
-            reasons.push("consumers not running".to_string());
-        }
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reason": reasons.join(", "), "checks": body })),
-        )
     }
 }
 
 async fn metrics(State(AppState { manager: m, stats }): State<AppState>) -> impl IntoResponse {
     stats.refresh_if_due(&m).await;
     let metrics = m.metrics();
+    // The same checks as /readyz, so an alert can tell that no worker is ready without probing /readyz itself.
+    metrics.ready.set(i64::from(readiness(&m).await.0.is_ok()));
     let status = m.pool().status();
     metrics.pool_size.set(status.max_size as i64);
     metrics.pool_available.set(status.available as i64);

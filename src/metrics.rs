@@ -1,4 +1,8 @@
 //! Prometheus metrics: counters and histograms updated where the work happens, gauges refreshed at scrape time.
+//! The service's own metrics are prefixed `acm_`; the process's CPU, memory, threads and file descriptors are
+//! read from `/proc` at each scrape under the standard unprefixed `process_*` names ([`process`]).
+
+pub mod process;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,6 +18,13 @@ pub struct MessageLabels {
     pub r#type: String,
     /// `ok`, `error` (an error reply), `rejected` (heartbeat that changed nothing), `dead_lettered`.
     pub outcome: String,
+}
+
+/// The `type` of a command.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// Message type.
+    pub r#type: String,
 }
 
 /// A single `reason` or `task` label.
@@ -35,6 +46,8 @@ pub struct Metrics {
     pub heartbeat_batch_size: Histogram,
     /// Duration of database transactions applying messages.
     pub db_transaction_seconds: Histogram,
+    /// Time to apply a command, by type: its transaction with any retries, until it committed or was refused.
+    pub command_seconds: Family<TypeLabel, Histogram>,
     /// Rows changed by each sweeper task.
     pub sweeper_changes: Family<NameLabel, Counter>,
     /// Duration of each sweeper task.
@@ -71,6 +84,11 @@ pub struct Metrics {
     pub broker_blocked: Gauge,
     /// Times the broker started blocking this worker's publishers.
     pub broker_blocks: Counter,
+    /// 1 while `/readyz` would answer 200 (broker connected and not blocking, database reachable, consumers
+    /// running), else 0; evaluated at each scrape.
+    pub ready: Gauge,
+    /// Messages waiting in the heartbeat queues, as the sweeper last read them (once per cycle).
+    pub heartbeat_backlog: Gauge,
 }
 
 impl Default for Metrics {
@@ -82,12 +100,15 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric under the `acm_` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("acm");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("acm");
         let m = Metrics {
             messages: Family::default(),
             dead_lettered: Family::default(),
             heartbeat_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             db_transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            command_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
             sweeper_changes: Family::default(),
             sweeper_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             sweeper_failures: Family::default(),
@@ -106,6 +127,8 @@ impl Metrics {
             sent_instructions: Gauge::default(),
             broker_blocked: Gauge::default(),
             broker_blocks: Counter::default(),
+            ready: Gauge::default(),
+            heartbeat_backlog: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("messages_consumed", "Messages consumed by type and outcome", m.messages.clone());
@@ -150,7 +173,23 @@ impl Metrics {
             m.broker_blocked.clone(),
         );
         registry.register("broker_blocks", "Times the broker started blocking publishers", m.broker_blocks.clone());
-        Metrics { registry, ..m }
+        registry.register(
+            "command_seconds",
+            "Time to apply a command by type, retries included, until committed or refused",
+            m.command_seconds.clone(),
+        );
+        registry.register("ready", "1 while the worker is ready (what /readyz answers 200 for)", m.ready.clone());
+        registry.register(
+            "heartbeat_backlog",
+            "Messages in the heartbeat queues, as the sweeper last read them",
+            m.heartbeat_backlog.clone(),
+        );
+        // Every reason starts at 0, so that the first dead letter of a reason is an increase Prometheus sees (a
+        // series that appears at 1 has no earlier sample to increase from).
+        for kind in crate::error::PoisonKind::ALL {
+            m.dead_lettered.get_or_create(&NameLabel { name: kind.label().into() }).inc_by(0);
+        }
+        Metrics { registry: root, ..m }
     }
 
     /// Counts a consumed message.

@@ -17,6 +17,7 @@ use super::dead_letter::{reject, reply};
 use super::{ack, authorize, consume, prop, Shared};
 use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
+use crate::metrics::TypeLabel;
 use crate::retry::retry_transient;
 
 /// A delivery and what parsing made of it.
@@ -160,7 +161,9 @@ async fn command(
     };
     let started = Instant::now();
     let result = retry_transient(ty, shutdown, || execute(&shared.pool, s, &cmd, &meta)).await;
-    shared.metrics.db_transaction_seconds.observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed().as_secs_f64();
+    shared.metrics.db_transaction_seconds.observe(took);
+    shared.metrics.command_seconds.get_or_create(&TypeLabel { r#type: ty.into() }).observe(took);
     if result.is_ok() && !cmd.entry().read_only {
         // Committed, perhaps with events (a refusal or a duplicate writes none; a wake-up costs one look).
         shared.outbox.committed();

@@ -265,6 +265,12 @@ impl Sweeper {
         outbox: OutboxSignal,
     ) -> Self {
         let lease = Arc::new(Lease::new(lease::length(&settings.sweeper)));
+        // Each task's counters start at 0, so that a first failure is an increase Prometheus sees.
+        for task in [stale_connections::TASK, inactive_sessions::TASK, instruction_expiry::TASK, retention::TASK] {
+            let label = NameLabel { name: task.into() };
+            metrics.sweeper_failures.get_or_create(&label).inc_by(0);
+            metrics.sweeper_changes.get_or_create(&label).inc_by(0);
+        }
         Self { pool, settings, probe, metrics, lease, outbox }
     }
 
@@ -301,6 +307,7 @@ impl Sweeper {
             }
             Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None, &self.outbox).await,
             Backlog::Depth(n) => {
+                self.metrics.heartbeat_backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
                 stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n), &self.outbox).await
             }
         };
