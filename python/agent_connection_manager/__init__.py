@@ -5,15 +5,19 @@ The API of the SmartEM backend's ``agent_connection_manager`` (``AgentConnection
 synchronous methods, a ``Client`` for agents and the backend, and an exception hierarchy.
 """
 
-from ._native import (
-    AgentConnectionManager,
+from ._errors import (
     AgentConnectionManagerError,
     BrokerError,
-    Client,
     CommandRefusedError,
     ConfigurationError,
     DatabaseError,
+    InvalidArgumentError,
     RequestTimeoutError,
+    SubscriptionClosedError,
+)
+from ._native import (
+    AgentConnectionManager,
+    Client,
     Subscription,
     get_connection_manager,
     start_connection_manager,
@@ -28,8 +32,10 @@ __all__ = [
     "CommandRefusedError",
     "ConfigurationError",
     "DatabaseError",
+    "InvalidArgumentError",
     "RequestTimeoutError",
     "Subscription",
+    "SubscriptionClosedError",
     "get_connection_manager",
     "start_connection_manager",
     "stop_connection_manager",

@@ -7,36 +7,12 @@ from typing import Any, AsyncIterator, Dict, Generator, List, Optional, Type, Un
 
 __all__ = [
     "AgentConnectionManager",
-    "AgentConnectionManagerError",
-    "BrokerError",
     "Client",
-    "CommandRefusedError",
-    "ConfigurationError",
-    "DatabaseError",
-    "RequestTimeoutError",
     "Subscription",
     "get_connection_manager",
     "start_connection_manager",
     "stop_connection_manager",
 ]
-
-class AgentConnectionManagerError(Exception):
-    """Base class of the package's errors."""
-
-class DatabaseError(AgentConnectionManagerError):
-    """PostgreSQL failed, refused or did not answer in time."""
-
-class BrokerError(AgentConnectionManagerError):
-    """RabbitMQ refused, lost or did not accept a connection, channel or publish."""
-
-class RequestTimeoutError(AgentConnectionManagerError):
-    """No reply came within the request's timeout."""
-
-class ConfigurationError(AgentConnectionManagerError):
-    """The layered configuration (ACM_* variables, ACM_CONFIG, config/default.toml) is unusable."""
-
-class CommandRefusedError(AgentConnectionManagerError):
-    """The engine understood the call but refused it (not_found, conflict, forbidden)."""
 
 @final
 class AgentConnectionManager:
@@ -102,13 +78,21 @@ async def stop_connection_manager() -> None:
 
 @final
 class Subscription:
-    """Events (dicts) of a ``Client.subscribe``; ``await`` it to bind its queue before acting."""
+    """Events (dicts) of a ``Client.subscribe``.
+
+    Its queues are bound by ``await subscription`` (which gives the subscription), ``await subscription.bind()``,
+    or else the first ``next``/``async for`` step: only events published after binding are delivered, so bind before
+    acting on what you want to hear of.
+    """
 
     def __aiter__(self) -> AsyncIterator[Dict[str, Any]]: ...
     async def __anext__(self) -> Dict[str, Any]: ...
     def __await__(self) -> Generator[Any, None, "Subscription"]: ...
+    async def bind(self) -> None:
+        """Bind the subscription's queues now."""
     async def next(self, timeout: float) -> Optional[Dict[str, Any]]:
-        """The next event, or None when none comes within ``timeout`` seconds."""
+        """The next event; None when none comes within ``timeout`` seconds ("nothing yet"); raises
+        ``SubscriptionClosedError`` when the subscription ended ("closed": none will come)."""
 
 @final
 class Client:
@@ -125,10 +109,14 @@ class Client:
     async def heartbeat(
         self, agent_id: str, session_id: str, connection_id: str, client_info: Optional[Any] = None
     ) -> None: ...
-    async def request(self, body: Dict[str, Any], timeout: float = 30.0) -> Dict[str, Any]:
+    async def request(
+        self, body: Dict[str, Any], timeout: float = 30.0, message_id: Optional[str] = None
+    ) -> Dict[str, Any]:
         """Send a command and return its reply: ``{"ok": True, "result": ...}`` or
-        ``{"ok": False, "error": {"code": ..., "message": ...}}``."""
-    async def send(self, body: Dict[str, Any]) -> None: ...
+        ``{"ok": False, "error": {"code": ..., "message": ...}}``. ``timeout`` bounds the whole call, connecting
+        included. With ``message_id`` a retried request is applied once (the repeat gets the first reply)."""
+    async def send(self, body: Dict[str, Any], message_id: Optional[str] = None) -> None:
+        """Publish a command without awaiting its reply; ``message_id`` as for ``request``."""
     def subscribe(self, patterns: List[str]) -> Subscription: ...
     async def close(self) -> None: ...
     async def __aenter__(self) -> "Client": ...

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use acm::client::Client as EngineClient;
 use agent_connection_manager as acm;
-use pyo3::exceptions::PyValueError;
+
 use pyo3::prelude::*;
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, OnceCell, RwLock};
@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 use crate::awaitable::{awaitable, Json};
 use crate::config::load_settings;
 use crate::convert::{non_empty, py_to_json, py_to_object};
-use crate::errors::{to_py, AgentConnectionManagerError, BrokerError};
+use crate::errors::{invalid, to_py, AgentConnectionManagerError, BrokerError};
 use crate::subscription::{Subscription, SubscriptionInner};
 
 /// Longest wait for a broker connection from `Client`.
@@ -84,7 +84,7 @@ impl Client {
             }
         };
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            return Err(PyValueError::new_err("amqp_url must be an amqp:// or amqps:// URL"));
+            return Err(invalid("amqp_url must be an amqp:// or amqps:// URL"));
         }
         non_empty(&prefix, "prefix")?;
         Ok(Self {
@@ -138,11 +138,23 @@ impl Client {
     }
 
     /// Sends a command and returns its reply (`{"ok": True, "result": ...}` or `{"ok": False, "error": ...}`).
-    #[pyo3(signature = (body, timeout=30.0))]
-    fn request<'py>(&self, py: Python<'py>, body: &Bound<'py, PyAny>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+    ///
+    /// `message_id` (the AMQP `message_id`) makes a retried request idempotent: the worker applies it once and
+    /// answers a repeat with the first reply.
+    #[pyo3(signature = (body, timeout=30.0, message_id=None))]
+    fn request<'py>(
+        &self,
+        py: Python<'py>,
+        body: &Bound<'py, PyAny>,
+        timeout: f64,
+        message_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(id) = &message_id {
+            non_empty(id, "message_id")?;
+        }
         let body = command_body(body)?;
         if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(PyValueError::new_err("timeout must be a positive number of seconds"));
+            return Err(invalid("timeout must be a positive number of seconds"));
         }
         let timeout = Duration::from_secs_f64(timeout);
         let state = self.state.clone();
@@ -152,19 +164,29 @@ impl Client {
             let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
             let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
-            let reply = client.request(&Value::Object(body), None, left).await.map_err(to_py)?;
+            let reply = client.request(&Value::Object(body), message_id.as_deref(), left).await.map_err(to_py)?;
             Ok(Json(reply))
         })
     }
 
     /// Publishes a command without waiting for a reply (confirmed by the broker).
-    fn send<'py>(&self, py: Python<'py>, body: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    /// `message_id` makes a re-sent command idempotent, as for `request`.
+    #[pyo3(signature = (body, message_id=None))]
+    fn send<'py>(
+        &self,
+        py: Python<'py>,
+        body: &Bound<'py, PyAny>,
+        message_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let body = command_body(body)?;
+        if let Some(id) = &message_id {
+            non_empty(id, "message_id")?;
+        }
         let state = self.state.clone();
         awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            client.send(&Value::Object(body), None).await.map_err(to_py)
+            client.send(&Value::Object(body), message_id.as_deref()).await.map_err(to_py)
         })
     }
 
@@ -172,7 +194,7 @@ impl Client {
     /// it binds the queue before returning; iterating without awaiting binds on the first step.
     fn subscribe(&self, patterns: Vec<String>) -> PyResult<Subscription> {
         if patterns.is_empty() {
-            return Err(PyValueError::new_err("patterns must name at least one routing key pattern"));
+            return Err(invalid("patterns must name at least one routing key pattern"));
         }
         for p in &patterns {
             non_empty(p, "a pattern")?;
@@ -224,6 +246,6 @@ fn command_body(body: &Bound<'_, PyAny>) -> PyResult<Map<String, Value>> {
     let body = py_to_object(body, "body")?;
     match body.get("type") {
         Some(Value::String(t)) if !t.is_empty() => Ok(body),
-        _ => Err(PyValueError::new_err("body must have a non-empty string \"type\"")),
+        _ => Err(invalid("body must have a non-empty string \"type\"")),
     }
 }

@@ -2,11 +2,11 @@
 
 use acm::Settings;
 use agent_connection_manager as acm;
-use pyo3::exceptions::PyValueError;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::errors::ConfigurationError;
+use crate::errors::{invalid, ConfigurationError};
 
 /// The layered configuration (`ACM_*`, `ACM_CONFIG`, `config/default.toml`).
 pub(crate) fn load_settings() -> PyResult<Settings> {
@@ -16,7 +16,7 @@ pub(crate) fn load_settings() -> PyResult<Settings> {
 /// A PostgreSQL URL the engine reads, from a URL string in libpq or SQLAlchemy form (`postgresql+driver://`).
 fn normalize_url(url: &str) -> PyResult<String> {
     let bad = || {
-        PyValueError::new_err(
+        invalid(
             "db_engine: expected a PostgreSQL URL (postgres://, postgresql:// or postgresql+driver://), \
              a SQLAlchemy Engine, AsyncEngine or URL, or None",
         )

@@ -1,7 +1,8 @@
 //! Python values to and from JSON, and argument checks shared by the classes.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::errors::invalid;
 use pyo3::types::PyDict;
 use serde_json::{Map, Value};
 
@@ -17,26 +18,26 @@ pub(crate) fn py_to_json(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> 
     kwargs.set_item("allow_nan", false)?;
     let text: String = match py.import("json")?.call_method("dumps", (obj,), Some(&kwargs)) {
         Ok(t) => t.extract()?,
-        Err(e) => return Err(PyValueError::new_err(format!("{what} is not JSON: {e}"))),
+        Err(e) => return Err(invalid(format!("{what} is not JSON: {e}"))),
     };
-    serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("{what} is not JSON: {e}")))
+    serde_json::from_str(&text).map_err(|e| invalid(format!("{what} is not JSON: {e}")))
 }
 
 /// A JSON object from a Python dict.
 pub(crate) fn py_to_object(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Map<String, Value>> {
     if !obj.is_instance_of::<PyDict>() {
-        return Err(PyValueError::new_err(format!("{what} must be a dict")));
+        return Err(invalid(format!("{what} must be a dict")));
     }
     match py_to_json(obj, what)? {
         Value::Object(m) => Ok(m),
-        _ => Err(PyValueError::new_err(format!("{what} must be a dict"))),
+        _ => Err(invalid(format!("{what} must be a dict"))),
     }
 }
 
 /// A non-empty string argument.
 pub(crate) fn non_empty(value: &str, what: &str) -> PyResult<()> {
     if value.is_empty() {
-        return Err(PyValueError::new_err(format!("{what} must not be empty")));
+        return Err(invalid(format!("{what} must not be empty")));
     }
     Ok(())
 }

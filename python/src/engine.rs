@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use acm::Error;
 use agent_connection_manager as acm;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 use serde_json::{Map, Value};
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::awaitable::Stats;
 use crate::convert::{non_empty, py_to_object};
-use crate::errors::{to_py, ConfigurationError, DatabaseError};
+use crate::errors::{invalid, to_py, ConfigurationError, DatabaseError};
 
 /// Longest time for creating the database and applying the migrations, once a connection was made.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -159,7 +159,7 @@ impl SessionArgs {
             Some(u) => Some(match u.cast::<PyString>() {
                 Ok(s) => s.extract::<String>()?,
                 Err(_) if u.hasattr("hex")? => u.str()?.extract::<String>()?,
-                Err(_) => return Err(PyValueError::new_err("acquisition_uuid must be a string or a uuid.UUID")),
+                Err(_) => return Err(invalid("acquisition_uuid must be a string or a uuid.UUID")),
             }),
         };
         let experimental_parameters = match experimental_parameters {

@@ -1,46 +1,26 @@
-//! The package's exception hierarchy and the mapping of library errors onto it.
+//! The mapping of library errors onto the package's exceptions.
+//!
+//! The exception classes are defined in Python (`agent_connection_manager/_errors.py`: one of them has two bases,
+//! one has attributes of its own) and imported here by name; an error made on an engine thread names its class
+//! lazily and is looked up only once it reaches Python.
 
 use acm::{CommandError, Error};
 use agent_connection_manager as acm;
-use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 
-pyo3::create_exception!(
-    agent_connection_manager,
-    AgentConnectionManagerError,
-    PyException,
-    "Base class of the package's errors."
-);
-pyo3::create_exception!(
-    agent_connection_manager,
-    DatabaseError,
-    AgentConnectionManagerError,
-    "PostgreSQL failed, refused or did not answer in time."
-);
-pyo3::create_exception!(
-    agent_connection_manager,
-    BrokerError,
-    AgentConnectionManagerError,
-    "RabbitMQ refused, lost or did not accept a connection, channel or publish."
-);
-pyo3::create_exception!(
-    agent_connection_manager,
-    RequestTimeoutError,
-    AgentConnectionManagerError,
-    "No reply came within the request's timeout."
-);
-pyo3::create_exception!(
-    agent_connection_manager,
-    ConfigurationError,
-    AgentConnectionManagerError,
-    "The layered configuration (ACM_* variables, ACM_CONFIG, config/default.toml) is unusable."
-);
-pyo3::create_exception!(
-    agent_connection_manager,
-    CommandRefusedError,
-    AgentConnectionManagerError,
-    "The engine understood the call but refused it (not_found, conflict, forbidden)."
-);
+pyo3::import_exception!(agent_connection_manager._errors, AgentConnectionManagerError);
+pyo3::import_exception!(agent_connection_manager._errors, DatabaseError);
+pyo3::import_exception!(agent_connection_manager._errors, BrokerError);
+pyo3::import_exception!(agent_connection_manager._errors, RequestTimeoutError);
+pyo3::import_exception!(agent_connection_manager._errors, ConfigurationError);
+pyo3::import_exception!(agent_connection_manager._errors, InvalidArgumentError);
+pyo3::import_exception!(agent_connection_manager._errors, SubscriptionClosedError);
+pyo3::import_exception!(agent_connection_manager._errors, CommandRefusedError);
+
+/// A bad argument: a `ValueError` that is also an `AgentConnectionManagerError`.
+pub(crate) fn invalid(message: impl Into<String>) -> PyErr {
+    InvalidArgumentError::new_err(message.into())
+}
 
 /// The Python exception for a library error.
 pub(crate) fn to_py(e: Error) -> PyErr {
@@ -50,8 +30,8 @@ pub(crate) fn to_py(e: Error) -> PyErr {
         Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) => BrokerError::new_err(text),
         Error::Timeout(_) => RequestTimeoutError::new_err(text),
         Error::Config(_) => ConfigurationError::new_err(text),
-        Error::Command(CommandError::Invalid(m)) => PyValueError::new_err(m),
-        Error::Command(c) => CommandRefusedError::new_err(c.to_string()),
+        Error::Command(CommandError::Invalid(m)) => invalid(m),
+        Error::Command(c) => CommandRefusedError::new_err((c.to_string(), c.code())),
         Error::Shutdown => AgentConnectionManagerError::new_err(text),
     }
 }

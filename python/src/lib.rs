@@ -25,10 +25,6 @@ use agent_connection_manager as acm;
 use pyo3::prelude::*;
 
 use crate::client::Client;
-use crate::errors::{
-    AgentConnectionManagerError, BrokerError, CommandRefusedError, ConfigurationError, DatabaseError,
-    RequestTimeoutError,
-};
 use crate::manager::AgentConnectionManager;
 use crate::subscription::Subscription;
 
@@ -46,11 +42,5 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(manager::get_connection_manager, m)?)?;
     m.add_function(wrap_pyfunction!(manager::start_connection_manager, m)?)?;
     m.add_function(wrap_pyfunction!(manager::stop_connection_manager, m)?)?;
-    m.add("AgentConnectionManagerError", py.get_type::<AgentConnectionManagerError>())?;
-    m.add("DatabaseError", py.get_type::<DatabaseError>())?;
-    m.add("BrokerError", py.get_type::<BrokerError>())?;
-    m.add("RequestTimeoutError", py.get_type::<RequestTimeoutError>())?;
-    m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;
-    m.add("CommandRefusedError", py.get_type::<CommandRefusedError>())?;
     Ok(())
 }

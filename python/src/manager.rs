@@ -5,13 +5,13 @@ use std::sync::OnceLock;
 
 use acm::Error;
 use agent_connection_manager as acm;
-use pyo3::exceptions::PyValueError;
+
 use pyo3::prelude::*;
 
 use crate::awaitable::{awaitable, IntoPython};
 use crate::config::{engine_url, load_settings};
 use crate::engine::{Engine, SessionArgs};
-use crate::errors::to_py;
+use crate::errors::{invalid, to_py};
 use crate::runtime::wait;
 
 /// Manages agent connections, health monitoring and the instruction lifecycle (the engine inside this process).
@@ -28,10 +28,10 @@ impl AgentConnectionManager {
         let check_interval: i64 = match check_interval {
             None => 30,
             Some(c) if c.is_instance_of::<pyo3::types::PyBool>() => -1,
-            Some(c) => c.extract().map_err(|_| PyValueError::new_err("check_interval must be an int (seconds)"))?,
+            Some(c) => c.extract().map_err(|_| invalid("check_interval must be an int (seconds)"))?,
         };
         if check_interval <= 0 {
-            return Err(PyValueError::new_err("check_interval must be positive (seconds)"));
+            return Err(invalid("check_interval must be positive (seconds)"));
         }
         let mut settings = load_settings()?;
         let url = match db_engine {
@@ -43,7 +43,7 @@ impl AgentConnectionManager {
         }
         settings.sweeper.check_interval_secs = check_interval as u64;
         let manager = acm::AgentConnectionManager::new(settings).map_err(|e| match (&url, e) {
-            (Some(_), Error::Config(c)) if c.0.starts_with("database.url") => PyValueError::new_err(c.0),
+            (Some(_), Error::Config(c)) if c.0.starts_with("database.url") => invalid(c.0),
             (_, e) => to_py(e),
         })?;
         Ok(Self { engine: Engine::new(manager) })

@@ -4,14 +4,14 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use serde_json::Value;
 use tokio::sync::{mpsc, Mutex, OnceCell};
 
 use crate::awaitable::{awaitable, Json};
 use crate::client::ClientState;
-use crate::errors::{to_py, AgentConnectionManagerError};
+use crate::errors::{invalid, to_py, AgentConnectionManagerError, SubscriptionClosedError};
 
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.
 const DEDUP_WINDOW: usize = 4096;
@@ -122,18 +122,32 @@ impl Subscription {
         fut.call_method0("__await__")
     }
 
-    /// The next event, or `None` when none comes within `timeout` seconds.
+    /// Binds the subscription's queues now (awaitable); events published from then on are delivered. Awaiting the
+    /// subscription itself does the same and gives the subscription.
+    fn bind<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        awaitable(py, async move {
+            inner.bind().await?;
+            Ok(())
+        })
+    }
+
+    /// The next event; `None` when none comes within `timeout` seconds; `SubscriptionClosedError` when the
+    /// subscription ended (none will come).
     #[pyo3(signature = (timeout))]
     fn next<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
         if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(PyValueError::new_err("timeout must be a non-negative number of seconds"));
+            return Err(invalid("timeout must be a non-negative number of seconds"));
         }
         let inner = self.inner.clone();
         awaitable(py, async move {
             inner.bind().await?;
             match tokio::time::timeout(Duration::from_secs_f64(timeout), inner.next()).await {
                 Ok(Ok(Some(v))) => Ok(Some(Json(v))),
-                Ok(Ok(None)) | Err(_) => Ok(None),
+                Err(_) => Ok(None),
+                Ok(Ok(None)) => Err(SubscriptionClosedError::new_err(
+                    "the subscription ended: its client was closed or lost its broker connection",
+                )),
                 Ok(Err(e)) => Err(e),
             }
         })
