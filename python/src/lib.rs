@@ -18,6 +18,7 @@ mod convert;
 mod engine;
 mod errors;
 mod manager;
+mod pylog;
 mod runtime;
 mod subscription;
 
@@ -31,8 +32,11 @@ use crate::subscription::Subscription;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    // `RUST_LOG` set at import: the engine's lines on stderr, filtered by it; otherwise into Python's `logging`.
     if std::env::var_os("RUST_LOG").is_some() {
         acm::telemetry::init(acm::config::LogFormat::Text, "warn");
+    } else {
+        pylog::install(py)?;
     }
     // Registered at import, so it runs before the interpreter finalizes whatever the program does later.
     py.import("atexit")?.call_method1("register", (wrap_pyfunction!(runtime::close_gate, m)?,))?;

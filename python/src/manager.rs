@@ -24,7 +24,11 @@ pub(crate) struct AgentConnectionManager {
 impl AgentConnectionManager {
     #[new]
     #[pyo3(signature = (db_engine=None, check_interval=None), text_signature = "(db_engine=None, check_interval=30)")]
-    fn new(db_engine: Option<&Bound<'_, PyAny>>, check_interval: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        db_engine: Option<&Bound<'_, PyAny>>,
+        check_interval: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let check_interval: i64 = match check_interval {
             None => 30,
             Some(c) if c.is_instance_of::<pyo3::types::PyBool>() => -1,
@@ -33,6 +37,7 @@ impl AgentConnectionManager {
         if check_interval <= 0 {
             return Err(invalid("check_interval must be positive (seconds)"));
         }
+        crate::pylog::refresh(py)?;
         let mut settings = load_settings()?;
         let url = match db_engine {
             Some(e) if !e.is_none() => Some(engine_url(e)?),
@@ -51,6 +56,7 @@ impl AgentConnectionManager {
 
     /// Migrates the database if needed, then runs the worker (consumers, sweeper, relay, HTTP when configured).
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::pylog::refresh(py)?;
         awaitable(py, self.engine.clone().start())
     }
 
