@@ -91,7 +91,7 @@ pub enum SessionCmd {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = Settings::load(cli.config.as_deref()).and_then(|s| {
+    let loaded = Settings::load_command_line(cli.config.as_deref()).and_then(|s| {
         if matches!(cli.command, Cmd::Run) {
             s.validate_worker().map(|_| s)
         } else {

@@ -1,10 +1,15 @@
 //! Configuration: typed settings, layered with figment, validated once at start.
 //!
 //! Layers, lowest first: the built-in defaults of [`Settings::default`], `config/default.toml` (when present in the
-//! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_*` environment variables (nesting with
-//! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
-//! [`Settings::to_redacted_toml`] and never logged.
+//! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_<SECTION>__<KEY>` environment
+//! variables. A bad value, an unknown key in a file or an `ACM_*` variable that is neither configuration nor one of
+//! the project's other variables ([`env::NOT_CONFIGURATION`]) stops the program with one line naming it and the
+//! closest key. Secrets (passwords in URLs) are redacted by [`Settings::to_redacted_toml`] and never logged.
+//!
+//! The command line ([`Settings::load_command_line`]) adds one default of its own below the files: `run` serves HTTP
+//! on [`WORKER_HTTP_LISTEN`]; the library ([`Settings::load`]) serves none unless `http.listen` is set.
 
+pub mod env;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +25,9 @@ pub use crate::db::Pooler;
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// Environment variable that names an extra configuration file.
 pub const CONFIG_FILE_ENV: &str = "ACM_CONFIG";
+/// `http.listen` of the command line's `run` when no file or variable sets it (the library's default is `""`: no
+/// HTTP inside someone else's service unless asked for).
+pub const WORKER_HTTP_LISTEN: &str = "127.0.0.1:9090";
 
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +199,8 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
-    /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable.
+    /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable. Empty by default in the library;
+    /// the command line's default is [`WORKER_HTTP_LISTEN`].
     pub listen: String,
     /// `/metrics` serves the statistics gauges from a cache refreshed at most once per this many seconds.
     pub stats_cache_secs: u64,
@@ -307,7 +316,7 @@ impl Default for WorkerSettings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into(), stats_cache_secs: 5 }
+        Self { listen: String::new(), stats_cache_secs: 5 }
     }
 }
 
@@ -318,12 +327,25 @@ impl Default for LogSettings {
 }
 
 impl Settings {
-    /// Loads the layered configuration: defaults, `config/default.toml`, `file` (or `ACM_CONFIG`), `ACM_*`.
+    /// Loads the library's layered configuration: defaults, `config/default.toml`, `file` (or `ACM_CONFIG`),
+    /// `ACM_*`. Refuses an `ACM_*` variable that is not configuration ([`env::check_environment`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_over(Figment::from(Serialized::defaults(Settings::default())), file)
+    }
+
+    /// [`Settings::load`] for the command line: `http.listen` defaults to [`WORKER_HTTP_LISTEN`] (a file or
+    /// `ACM_HTTP__LISTEN` still sets it, `""` included).
+    pub fn load_command_line(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let defaults = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Serialized::default("http.listen", WORKER_HTTP_LISTEN));
+        Self::load_over(defaults, file)
+    }
+
+    fn load_over(defaults: Figment, file: Option<&Path>) -> Result<Self, ConfigError> {
+        env::check_environment()?;
         let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
         let file = file.map(Path::to_path_buf).or(env_file);
-        let mut figment =
-            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::file(DEFAULT_CONFIG_FILE));
+        let mut figment = defaults.merge(Toml::file(DEFAULT_CONFIG_FILE));
         if let Some(file) = &file {
             if !file.is_file() {
                 return Err(ConfigError(format!("config file {}: no such file", file.display())));
@@ -370,8 +392,8 @@ impl Settings {
 pub const SECTIONS: [&str; 9] =
     ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security"];
 
-/// `ACM_<SECTION>__<KEY>` variables. Other `ACM_*` variables (`ACM_CONFIG`, which names a file, and variables of
-/// other tools) are not configuration keys; an unknown key inside a known section is still an error.
+/// `ACM_<SECTION>__<KEY>` variables; the project's other `ACM_*` variables ([`env::NOT_CONFIGURATION`]) are left
+/// out here and every other one is refused before ([`env::check_environment`]).
 fn env_provider() -> Env {
     Env::prefixed("ACM_")
         .filter(|k| {
@@ -394,7 +416,28 @@ fn one_line(e: &figment::Error) -> String {
                 None => format!(" (from {})", m.name),
             })
             .unwrap_or_default();
-        parts.push(format!("{key}: {}{source}", err.kind));
+        let problem = match &err.kind {
+            // An unknown section or key (of a file: the environment's are checked before): name the closest.
+            figment::error::Kind::UnknownField(field, expected) => {
+                // The path ends with the unknown name itself.
+                let parents = &err.path[..err.path.len().saturating_sub(1)];
+                let (what, within) = if parents.is_empty() {
+                    ("section", String::new())
+                } else {
+                    ("key", format!("{}.", parents.join(".")))
+                };
+                match env::closest(field, expected.iter().copied()) {
+                    Some(near) => format!("unknown {what} `{within}{field}`, did you mean `{within}{near}`?"),
+                    None => format!("unknown {what} `{within}{field}`"),
+                }
+            }
+            kind => kind.to_string(),
+        };
+        if matches!(err.kind, figment::error::Kind::UnknownField(..)) {
+            parts.push(format!("{problem}{source}"));
+        } else {
+            parts.push(format!("{key}: {problem}{source}"));
+        }
     }
     parts.join("; ").replace('\n', " ")
 }
