@@ -97,7 +97,7 @@ pub enum SessionCmd {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = Settings::load(cli.config.as_deref()).and_then(|s| {
+    let loaded = Settings::load_command_line(cli.config.as_deref()).and_then(|s| {
         if matches!(cli.command, Cmd::Run) {
             s.validate_worker().map(|_| s)
         } else {
@@ -138,7 +138,10 @@ fn hint(e: &crate::error::Error) -> &'static str {
     use tokio_postgres::error::SqlState;
     let code = match e {
         crate::error::Error::Db(db) => db.code(),
-        crate::error::Error::Pool(deadpool_postgres::PoolError::Backend(db)) => db.code(),
+        crate::error::Error::Pool(pool) => match &pool.error {
+            deadpool_postgres::PoolError::Backend(db) => db.code(),
+            _ => None,
+        },
         _ => None,
     };
     if code == Some(&SqlState::UNDEFINED_TABLE) || code == Some(&SqlState::INVALID_CATALOG_NAME) {
@@ -290,7 +293,7 @@ async fn run(settings: Settings) -> Result<ExitCode> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     tokio::select! {
-        r = manager.start() => r?,
+        r = manager.start_waiting() => r?,
         _ = &mut signal => {
             tracing::info!("interrupted before start");
             return Ok(ExitCode::SUCCESS);
@@ -304,7 +307,7 @@ async fn run(settings: Settings) -> Result<ExitCode> {
             Ok((_, task)) => http_task = Some(task),
             Err(e) => {
                 manager.stop().await?;
-                return Err(crate::config::ConfigError(format!("http.listen: cannot listen on {addr}: {e}")).into());
+                return Err(http::listen_error(addr, &e).into());
             }
         }
     }

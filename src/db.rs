@@ -15,11 +15,13 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::DatabaseSettings;
-use crate::error::{Error, Result};
+use crate::error::{DbFailure, Error, Result};
 
 mod hosts;
+mod target;
 
 pub use hosts::{connect_first, per_host_urls};
+pub use target::{checkout, describe_target, target_of};
 
 mod embedded {
     refinery::embed_migrations!("sql");
@@ -185,14 +187,21 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
         None => Manager::from_connect(first, hosts::HostsConnect { hosts, tls: NoTls, per_host }, mc),
     };
     let timeout = Some(Duration::from_secs(settings.checkout_timeout_secs));
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(settings.pool_size)
         .wait_timeout(timeout)
         .create_timeout(Some(budget))
         .recycle_timeout(timeout)
         .runtime(Runtime::Tokio1)
         .build()
-        .map_err(|e| crate::config::ConfigError(format!("database.pool_size: {e}")).into())
+        .map_err(|e| crate::config::ConfigError(format!("database.pool_size: {e}")))?;
+    target::remember(&pool, describe_target(&hosts_of(settings)?));
+    Ok(pool)
+}
+
+/// The configuration of each host of `database.url`, for naming them ([`describe_target`]).
+fn hosts_of(settings: &DatabaseSettings) -> Result<Vec<tokio_postgres::Config>> {
+    host_configs(settings, Limits::All)
 }
 
 /// The longest a new connection may take: `database.checkout_timeout_secs` for the last (or only) host, plus the
@@ -219,17 +228,27 @@ pub async fn connect_with(settings: &DatabaseSettings, dbname: Option<&str>, lim
     }
     let per_host = per_host_timeout(settings, &hosts[0]);
     let budget = connect_budget(settings, &hosts);
-    let timed_out = || Error::DbUnreachable(format!("no database host accepted a connection within {budget:?}"));
+    let target = describe_target(&hosts);
+    let timed_out = || {
+        Error::DbUnreachable(format!(
+            "{target}: no connection made within {} s (database.checkout_timeout_secs): the server accepted the \
+             connection but did not answer, or the network dropped it",
+            budget.as_secs()
+        ))
+    };
+    let failed = |error| Error::Db(DbFailure { error, at: Some(target.clone()) });
     match tls(settings, &hosts[0])? {
         Some(tls) => {
             let connecting = hosts::connect_first(&hosts, tls, per_host);
-            let (client, connection) = tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
+            let (client, connection) =
+                tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())?.map_err(failed)?;
             tokio::spawn(drive(connection));
             Ok(client)
         }
         None => {
             let connecting = hosts::connect_first(&hosts, NoTls, per_host);
-            let (client, connection) = tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())??;
+            let (client, connection) =
+                tokio::time::timeout(budget, connecting).await.map_err(|_| timed_out())?.map_err(failed)?;
             tokio::spawn(drive(connection));
             Ok(client)
         }

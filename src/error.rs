@@ -1,5 +1,12 @@
 //! Error types: [`Error`] for infrastructure failures (classified as transient or poison), [`CommandError`] for a
 //! command the service understood but refuses (it becomes an error reply, never a dead-letter).
+//!
+//! A failure says what failed, where and why: a database error names the server (host and port, database, user;
+//! never a password) when known, and carries the server's own message and SQLSTATE; a broker error names the broker
+//! node the same way ([`DbFailure`], [`PoolFailure`], [`BrokerFailure`]).
+
+use std::fmt;
+use std::ops::Deref;
 
 use crate::config::ConfigError;
 
@@ -7,14 +14,14 @@ use crate::config::ConfigError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A statement or connection failed.
-    #[error("database: {}", with_causes(.0))]
-    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Db(DbFailure),
     /// No pooled connection could be had in time, or one could not be made.
-    #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// The broker refused or lost the connection or channel.
-    #[error("broker: {0}")]
-    Amqp(#[from] lapin::Error),
+    #[error("{0}")]
+    Pool(PoolFailure),
+    /// The broker refused, could not be reached, or lost the connection or channel.
+    #[error("{0}")]
+    Amqp(BrokerFailure),
     /// The broker negatively acknowledged a publish.
     #[error("broker refused to confirm a publish to {0}")]
     Nack(String),
@@ -54,6 +61,144 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A PostgreSQL error on one line: the server's severity, message, SQLSTATE, detail and hint when the server
+/// answered; otherwise the error and its causes (a refused connection, a TLS failure, a closed connection).
+pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text.replace('\n', " ")
+        }
+        None => with_causes(e),
+    }
+}
+
+/// ` at <where>` when known.
+fn at(place: &Option<String>) -> String {
+    place.as_deref().map(|p| format!(" at {p}")).unwrap_or_default()
+}
+
+/// A PostgreSQL error and, when known, the server it came from (a connect names it; a statement on a pooled
+/// connection does not). Dereferences to the error, for its SQLSTATE.
+#[derive(Debug)]
+pub struct DbFailure {
+    /// The error.
+    pub error: tokio_postgres::Error,
+    /// The server: host and port, database and user ([`crate::db::describe_target`]).
+    pub at: Option<String>,
+}
+
+impl fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "database{}: {}", at(&self.at), describe_pg(&self.error))
+    }
+}
+
+impl std::error::Error for DbFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl Deref for DbFailure {
+    type Target = tokio_postgres::Error;
+    fn deref(&self) -> &Self::Target {
+        &self.error
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::Db(DbFailure { error, at: None })
+    }
+}
+
+/// A pool checkout that failed, and the server the pool connects to ([`crate::db::checkout`] names it).
+#[derive(Debug)]
+pub struct PoolFailure {
+    /// The error.
+    pub error: deadpool_postgres::PoolError,
+    /// The server: host and port, database and user.
+    pub at: Option<String>,
+}
+
+impl fmt::Display for PoolFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        let place = at(&self.at);
+        match &self.error {
+            PoolError::Backend(e) => write!(f, "database{place}: cannot connect: {}", describe_pg(e)),
+            PoolError::Timeout(TimeoutType::Create) => write!(
+                f,
+                "database{place}: no connection made within database.checkout_timeout_secs: the server accepted \
+                 the connection but did not answer, or the network dropped it"
+            ),
+            PoolError::Timeout(TimeoutType::Wait) => write!(
+                f,
+                "database pool{place}: no free connection within database.checkout_timeout_secs (all \
+                 database.pool_size connections are in use)"
+            ),
+            PoolError::Timeout(TimeoutType::Recycle) => write!(
+                f,
+                "database{place}: checking a pooled connection took longer than database.checkout_timeout_secs"
+            ),
+            other => write!(f, "database pool{place}: {}", with_causes(other)),
+        }
+    }
+}
+
+impl std::error::Error for PoolFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl Deref for PoolFailure {
+    type Target = deadpool_postgres::PoolError;
+    fn deref(&self) -> &Self::Target {
+        &self.error
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        Error::Pool(PoolFailure { error, at: None })
+    }
+}
+
+/// A broker error and, when known, the broker node (URL without its password) and what was being done.
+#[derive(Debug)]
+pub struct BrokerFailure {
+    /// The error.
+    pub error: lapin::Error,
+    /// The node and the step, e.g. `amqp://guest@127.0.0.1:5672/%2f (never reached)`.
+    pub at: Option<String>,
+}
+
+impl fmt::Display for BrokerFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "broker{}: {}", at(&self.at), with_causes(&self.error))
+    }
+}
+
+impl std::error::Error for BrokerFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<lapin::Error> for Error {
+    fn from(error: lapin::Error) -> Self {
+        Error::Amqp(BrokerFailure { error, at: None })
+    }
 }
 
 impl Error {

@@ -151,6 +151,19 @@ async fn metrics(State(AppState { manager: m, stats }): State<AppState>) -> impl
     }
 }
 
+/// Why `http.listen` cannot be served, in one line naming the address and the key.
+pub fn listen_error(addr: SocketAddr, e: &std::io::Error) -> crate::config::ConfigError {
+    let why = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "the address is already in use (another process listens there): set http.listen (ACM_HTTP__LISTEN) to a \
+             free address, or to \"\" to serve no HTTP"
+                .to_string()
+        }
+        _ => e.to_string(),
+    };
+    crate::config::ConfigError(format!("http.listen: cannot listen on {addr}: {why}"))
+}
+
 /// Serves until shutdown. Returns the bound address (useful with port 0) once listening.
 pub async fn serve(
     manager: Shared,

@@ -9,6 +9,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp;
 use crate::commands::{self, session, stats::ConnectionStats, Command, Meta};
 use crate::config::Settings;
 use crate::db;
@@ -83,16 +84,43 @@ impl AgentConnectionManager {
         self.running.lock().await.is_some()
     }
 
-    /// Applies the migrations (creating the database if needed), then starts the background worker.
-    /// Starting a started manager does nothing.
+    /// Applies the migrations (creating the database if needed), connects to the broker, then starts the background
+    /// worker; starting a started manager does nothing. Made to run inside another service: it fails instead of
+    /// waiting when the database or the broker cannot be reached — within the database's connect bound
+    /// (`database.checkout_timeout_secs`) and [`crate::amqp::CONNECT_TIMEOUT`] per broker node — with the server's
+    /// address and the cause in the error. A broker lost later is reconnected by the worker, as always.
     pub async fn start(&self) -> Result<()> {
+        self.start_with(false).await
+    }
+
+    /// [`AgentConnectionManager::start`] for a process that is nothing but the worker (`run`): it waits for the
+    /// database and the broker instead, retrying with backoff and logging each failure with the server's address.
+    pub async fn start_waiting(&self) -> Result<()> {
+        self.start_with(true).await
+    }
+
+    async fn start_with(&self, wait: bool) -> Result<()> {
         let mut running = self.running.lock().await;
         if running.is_some() {
             return Ok(());
         }
         self.settings.validate_worker()?;
         let shutdown = CancellationToken::new();
-        retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
+        let first = if wait {
+            retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
+            None
+        } else {
+            db::migrate(&self.settings.database).await?;
+            let name = "agent-connection-manager";
+            let connected = amqp::connect_from(&self.settings.amqp.url, 0, name).await.map_err(|e| match e {
+                Error::Amqp(mut failure) => {
+                    failure.at = failure.at.map(|node| format!("{node} never reached"));
+                    Error::Amqp(failure)
+                }
+                other => other,
+            })?;
+            Some(connected)
+        };
         let worker = Worker {
             pool: self.pool.clone(),
             settings: self.settings.clone(),
@@ -100,7 +128,7 @@ impl AgentConnectionManager {
             health: self.health.clone(),
             outbox: self.outbox.clone(),
         };
-        let task = tokio::spawn(worker.run(shutdown.clone()));
+        let task = tokio::spawn(worker.run(shutdown.clone(), first));
         tracing::info!(prefix = %self.settings.amqp.prefix, "connection manager started");
         *running = Some(Running { shutdown, task });
         Ok(())
@@ -134,7 +162,7 @@ impl AgentConnectionManager {
 
     /// Current connection and session statistics, from one snapshot.
     pub async fn get_connection_stats(&self) -> Result<ConnectionStats> {
-        let client = self.pool.get().await?;
+        let client = crate::db::checkout(&self.pool).await?;
         commands::stats::get(&client).await
     }
 

@@ -3,8 +3,10 @@
 //! The sweeper needs only the database and runs for the worker's whole life. The consumers
 //! and the relay live in a broker session: when the connection or a channel is lost, the session ends (deliveries of
 //! the dead channel are never acknowledged on another), and a new one is made after an exponential backoff with
-//! jitter, re-declaring the topology. On shutdown the consumers stop taking deliveries and finish the ones they
-//! hold, then the relay flushes the outbox, then the connection is closed; whatever is not done within
+//! jitter, re-declaring the topology. A connect that fails is logged as a broker never reached (no session of this
+//! worker was ever made) or as one lost and not reached again, with the node's address and the cause. On shutdown
+//! the consumers stop taking deliveries and finish the ones they hold, then the relay flushes the outbox, then the
+//! connection is closed; whatever is not done within
 //! `worker.shutdown_grace_secs` is abandoned by [`crate::manager::AgentConnectionManager::stop`] (unacknowledged
 //! deliveries are redelivered by the broker).
 //!
@@ -107,8 +109,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed. `first` is a connection
+    /// already made (by [`crate::manager::AgentConnectionManager::start`], which fails when the broker cannot be
+    /// reached) and the index of its node in `amqp.url`; without it the worker connects itself, and retries until
+    /// the broker answers.
+    pub async fn run(self, shutdown: CancellationToken, mut first: Option<(lapin::Connection, usize)>) -> Result<()> {
         let probe = BacklogProbe::broker();
         // One name for the worker's life: the relay of a new broker session renews the lease of the last one.
         let relay_name = relay::relay_name();
@@ -123,9 +128,35 @@ impl Worker {
         let mut backoff = Backoff::default();
         // The broker node (of `amqp.url`'s list) to try first: after a session ends, the next one.
         let mut node = 0;
+        // Whether a broker session was ever made: a failing connect is then a lost broker, else one never reached.
+        let mut reached = false;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            match self.session(&probe, &relay_name, &shutdown, &mut node).await {
+            let connected = match first.take() {
+                Some(made) => Ok(made),
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    c = amqp::connect_from(&self.settings.amqp.url, node, "agent-connection-manager") => c,
+                },
+            };
+            let (conn, index) = match connected {
+                Ok(made) => made,
+                Err(e) => {
+                    let attempt = backoff.attempts() + 1;
+                    if reached {
+                        tracing::warn!(error = %e, attempt, "broker lost and not reached again; retrying");
+                    } else {
+                        tracing::warn!(error = %e, attempt, "broker never reached; retrying");
+                    }
+                    if !backoff.wait(&shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            reached = true;
+            node = index;
+            match self.session(conn, index, &probe, &relay_name, &shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -154,15 +185,14 @@ impl Worker {
 
     async fn session(
         &self,
+        conn: lapin::Connection,
+        connected: usize,
         probe: &BacklogProbe,
         relay_name: &str,
         shutdown: &CancellationToken,
-        node: &mut usize,
     ) -> Result<()> {
         let s = &self.settings;
         let topology = Topology::for_settings(s);
-        let (conn, connected) = amqp::connect_from(&s.amqp.url, *node, "agent-connection-manager").await?;
-        *node = connected;
         // Watch for connection.blocked / unblocked for the whole session (a new connection starts unblocked), and
         // for the connection's loss: the session ends on it, whether or not its consumers' streams end too (after a
         // cluster node was killed, lapin reported the reset connection while the consumers went on waiting).

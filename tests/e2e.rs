@@ -264,10 +264,15 @@ async fn readiness_reports_a_missing_broker_and_logs_are_json() {
         log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
     assert!(!lines.is_empty());
     assert!(lines.iter().all(|l| l["level"].is_string() && l["message"].is_string()), "{log}");
+    // A broker never reached is said to be so (not a session that ended), with its address and the cause.
+    let place = format!("broker at 127.0.0.1:{dead_broker} (vhost /, user guest)");
     assert!(
-        lines.iter().any(|l| l["message"] == "broker session ended; reconnecting" && l["attempt"].is_number()),
-        "reconnect attempts are logged with their number: {log}"
+        lines.iter().any(|l| l["message"] == "broker never reached; retrying"
+            && l["attempt"].is_number()
+            && l["error"].as_str().is_some_and(|e| e.contains(&place) && e.contains("Connection refused"))),
+        "connect attempts are logged with their number, the broker's address and the cause: {log}"
     );
+    assert!(!log.contains("broker session ended"), "no session was ever made: {log}");
     assert!(!log.contains("guest:guest"), "a secret reached the log");
 }
 

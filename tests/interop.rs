@@ -59,9 +59,9 @@ async fn a_python_backend_and_agent_work_against_the_binary() {
     let started = Instant::now();
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/interop.py"))
-        .env("ACM_AMQP_URL", &settings.amqp.url)
-        .env("ACM_PREFIX", &settings.amqp.prefix)
-        .env("ACM_SCHEMA_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("schema"))
+        .env("ACM_INTEROP_AMQP_URL", &settings.amqp.url)
+        .env("ACM_INTEROP_PREFIX", &settings.amqp.prefix)
+        .env("ACM_INTEROP_SCHEMA_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("schema"))
         .output()
         .unwrap();
     let _ = child.kill();

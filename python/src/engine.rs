@@ -81,7 +81,7 @@ impl Engine {
                 acm::http::serve(self.manager.clone(), addr, stop.clone())
                     .await
                     .map(|(_, task)| (stop, task))
-                    .map_err(|e| format!("http.listen: cannot listen on {addr}: {e}"))
+                    .map_err(|e| acm::http::listen_error(addr, &e).0)
             }
             Err(_) => Err("http.listen: not an address".to_string()),
         };

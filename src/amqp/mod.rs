@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::commands::{Queue, REGISTRY};
-use crate::error::{Error, Result};
+use crate::error::{BrokerFailure, Error, Result};
 
 /// Routing key of heartbeats (their message type).
 pub const HEARTBEAT_ROUTING_KEY: &str = <crate::commands::heartbeat::Heartbeat as crate::commands::Message>::TYPE;
@@ -58,23 +58,51 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection> {
 
 /// Connects to the first of `urls` that answers, trying them in order from the one at `start` (wrapping around), each
 /// for at most [`CONNECT_TIMEOUT`]; returns the connection and the index of the URL that answered. When none does,
-/// the last failure is the error.
+/// the last failure is the error, naming its node ([`describe_node`]) and why (refused, no answer, credentials).
 pub async fn connect_from(urls: &str, start: usize, name: &str) -> Result<(Connection, usize)> {
     let list = broker_urls(urls);
     let mut last = Error::Disconnected("no broker URL is configured".into());
     for step in 0..list.len() {
         let i = (start + step) % list.len();
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(list[i], props)).await {
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(list[i], props)).await {
             Ok(Ok(conn)) => return Ok((conn, i)),
-            Ok(Err(e)) => last = e.into(),
-            Err(_) => last = Error::Timeout(format!("connecting to broker node {} of {}", i + 1, list.len())),
-        }
+            Ok(Err(e)) => e,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} s: the node accepted the connection but did not complete the AMQP \
+                     handshake, or the network dropped it",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )),
+        };
+        last = Error::Amqp(BrokerFailure { error, at: Some(describe_node(list[i])) });
         if list.len() > 1 {
             tracing::warn!(node = i + 1, nodes = list.len(), error = %last, "broker node did not answer; trying the next");
         }
     }
     Err(last)
+}
+
+/// A broker node as errors and logs name it: host and port, virtual host and user, never the password; e.g.
+/// `127.0.0.1:5672 (vhost /, user guest)`.
+pub fn describe_node(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else {
+        return crate::config::redact_url(url);
+    };
+    let port = u.port().unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+    let host = u.host_str().unwrap_or("localhost");
+    // The path is the percent-encoded virtual host; none means `/`.
+    let vhost = match u.path().strip_prefix('/') {
+        Some(v) if !v.is_empty() => url::form_urlencoded::parse(format!("v={v}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default(),
+        _ => "/".to_string(),
+    };
+    let user = if u.username().is_empty() { "guest" } else { u.username() };
+    format!("{host}:{port} (vhost {vhost}, user {user})")
 }
 
 /// Opens a channel in publisher-confirm mode.
@@ -128,6 +156,13 @@ pub fn heartbeat_properties(agent_id: &str) -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_is_named_by_host_port_vhost_and_user_without_its_password() {
+        assert_eq!(describe_node("amqp://guest:secret@127.0.0.1:5999/%2f"), "127.0.0.1:5999 (vhost /, user guest)");
+        assert_eq!(describe_node("amqps://acm:secret@mq/prod"), "mq:5671 (vhost prod, user acm)");
+        assert_eq!(describe_node("amqp://mq"), "mq:5672 (vhost /, user guest)");
+    }
 
     #[test]
     fn a_url_list_is_split_on_commas() {

@@ -64,7 +64,7 @@ const STORE_REPLY: &str =
 /// stored outcome and changes nothing; the same key with another body is refused with `conflict` and changes
 /// nothing. Read-only commands keep no record.
 pub async fn execute(pool: &Pool, settings: &Settings, cmd: &Command, meta: &Meta) -> Result<Outcome> {
-    let mut client = pool.get().await?;
+    let mut client = crate::db::checkout(pool).await?;
     let tx = client.transaction().await?;
     let ty = cmd.type_name();
     let sender = meta.user_id.as_deref().unwrap_or("");

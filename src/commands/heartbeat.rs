@@ -103,7 +103,7 @@ pub async fn apply_batch_then(
     activity_every: Duration,
     applied: impl FnOnce(),
 ) -> Result<BatchReport> {
-    let mut client = pool.get().await?;
+    let mut client = crate::db::checkout(pool).await?;
     let tx = client.transaction().await?;
     let report = apply_in(&tx, heartbeats, activity_every).await?;
     applied();
@@ -124,7 +124,7 @@ pub async fn apply_batch_isolating(
     activity_every: Duration,
     applied: impl FnOnce(),
 ) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
-    let mut client = pool.get().await?;
+    let mut client = crate::db::checkout(pool).await?;
     let tx = client.transaction().await?;
     let mut order: Vec<usize> = (0..heartbeats.len()).collect();
     order.sort_by_key(|&i| (heartbeats[i].session_id.as_str(), heartbeats[i].connection_id.as_str()));

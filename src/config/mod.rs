@@ -1,11 +1,20 @@
 //! Configuration: typed settings, layered with figment, validated once at start.
 //!
 //! Layers, lowest first: the built-in defaults of [`Settings::default`], `config/default.toml` (when present in the
-//! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_*` environment variables (nesting with
-//! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
-//! [`Settings::to_redacted_toml`] and never logged.
+//! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_<SECTION>__<KEY>` environment
+//! variables. A bad value, an unknown key in a file or an `ACM_*` variable that is neither configuration nor one of
+//! the project's other variables ([`env::NOT_CONFIGURATION`]) stops the program with one line naming it and the
+//! closest key. Secrets (passwords in URLs) are redacted by [`Settings::to_redacted_toml`] and never logged.
+//!
+//! The command line ([`Settings::load_command_line`]) adds one default of its own below the files: `run` serves HTTP
+//! on [`WORKER_HTTP_LISTEN`]; the library ([`Settings::load`]) serves none unless `http.listen` is set.
 
+pub mod env;
+mod messages;
 mod validate;
+
+use messages::one_line;
+pub use messages::redact_url;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +29,9 @@ pub use crate::db::Pooler;
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// Environment variable that names an extra configuration file.
 pub const CONFIG_FILE_ENV: &str = "ACM_CONFIG";
+/// `http.listen` of the command line's `run` when no file or variable sets it (the library's default is `""`: no
+/// HTTP inside someone else's service unless asked for).
+pub const WORKER_HTTP_LISTEN: &str = "127.0.0.1:9090";
 
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +203,8 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
-    /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable.
+    /// Listen address of `/healthz`, `/readyz` and `/metrics`; empty to disable. Empty by default in the library;
+    /// the command line's default is [`WORKER_HTTP_LISTEN`].
     pub listen: String,
     /// `/metrics` serves the statistics gauges from a cache refreshed at most once per this many seconds.
     pub stats_cache_secs: u64,
@@ -307,7 +320,7 @@ impl Default for WorkerSettings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into(), stats_cache_secs: 5 }
+        Self { listen: String::new(), stats_cache_secs: 5 }
     }
 }
 
@@ -318,12 +331,25 @@ impl Default for LogSettings {
 }
 
 impl Settings {
-    /// Loads the layered configuration: defaults, `config/default.toml`, `file` (or `ACM_CONFIG`), `ACM_*`.
+    /// Loads the library's layered configuration: defaults, `config/default.toml`, `file` (or `ACM_CONFIG`),
+    /// `ACM_*`. Refuses an `ACM_*` variable that is not configuration ([`env::check_environment`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_over(Figment::from(Serialized::defaults(Settings::default())), file)
+    }
+
+    /// [`Settings::load`] for the command line: `http.listen` defaults to [`WORKER_HTTP_LISTEN`] (a file or
+    /// `ACM_HTTP__LISTEN` still sets it, `""` included).
+    pub fn load_command_line(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let defaults = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Serialized::default("http.listen", WORKER_HTTP_LISTEN));
+        Self::load_over(defaults, file)
+    }
+
+    fn load_over(defaults: Figment, file: Option<&Path>) -> Result<Self, ConfigError> {
+        env::check_environment()?;
         let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
         let file = file.map(Path::to_path_buf).or(env_file);
-        let mut figment =
-            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::file(DEFAULT_CONFIG_FILE));
+        let mut figment = defaults.merge(Toml::file(DEFAULT_CONFIG_FILE));
         if let Some(file) = &file {
             if !file.is_file() {
                 return Err(ConfigError(format!("config file {}: no such file", file.display())));
@@ -370,8 +396,8 @@ impl Settings {
 pub const SECTIONS: [&str; 9] =
     ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security"];
 
-/// `ACM_<SECTION>__<KEY>` variables. Other `ACM_*` variables (`ACM_CONFIG`, which names a file, and variables of
-/// other tools) are not configuration keys; an unknown key inside a known section is still an error.
+/// `ACM_<SECTION>__<KEY>` variables; the project's other `ACM_*` variables ([`env::NOT_CONFIGURATION`]) are left
+/// out here and every other one is refused before ([`env::check_environment`]).
 fn env_provider() -> Env {
     Env::prefixed("ACM_")
         .filter(|k| {
@@ -379,61 +405,6 @@ fn env_provider() -> Env {
             SECTIONS.iter().any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
         })
         .split("__")
-}
-
-/// Formats a figment error as one line: key, problem, source.
-fn one_line(e: &figment::Error) -> String {
-    let mut parts = Vec::new();
-    for err in e.clone() {
-        let key = if err.path.is_empty() { "configuration".to_string() } else { err.path.join(".") };
-        let source = err
-            .metadata
-            .as_ref()
-            .map(|m| match &err.metadata.as_ref().and_then(|m| m.source.as_ref()) {
-                Some(src) => format!(" (from {} {src})", m.name),
-                None => format!(" (from {})", m.name),
-            })
-            .unwrap_or_default();
-        parts.push(format!("{key}: {}{source}", err.kind));
-    }
-    parts.join("; ").replace('\n', " ")
-}
-
-/// Replaces the password of a URL (its user information or a `password=` query parameter; several hosts, as in
-/// `postgres://u:pw@h1:5432,h2:5433/db`, are fine) or of a libpq `password=` pair with `***`.
-///
-/// ```
-/// use agent_connection_manager::config::redact_url;
-/// assert_eq!(redact_url("amqp://guest:guest@host/%2f"), "amqp://guest:***@host/%2f");
-/// assert_eq!(redact_url("postgres://acm:pw@h1:5432,h2:5433/acm"), "postgres://acm:***@h1:5432,h2:5433/acm");
-/// assert_eq!(redact_url("host=db password=secret"), "host=db password=***");
-/// ```
-pub fn redact_url(raw: &str) -> String {
-    let redact_pair = |pair: &str| match pair.split_once('=') {
-        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-        _ => pair.to_string(),
-    };
-    if let Some((scheme, rest)) = raw.split_once("://") {
-        // The user information ends at the last `@` before the path or query.
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                format!("{path}?{}", query.split('&').map(redact_pair).collect::<Vec<_>>().join("&"))
-            }
-            None => tail.to_string(),
-        };
-        return format!("{scheme}://{authority}{tail}");
-    }
-    // libpq key=value form.
-    raw.split_whitespace().map(redact_pair).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

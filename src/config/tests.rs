@@ -18,7 +18,7 @@ fn defaults_are_valid_and_as_documented() {
     assert_eq!(s.sweeper.check_interval_secs, 30);
     assert_eq!(s.sweeper.connection_stale_after_secs, 120);
     assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
-    assert_eq!(s.http.listen, "127.0.0.1:9090");
+    assert_eq!(s.http.listen, "");
     assert_eq!(s.amqp.max_message_bytes, 1_048_576);
     assert_eq!(s.amqp.confirm_timeout_secs, 10);
     assert_eq!(s.outbox.lease_secs, 30);
@@ -92,6 +92,43 @@ fn a_bad_value_names_its_key_on_one_line() {
     assert!(e.contains("amqp.url"), "{e}");
     let e = from_toml("[amqp]\nnope = 1").unwrap_err().to_string();
     assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn a_misspelled_key_or_section_of_a_file_names_the_closest_one() {
+    let e = from_toml("[sweeper]\ncheck_intervl_secs = 5").unwrap_err().to_string();
+    assert!(e.contains("unknown key `sweeper.check_intervl_secs`, did you mean `sweeper.check_interval_secs`?"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    let e = from_toml("[sweper]\ncheck_interval_secs = 5").unwrap_err().to_string();
+    assert!(e.contains("unknown section `sweper`, did you mean `sweeper`?"), "{e}");
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
+fn only_the_command_line_serves_http_unless_http_listen_is_set() {
+    figment::Jail::expect_with(|jail| {
+        // The jail's working directory has no config/default.toml.
+        let library = Settings::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(library.http.listen, "");
+        let command_line = Settings::load_command_line(None).map_err(|e| e.to_string())?;
+        assert_eq!(command_line.http.listen, WORKER_HTTP_LISTEN);
+        jail.set_env("ACM_HTTP__LISTEN", "127.0.0.1:19999");
+        assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.http.listen, "127.0.0.1:19999");
+        jail.set_env("ACM_HTTP__LISTEN", "");
+        assert_eq!(Settings::load_command_line(None).map_err(|e| e.to_string())?.http.listen, "");
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
+fn a_misspelled_variable_stops_loading() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ACM_SWEPER__CHECK_INTERVAL_SECS", "5");
+        let e = Settings::load(None).unwrap_err().to_string();
+        assert!(e.contains("did you mean ACM_SWEEPER__CHECK_INTERVAL_SECS?"), "{e}");
+        Ok(())
+    });
 }
 
 #[test]

@@ -66,21 +66,21 @@ pub struct Window {
 
 /// Takes (or renews) the lease for `name`; whether `name` holds it now.
 pub async fn acquire(pool: &Pool, name: &str, lease_secs: f64) -> Result<bool> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     let rows = client.typed_query(ACQUIRE, &[&name as &dyn Param, &lease_secs]).await?;
     Ok(!rows.is_empty())
 }
 
 /// Gives the lease of `name` back, if it holds it.
 pub async fn release(pool: &Pool, name: &str) -> Result<()> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     client.typed_execute(RELEASE, &[&name]).await?;
     Ok(())
 }
 
 /// Claims up to `limit` events for `name`, in id order; `None` when `name` does not hold the lease.
 pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: i64) -> Result<Option<Vec<Claimed>>> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     // Unnamed: a kept generic plan for this claim (`id > $3 OR $4`) can scan the whole outbox.
     let rows = Unnamed(&client)
         .typed_query(CLAIM, &[&name as &dyn Param, &lease_secs, &w.after, &w.rescan, &w.skip, &limit])
@@ -101,13 +101,13 @@ pub async fn claim(pool: &Pool, name: &str, lease_secs: f64, w: &Window, limit: 
 
 /// Deletes published events by id.
 pub async fn delete(pool: &Pool, ids: &[i64]) -> Result<u64> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     Ok(client.typed_execute(DELETE, &[&ids]).await?)
 }
 
 /// Unpublished events and the age of the oldest, in seconds.
 pub async fn backlog(pool: &Pool) -> Result<(i64, f64)> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     let row = client.typed_one(BACKLOG, &[]).await?;
     let oldest: Option<chrono::DateTime<chrono::Utc>> = row.get(1);
     let now: chrono::DateTime<chrono::Utc> = row.get(2);

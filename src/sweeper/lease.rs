@@ -91,7 +91,7 @@ pub(crate) struct Claim {
 impl Claim {
     /// Claims `task`; `None` when another worker holds it.
     pub(crate) async fn take(pool: &Pool, lease: &Arc<Lease>, task: &'static str) -> Result<Option<Claim>> {
-        let client = pool.get().await?;
+        let client = crate::db::checkout(pool).await?;
         if !lease.claim(&client, task).await? {
             return Ok(None);
         }
@@ -140,9 +140,9 @@ async fn renew(pool: Pool, lease: Arc<Lease>, task: &'static str, lost: Arc<Atom
     let every = lease.length / 3;
     loop {
         tokio::time::sleep(every).await;
-        let renewed = match pool.get().await {
+        let renewed = match crate::db::checkout(&pool).await {
             Ok(client) => lease.claim(&client, task).await,
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         };
         match renewed {
             Ok(true) => {}

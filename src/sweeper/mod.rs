@@ -173,7 +173,7 @@ pub(crate) async fn in_batches(
     }
     let lost = claim.lost();
     let others = (1..b.parallel.max(1)).map(|_| async {
-        let mut client = pool.get().await?;
+        let mut client = crate::db::checkout(pool).await?;
         batch_loop(&mut client, &b, &event, &marked, &total, &lost).await
     });
     let mine = batch_loop(claim.client(), &b, &event, &marked, &total, &lost);
@@ -232,7 +232,7 @@ async fn one_batch(
 /// Whether a task has anything to do: `sql` is a read-only `SELECT EXISTS (...)` of its due rows. A task with
 /// nothing due neither claims its lease nor writes anything.
 pub(crate) async fn any_due(pool: &Pool, sql: &str, params: &[&dyn crate::db::Param]) -> Result<bool> {
-    let client = pool.get().await?;
+    let client = crate::db::checkout(pool).await?;
     Ok(Unnamed(&client).typed_one(sql, params).await?.get(0))
 }
 

@@ -1,7 +1,7 @@
 """Interoperability: a Python backend and agent (pika) against the real worker, every message, reply and event
 validated against the JSON Schemas in schema/.
 
-Run by tests/interop.rs with ACM_AMQP_URL, ACM_PREFIX and ACM_SCHEMA_DIR set; exits non-zero on any failure.
+Run by tests/interop.rs with ACM_INTEROP_AMQP_URL, ACM_INTEROP_PREFIX and ACM_INTEROP_SCHEMA_DIR set; exits non-zero on any failure.
 """
 import json
 import os
@@ -12,9 +12,9 @@ import uuid
 import jsonschema
 import pika
 
-URL = os.environ["ACM_AMQP_URL"]
-PREFIX = os.environ["ACM_PREFIX"]
-SCHEMAS = os.environ["ACM_SCHEMA_DIR"]
+URL = os.environ["ACM_INTEROP_AMQP_URL"]
+PREFIX = os.environ["ACM_INTEROP_PREFIX"]
+SCHEMAS = os.environ["ACM_INTEROP_SCHEMA_DIR"]
 COMMANDS = f"{PREFIX}.commands"
 
 

@@ -78,6 +78,30 @@ impl PgCluster {
         Self::started(root, data, extra_opts)
     }
 
+    /// `initdb` a new cluster under `base/<dir>` whose TCP connections authenticate with `scram-sha-256` (those on
+    /// its Unix socket, which `pg_ctl` uses, are trusted), the `postgres` user's password being `password`, and
+    /// start it: the machine's own server trusts every connection, so a wrong password is refused only here.
+    #[allow(dead_code)] // tests/errors.rs uses it, the fault suite does not
+    pub fn start_new_with_password(base: &Path, dir: &str, password: &str) -> Self {
+        let root = owned_dir(base, dir);
+        let data = root.join("data");
+        let pwfile = root.join("pwfile");
+        fs::write(&pwfile, password).expect("write pwfile");
+        if is_root() {
+            let ok = Command::new("chown").args(["postgres:postgres"]).arg(&pwfile).status();
+            assert!(ok.is_ok_and(|s| s.success()), "chown {} to postgres", pwfile.display());
+        }
+        let mut initdb = pg_command("initdb", &root);
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256", "-U", "postgres", "--pwfile"])
+            .arg(&pwfile)
+            .args(["-E", "UTF8", "--no-sync", "--locale=C"]);
+        run_ok(initdb, "initdb");
+        Self::started(root, data, "")
+    }
+
     /// The cluster whose data directory is `data` (sockets and log in `root`), started on a free port.
     fn started(root: PathBuf, data: PathBuf, extra_opts: &str) -> Self {
         let mut pg = Self {
