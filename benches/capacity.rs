@@ -21,6 +21,9 @@ mod infra;
 #[path = "capacity/measure.rs"]
 mod measure;
 #[allow(dead_code)]
+#[path = "../tests/common/programs.rs"]
+mod programs;
+#[allow(dead_code)]
 #[path = "../tests/faults/publisher.rs"]
 mod publisher;
 

@@ -67,9 +67,9 @@ mod standard;
 #[path = "faults/workload.rs"]
 mod workload;
 
-// `infra` runs commands and HTTP requests through `crate::bounded` (the capacity bench, which has no `common`,
-// includes the file itself).
-use common::bounded;
+// `infra` runs commands and HTTP requests through `crate::bounded` and finds the programs it runs through
+// `crate::programs` (the capacity bench, which has no `common`, includes both files itself).
+use common::{bounded, programs};
 
 use std::time::Duration;
 

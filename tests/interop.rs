@@ -1,6 +1,7 @@
 //! Interoperability: a Python backend and agent (pika) drive the real binary and validate every reply and event
-//! against the JSON Schemas in `schema/`. The Python environment (pika, jsonschema) is a virtual environment in
-//! `target/interop-venv`, made here when missing (`.ci/run` makes it before the tests).
+//! against the JSON Schemas in `schema/`. The Python environment (pika, jsonschema) is the virtual environment
+//! `target/python-venv` that `./dev test` makes before the tests (`ACM_TEST_PYTHON` names another interpreter); the
+//! test fails with one line saying so when it lacks them.
 
 mod common;
 
@@ -15,18 +16,14 @@ fn venv_python() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/interop-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &Path| {
-        Command::new(p).args(["-c", "import pika, jsonschema"]).status().map(|s| s.success()).unwrap_or(false)
-    };
-    if !ready(&python) {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success());
-        assert_eq!(ok.ok(), Some(true), "python3 -m venv failed");
-        let ok = Command::new(venv.join("bin/pip")).args(["install", "-q", "pika", "jsonschema"]).status();
-        assert!(ok.map(|s| s.success()).unwrap_or(false), "pip install pika jsonschema failed");
-    }
-    assert!(ready(&python), "the interop venv has no pika/jsonschema");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let python = target.join("python-venv/bin/python");
+    let ready = Command::new(&python).args(["-c", "import pika, jsonschema"]).output();
+    assert!(
+        ready.is_ok_and(|o| o.status.success()),
+        "{} is missing or lacks pika and jsonschema: run `./dev test` (it makes the environment first)",
+        python.display()
+    );
     python
 }
 

@@ -1,43 +1,38 @@
-//! The Python package (`python/`): installs it into a virtual environment under `target/` (`pip install ./python`,
-//! built by maturin) and runs its pytest suite there, against the same PostgreSQL and RabbitMQ as the other tests.
-//! Fails, with pytest's output, when pytest fails.
+//! The Python package (`python/`): installs its test wheel into the virtual environment `target/python-venv` and runs
+//! its pytest suite there, against the same PostgreSQL and RabbitMQ as the other tests. Fails, with pytest's output,
+//! when pytest fails.
 //!
-//! The wheel is built in `target/python/` (its own cargo target directory: this test runs while `cargo test` holds
-//! the root one), so later runs rebuild only what changed. It is built with the `dev` profile, which compiles in a
-//! third of the CPU time of `release`; `ACM_PYTHON_WHEEL_PROFILE=release` tests the wheel users get. `ACM_PYTHON`
-//! names the interpreter (default `python3`).
+//! `./dev test` makes the environment (the test requirements from PyPI, maturin) and builds the wheel into
+//! `target/python-wheel/` before `cargo test` starts: cargo holds the lock of the target directory while tests run,
+//! and the wheel is built in that same directory (`.cargo/config.toml`), reusing what `cargo test` compiled, so it
+//! cannot be built from here. A missing environment, or a wheel missing or older than the sources it is built from,
+//! fails the test with one line saying to run `./dev test`. The wheel has the `dev` profile unless
+//! `ACM_PYTHON_WHEEL_PROFILE=release` was set for `./dev test`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-/// What the tests import beside the package, and maturin for building it without an isolated build environment.
-const TEST_REQUIREMENTS: &[&str] = &[
-    "maturin>=1.7,<2",
-    "pytest>=7",
-    "pytest-asyncio>=0.23",
-    "pika>=1.3",
-    "psycopg2-binary>=2.9",
-    "sqlalchemy[asyncio]>=2",
-    "asyncpg>=0.29",
-    "fastapi>=0.110",
-    "httpx>=0.27",
-    "mypy>=1.10",
-];
-
-/// The modules those requirements provide (checked before asking pip).
+/// The modules the tests import (`./dev test` installs them: the package's `test` extra).
 const TEST_MODULES: &str =
-    "import maturin, pytest, pytest_asyncio, pika, psycopg2, sqlalchemy, greenlet, asyncpg, fastapi, httpx, mypy";
+    "import pytest, pytest_asyncio, pika, psycopg2, sqlalchemy, greenlet, asyncpg, fastapi, httpx, mypy";
+
+/// What the wheel is built from (as `./dev`'s `wheel_sources`): a newer file among these makes it stale.
+const WHEEL_SOURCES: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    ".cargo/config.toml",
+    "src",
+    "sql",
+    "python/Cargo.toml",
+    "python/Cargo.lock",
+    "python/pyproject.toml",
+    "python/src",
+    "python/agent_connection_manager",
+];
 
 fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
-}
-
-/// `PATH` with `dir` first (where the build backend finds the `maturin` program).
-fn path_with(dir: &Path) -> std::ffi::OsString {
-    let mut dirs = vec![dir.to_path_buf()];
-    dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
-    std::env::join_paths(dirs).unwrap_or_default()
 }
 
 fn run(what: &str, cmd: &mut Command) -> Output {
@@ -58,42 +53,61 @@ fn check(what: &str, out: &Output) {
     }
 }
 
+/// The newest modification time under `path` (a file or a directory), skipping `__pycache__`.
+fn newest(path: &Path) -> Option<(SystemTime, PathBuf)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return Some((meta.modified().ok()?, path.to_path_buf()));
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name() != "__pycache__")
+        .filter_map(|e| newest(&e.path()))
+        .max_by_key(|(t, _)| *t)
+}
+
+/// The test wheel in `dir`; fails with one line when it is missing or older than a source.
+fn ready_wheel(root: &Path, dir: &Path) -> PathBuf {
+    let wheel = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .unwrap_or_else(|| panic!("no test wheel in {}: run `./dev test` (it builds the wheel first)", dir.display()));
+    let built = std::fs::metadata(&wheel).and_then(|m| m.modified()).expect("the wheel's modification time");
+    let source = WHEEL_SOURCES.iter().filter_map(|s| newest(&root.join(s))).max_by_key(|(t, _)| *t);
+    if let Some((_, file)) = source.filter(|(t, _)| *t > built) {
+        panic!(
+            "the test wheel {} is older than {}: run `./dev test` (it rebuilds the wheel first)",
+            wheel.display(),
+            file.display()
+        );
+    }
+    wheel
+}
+
 #[test]
 fn python_package_tests_pass() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = target_dir(&root);
-    let venv = target.join("python-venv");
-    let python = venv.join("bin").join("python");
+    let python = target.join("python-venv").join("bin").join("python");
+    let have = Command::new(&python).arg("-c").arg(TEST_MODULES).output();
+    assert!(
+        have.is_ok_and(|o| o.status.success()),
+        "{} is missing or lacks the test requirements: run `./dev test` (it makes the environment first)",
+        python.display()
+    );
+    let wheel = ready_wheel(&root, &target.join("python-wheel"));
 
-    if !python.exists() {
-        let interpreter = std::env::var("ACM_PYTHON").unwrap_or_else(|_| "python3".into());
-        let out = run("creating the virtual environment", Command::new(&interpreter).arg("-m").arg("venv").arg(&venv));
-        check("python3 -m venv (on Debian: apt-get install python3-venv)", &out);
-    }
-
-    let have = run("checking the test requirements", Command::new(&python).arg("-c").arg(TEST_MODULES));
-    if !have.status.success() {
-        let out = run(
-            "installing the test requirements",
-            Command::new(&python)
-                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-                .args(TEST_REQUIREMENTS),
-        );
-        check("pip install (test requirements)", &out);
-    }
-
-    let profile = std::env::var("ACM_PYTHON_WHEEL_PROFILE").unwrap_or_else(|_| "dev".into());
     let out = run(
-        "building and installing the package",
+        "installing the test wheel",
         Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall"])
-            .arg("--no-build-isolation")
-            .arg(root.join("python"))
-            .env("PATH", path_with(&venv.join("bin")))
-            .env("MATURIN_PEP517_ARGS", format!("--profile {profile}"))
-            .env("CARGO_TARGET_DIR", target.join("python")),
+            .arg(&wheel),
     );
-    check("pip install ./python", &out);
+    check("pip install (the test wheel)", &out);
 
     // Run from the target directory, so that `python/agent_connection_manager` (the sources, without the built
     // extension) cannot shadow the installed package.

@@ -1,6 +1,7 @@
 //! What a newcomer follows works: README's path without Docker, run with the built binary exactly as documented
-//! (with its own database name, AMQP prefix and HTTP port), the worker's healthcheck in `docker-compose.yml`, and
-//! the protocol document's tables against the JSON Schemas in `schema/`.
+//! (with its own database name, AMQP prefix and HTTP port), the worker's healthcheck in `docker-compose.yml`, the
+//! protocol document's tables against the JSON Schemas in `schema/`, and the one-line failure of a test that needs a
+//! host program the machine lacks.
 
 mod common;
 
@@ -128,6 +129,13 @@ async fn the_documented_path_without_docker_works() {
     };
     let ready: Value = serde_json::from_str(&ready_body).expect("/readyz answers JSON");
     assert_eq!(ready["status"], "ready", "{ready_body}");
+    // README's block shows the body as it comes: the checks, then the status.
+    let shown = r#"{"checks":{...},"status":"ready"}"#;
+    assert!(commands.contains(shown), "README's path without Docker no longer shows /readyz's body as {shown}");
+    assert!(
+        ready_body.starts_with(r#"{"checks":{"#) && ready_body.ends_with(r#"},"status":"ready"}"#),
+        "/readyz's body is not what README shows ({shown}): {ready_body}"
+    );
 
     // The worker's healthcheck in docker-compose.yml, against this worker.
     let compose = repo_file("docker-compose.yml");
@@ -256,4 +264,16 @@ fn is_value(word: &str) -> bool {
         "mass_stale",
     ]
     .contains(&word)
+}
+
+/// A test that needs a host program the machine lacks fails with one line naming it and how to get it.
+#[test]
+fn a_missing_host_program_fails_with_one_line_naming_it() {
+    let missing = std::panic::catch_unwind(|| common::require_program("acm-no-such-program"));
+    let message = missing.expect_err("a program that does not exist is not found");
+    let message = message.downcast_ref::<String>().expect("a formatted message");
+    assert!(
+        !message.contains('\n') && message.contains("`acm-no-such-program`") && message.contains("`./dev test`"),
+        "not one line naming the program and how to get it: {message}"
+    );
 }

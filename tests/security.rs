@@ -41,7 +41,9 @@ impl BrokerUser {
 
 impl Drop for BrokerUser {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.name]).output();
+        if let Some(ctl) = common::programs::find_program_in("rabbitmqctl", &common::programs::rabbitmqctl_dirs()) {
+            let _ = Command::new(ctl).args(["delete_user", &self.name]).output();
+        }
     }
 }
 

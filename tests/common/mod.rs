@@ -4,8 +4,12 @@
 
 #[path = "bounded.rs"]
 pub mod bounded;
+#[path = "programs.rs"]
+pub mod programs;
 #[allow(unused_imports)] // each test binary uses some of them
 pub use bounded::{http_get, output_within};
+#[allow(unused_imports)]
+pub use programs::require_program;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -330,7 +334,8 @@ pub async fn queue_counts(ch: &lapin::Channel, queue: &str) -> (u32, u32) {
 /// Runs `rabbitmqctl` on the test broker (for at most two minutes), failing the test with its error output; returns
 /// its standard output.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let mut command = std::process::Command::new("rabbitmqctl");
+    let ctl = programs::require_program_in("rabbitmqctl", &programs::rabbitmqctl_dirs());
+    let mut command = std::process::Command::new(ctl);
     command.args(args).stdin(std::process::Stdio::null());
     let out = output_within(&mut command, Duration::from_secs(120), &format!("rabbitmqctl {args:?}"));
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

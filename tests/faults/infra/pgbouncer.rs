@@ -8,22 +8,10 @@ use std::time::Duration;
 
 use super::{free_port, is_root, poll_until, tail};
 
-/// Where Debian's `pgbouncer` package puts the binary (also looked up on `PATH`).
-const DEBIAN_BIN: &str = "/usr/sbin/pgbouncer";
-
-/// The PgBouncer binary; fails the test with how to install it when there is none.
+/// The PgBouncer binary (Debian's package puts it in /usr/sbin); fails the test with one line naming it when there
+/// is none.
 pub fn pgbouncer_bin() -> PathBuf {
-    if Path::new(DEBIAN_BIN).exists() {
-        return DEBIAN_BIN.into();
-    }
-    let on_path = Command::new("sh").args(["-c", "command -v pgbouncer"]).output();
-    match on_path {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().into(),
-        _ => panic!(
-            "pgbouncer is not installed, and the PgBouncer fault test needs it: install it with \
-             `apt-get update && apt-get install -y pgbouncer` (.ci/run does this)"
-        ),
-    }
+    crate::programs::require_program("pgbouncer")
 }
 
 /// A running PgBouncer.

@@ -17,16 +17,14 @@ pub struct PgCluster {
     extra_opts: String,
 }
 
-/// The PostgreSQL server programs: `$ACM_FAULTS_PG_BIN`, else `/usr/lib/postgresql/15/bin`, else the newest
-/// `/usr/lib/postgresql/<version>/bin` that has `initdb`.
+/// A PostgreSQL server program: in `$ACM_FAULTS_PG_BIN`, else `/usr/lib/postgresql/15/bin`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` that has `initdb`, else on `PATH`; fails the test with one line naming it when
+/// it is nowhere.
 fn pg_bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("ACM_FAULTS_PG_BIN") {
-        return Path::new(&dir).join(name);
+        return crate::programs::require_program_in(name, &[dir.into()]);
     }
-    let preferred = Path::new("/usr/lib/postgresql/15/bin");
-    if preferred.join("initdb").exists() {
-        return preferred.join(name);
-    }
+    let preferred = PathBuf::from("/usr/lib/postgresql/15/bin");
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -35,13 +33,15 @@ fn pg_bin(name: &str) -> PathBuf {
         .filter(|(_, bin): &(u32, PathBuf)| bin.join("initdb").exists())
         .collect();
     versions.sort();
-    versions.pop().map(|(_, bin)| bin.join(name)).unwrap_or_else(|| preferred.join(name))
+    let newest = versions.pop().map(|(_, bin)| bin);
+    let dirs: Vec<PathBuf> = std::iter::once(preferred).chain(newest).collect();
+    crate::programs::require_program_in(name, &dirs)
 }
 
 /// Runs a PostgreSQL program as the `postgres` OS user when we are root (PostgreSQL refuses to run as root).
 fn pg_command(program: &str, dir: &Path) -> Command {
     let mut c = if is_root() {
-        let mut c = Command::new("runuser");
+        let mut c = Command::new(crate::programs::require_program("runuser"));
         c.args(["-u", "postgres", "--"]).arg(pg_bin(program));
         c
     } else {

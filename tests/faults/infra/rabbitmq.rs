@@ -21,17 +21,15 @@ pub struct RabbitNode {
     starts: u32,
 }
 
+/// Where Debian's RabbitMQ package keeps its real scripts: the wrappers in /usr/sbin switch to the rabbitmq user
+/// (losing our environment).
+const DEBIAN_SCRIPTS: &str = "/usr/lib/rabbitmq/bin";
+
 fn rabbitmq_server() -> PathBuf {
     if let Ok(p) = std::env::var("ACM_FAULTS_RABBITMQ_SERVER") {
         return p.into();
     }
-    // The Debian wrapper in /usr/sbin switches to the rabbitmq user (losing our environment); run the real script.
-    let direct = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-    if direct.exists() {
-        direct.into()
-    } else {
-        "rabbitmq-server".into()
-    }
+    crate::programs::require_program_in("rabbitmq-server", &[DEBIAN_SCRIPTS.into()])
 }
 
 impl RabbitNode {
@@ -192,8 +190,7 @@ impl RabbitNode {
     /// Runs `rabbitmqctl` against this node (its name, epmd port and cookie) and returns its output; fails the test
     /// when it does not succeed.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let direct = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
-        let mut c = Command::new(if direct.exists() { direct.into() } else { PathBuf::from("rabbitmqctl") });
+        let mut c = Command::new(crate::programs::require_program_in("rabbitmqctl", &[DEBIAN_SCRIPTS.into()]));
         self.env(&mut c);
         c.arg("-n").arg(&self.name).args(args).stdin(Stdio::null());
         let out = crate::bounded::output_within(&mut c, CTL_LIMIT, &format!("rabbitmqctl {args:?}"));
@@ -211,7 +208,8 @@ impl Drop for RabbitNode {
     fn drop(&mut self) {
         self.stop();
         // The node started its own epmd on a private port: stop it too.
-        let _ = Command::new("epmd")
+        let Some(epmd) = crate::programs::find_program_in("epmd", &[]) else { return };
+        let _ = Command::new(epmd)
             .args(["-port", &self.epmd_port.to_string(), "-kill"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
