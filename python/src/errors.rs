@@ -39,7 +39,7 @@ pyo3::create_exception!(
     agent_connection_manager,
     CommandRefusedError,
     AgentConnectionManagerError,
-    "The engine understood the call but refused it (not_found, conflict, forbidden)."
+    "The engine understood the call but refused it (not_found, conflict, forbidden, limit)."
 );
 
 /// The Python exception for a library error.

@@ -5,6 +5,7 @@
 //! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
 //! [`Settings::to_redacted_toml`] and never logged.
 
+mod limits;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
+pub use limits::LimitSettings;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -48,6 +50,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Message authorisation.
     pub security: SecuritySettings,
+    /// Per-agent bounds.
+    pub limits: LimitSettings,
 }
 
 /// `database.*`
@@ -130,6 +134,9 @@ pub struct SweeperSettings {
     pub max_heartbeat_backlog: u64,
     /// Longest hold in a row; after it the verdict stands.
     pub stale_brake_max_hold_secs: u64,
+    /// The brake counts, beside the stale connections, those that go stale within this many seconds (the group that
+    /// went silent together); 0: half of `connection_stale_after_secs`.
+    pub stale_brake_window_secs: u64,
     /// Rows changed per statement (and transaction).
     pub batch_size: i64,
     /// Batch transactions a task runs at once when more than one batch is due.
@@ -268,6 +275,7 @@ impl Default for SweeperSettings {
             stale_brake_ratio: stale_connections::BRAKE_RATIO_DEFAULT,
             max_heartbeat_backlog: stale_connections::MAX_HEARTBEAT_BACKLOG_DEFAULT,
             stale_brake_max_hold_secs: stale_connections::MAX_HOLD_DEFAULT.as_secs(),
+            stale_brake_window_secs: 0,
             batch_size: crate::sweeper::BATCH_SIZE_DEFAULT,
             parallel_batches: crate::sweeper::PARALLEL_BATCHES_DEFAULT,
             task_lease_secs: 0,
@@ -367,8 +375,8 @@ impl Settings {
 }
 
 /// The configuration sections; `ACM_<SECTION>__<KEY>` variables configure them.
-pub const SECTIONS: [&str; 9] =
-    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security"];
+pub const SECTIONS: [&str; 10] =
+    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security", "limits"];
 
 /// `ACM_<SECTION>__<KEY>` variables. Other `ACM_*` variables (`ACM_CONFIG`, which names a file, and variables of
 /// other tools) are not configuration keys; an unknown key inside a known section is still an error.

@@ -8,6 +8,7 @@
 //! batches, each in its own transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that
 //! changes them, and their events written to the outbox in the same transaction.
 
+pub mod catch_up;
 pub mod inactive_sessions;
 pub mod instruction_expiry;
 pub mod lease;
@@ -50,6 +51,7 @@ pub const PARALLEL_BATCHES_DEFAULT: usize = 3;
 pub struct BacklogProbe {
     broker: Option<Arc<Mutex<Option<ProbeChannel>>>>,
     changed: Arc<tokio::sync::Notify>,
+    progress: Arc<catch_up::Progress>,
 }
 
 /// A channel and the names to ask it about.
@@ -69,7 +71,12 @@ pub enum Backlog {
 impl BacklogProbe {
     /// A probe that reads the queue through a channel set with [`BacklogProbe::set`].
     pub fn broker() -> Self {
-        Self { broker: Some(Arc::default()), changed: Arc::default() }
+        Self { broker: Some(Arc::default()), changed: Arc::default(), progress: Arc::default() }
+    }
+
+    /// The heartbeat consumer's progress, which the stale sweep waits for ([`catch_up`]).
+    pub fn progress(&self) -> Arc<catch_up::Progress> {
+        self.progress.clone()
     }
 
     /// Uses this channel from now on (`None`: the broker is unreachable).
@@ -294,6 +301,7 @@ impl Sweeper {
 
         let t = Instant::now();
         let cfg = stale_connections::Config::from(&s.sweeper);
+        self.catch_up(cfg.stale_after).await;
         let stale = match self.probe.depth().await {
             Backlog::Unavailable => {
                 tracing::warn!("broker unreachable: stale connections are not judged this cycle");
@@ -350,9 +358,45 @@ impl Sweeper {
         Ok(report)
     }
 
+    /// Waits, for at most `limit`, until this worker has applied every heartbeat it received before the stale sweep
+    /// (after a pause, [`catch_up::SETTLE`] after it), and, when it was paused within `limit`, until the heartbeat
+    /// queue holds nothing (what it holds was sent while the worker was paused or catching up). A live agent is then
+    /// judged by its latest heartbeat, not by one the worker holds. Past `limit` the sweep goes on (the brake still
+    /// stands), counted in `acm_sweeper_stale_catch_up_timeouts_total`: any heartbeat still in the queue then was
+    /// sent after the pause, its older ones expired.
+    async fn catch_up(&self, limit: Duration) {
+        let progress = self.probe.progress();
+        let started = tokio::time::Instant::now();
+        let mut caught = progress.caught_up(limit).await;
+        if caught && progress.paused_within(limit) {
+            loop {
+                match self.probe.depth().await {
+                    Backlog::Depth(0) | Backlog::Ignored => break,
+                    Backlog::Depth(_) | Backlog::Unavailable if started.elapsed() < limit => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        caught = progress.caught_up(limit.saturating_sub(started.elapsed())).await;
+                    }
+                    _ => {
+                        caught = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !caught {
+            self.metrics.stale_catch_up_timeouts.inc();
+            tracing::warn!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "heartbeats received by this worker are not all applied; judging stale connections all the same"
+            );
+        }
+    }
+
     /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
     /// next one runs on schedule.
     pub async fn run(self, shutdown: CancellationToken) {
+        // This worker's own pauses, which the stale sweep waits out (catch_up).
+        tokio::spawn(self.probe.progress().monitor(shutdown.clone()));
         // The first cycle runs at start, once the broker can be asked for the heartbeat backlog (or 10 s passed).
         tokio::select! {
             _ = shutdown.cancelled() => return,
