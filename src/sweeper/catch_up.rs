@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::{Backlog, BacklogProbe};
+use crate::metrics::Metrics;
+
 /// How often the monitor beats.
 pub const BEAT: Duration = Duration::from_millis(100);
 /// A longer gap between beats means the worker was paused.
@@ -134,6 +137,40 @@ impl Progress {
                 return self.settled.load(Ordering::SeqCst) >= target;
             }
         }
+    }
+}
+
+/// Waits, for at most `limit`, until this worker has applied every heartbeat it received before the stale sweep
+/// (after a pause, [`SETTLE`] after it), and, when it was paused within `limit`, until the heartbeat queue holds
+/// nothing (what it holds was sent while the worker was paused or catching up). A live agent is then judged by its
+/// latest heartbeat, not by one the worker holds. Past `limit` the sweep goes on (the brake still stands), counted in
+/// `acm_sweeper_stale_catch_up_timeouts_total`: any heartbeat still in the queue then was sent after the pause, its
+/// older ones expired.
+pub(crate) async fn wait(probe: &BacklogProbe, metrics: &Metrics, limit: Duration) {
+    let progress = probe.progress();
+    let started = tokio::time::Instant::now();
+    let mut caught = progress.caught_up(limit).await;
+    if caught && progress.paused_within(limit) {
+        loop {
+            match probe.depth().await {
+                Backlog::Depth(0) | Backlog::Ignored => break,
+                Backlog::Depth(_) | Backlog::Unavailable if started.elapsed() < limit => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    caught = progress.caught_up(limit.saturating_sub(started.elapsed())).await;
+                }
+                _ => {
+                    caught = false;
+                    break;
+                }
+            }
+        }
+    }
+    if !caught {
+        metrics.stale_catch_up_timeouts.inc();
+        tracing::warn!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "heartbeats received by this worker are not all applied; judging stale connections all the same"
+        );
     }
 }
 

@@ -301,7 +301,7 @@ impl Sweeper {
 
         let t = Instant::now();
         let cfg = stale_connections::Config::from(&s.sweeper);
-        self.catch_up(cfg.stale_after).await;
+        catch_up::wait(&self.probe, &self.metrics, cfg.stale_after).await;
         let stale = match self.probe.depth().await {
             Backlog::Unavailable => {
                 tracing::warn!("broker unreachable: stale connections are not judged this cycle");
@@ -356,40 +356,6 @@ impl Sweeper {
         }
         self.observe(retention::TASK, t, report.processed_messages_pruned);
         Ok(report)
-    }
-
-    /// Waits, for at most `limit`, until this worker has applied every heartbeat it received before the stale sweep
-    /// (after a pause, [`catch_up::SETTLE`] after it), and, when it was paused within `limit`, until the heartbeat
-    /// queue holds nothing (what it holds was sent while the worker was paused or catching up). A live agent is then
-    /// judged by its latest heartbeat, not by one the worker holds. Past `limit` the sweep goes on (the brake still
-    /// stands), counted in `acm_sweeper_stale_catch_up_timeouts_total`: any heartbeat still in the queue then was
-    /// sent after the pause, its older ones expired.
-    async fn catch_up(&self, limit: Duration) {
-        let progress = self.probe.progress();
-        let started = tokio::time::Instant::now();
-        let mut caught = progress.caught_up(limit).await;
-        if caught && progress.paused_within(limit) {
-            loop {
-                match self.probe.depth().await {
-                    Backlog::Depth(0) | Backlog::Ignored => break,
-                    Backlog::Depth(_) | Backlog::Unavailable if started.elapsed() < limit => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        caught = progress.caught_up(limit.saturating_sub(started.elapsed())).await;
-                    }
-                    _ => {
-                        caught = false;
-                        break;
-                    }
-                }
-            }
-        }
-        if !caught {
-            self.metrics.stale_catch_up_timeouts.inc();
-            tracing::warn!(
-                waited_ms = started.elapsed().as_millis() as u64,
-                "heartbeats received by this worker are not all applied; judging stale connections all the same"
-            );
-        }
     }
 
     /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
