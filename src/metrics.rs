@@ -43,8 +43,8 @@ pub struct Metrics {
     pub sweeper_failures: Family<NameLabel, Counter>,
     /// Cycles in which the stale brake held.
     pub brake_holds: Counter,
-    /// Stale sweeps that judged before this worker had applied the heartbeats it received (after waiting the
-    /// stale window for them).
+    /// Stale sweeps that judged before this worker had applied the heartbeats it received (after putting the sweep
+    /// off for a stale window).
     pub stale_catch_up_timeouts: Counter,
     /// Messages refused by a per-agent limit, by limit (`connections`, `sessions`, `pending_instructions`).
     pub limit_refusals: Family<NameLabel, Counter>,

@@ -36,6 +36,8 @@ pub struct Progress {
     beat_ms: AtomicU64,
     /// Milliseconds since `origin` at which the last pause ended (0: none).
     pause_end_ms: AtomicU64,
+    /// Milliseconds since `origin` since which the stale sweep has been put off in a row (0: it is not).
+    deferred_since_ms: AtomicU64,
     changed: Notify,
 }
 
@@ -47,6 +49,7 @@ impl Default for Progress {
             settled: AtomicU64::new(0),
             beat_ms: AtomicU64::new(0),
             pause_end_ms: AtomicU64::new(0),
+            deferred_since_ms: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
@@ -140,23 +143,24 @@ impl Progress {
     }
 }
 
-/// Waits, for at most `limit`, until this worker has applied every heartbeat it received before the stale sweep
-/// (after a pause, [`SETTLE`] after it), and, when it was paused within `limit`, until the heartbeat queue holds
-/// nothing (what it holds was sent while the worker was paused or catching up). A live agent is then judged by its
-/// latest heartbeat, not by one the worker holds. Past `limit` the sweep goes on (the brake still stands), counted in
-/// `acm_sweeper_stale_catch_up_timeouts_total`: any heartbeat still in the queue then was sent after the pause, its
-/// older ones expired.
-pub(crate) async fn wait(probe: &BacklogProbe, metrics: &Metrics, limit: Duration) {
+/// Whether the stale sweep may judge now: this worker has applied every heartbeat it received before the sweep
+/// (after a pause, [`SETTLE`] after it), and, when it was paused within the stale window `stale`, the heartbeat queue
+/// is empty (what it holds was sent while the worker was paused or catching up). It waits for that up to `patience`
+/// (a sweeper interval and the settle time), so the cycle's other tasks are not held up; when the worker is not caught
+/// up by then, the sweep is put off to the next cycle, for at most `stale` in a row: after that it judges all the same
+/// (counted in `acm_sweeper_stale_catch_up_timeouts_total`), since any heartbeat still queued was sent after the
+/// pause and its older ones expired. A live agent is so judged by its latest heartbeat, not one the worker holds.
+pub(crate) async fn ready(probe: &BacklogProbe, metrics: &Metrics, stale: Duration, patience: Duration) -> bool {
     let progress = probe.progress();
     let started = tokio::time::Instant::now();
-    let mut caught = progress.caught_up(limit).await;
-    if caught && progress.paused_within(limit) {
+    let mut caught = progress.caught_up(patience).await;
+    if caught && progress.paused_within(stale) {
         loop {
             match probe.depth().await {
                 Backlog::Depth(0) | Backlog::Ignored => break,
-                Backlog::Depth(_) | Backlog::Unavailable if started.elapsed() < limit => {
+                Backlog::Depth(_) | Backlog::Unavailable if started.elapsed() < patience => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    caught = progress.caught_up(limit.saturating_sub(started.elapsed())).await;
+                    caught = progress.caught_up(patience.saturating_sub(started.elapsed())).await;
                 }
                 _ => {
                     caught = false;
@@ -165,13 +169,28 @@ pub(crate) async fn wait(probe: &BacklogProbe, metrics: &Metrics, limit: Duratio
             }
         }
     }
-    if !caught {
-        metrics.stale_catch_up_timeouts.inc();
-        tracing::warn!(
-            waited_ms = started.elapsed().as_millis() as u64,
-            "heartbeats received by this worker are not all applied; judging stale connections all the same"
-        );
+    let now = progress.ms(Instant::now());
+    if caught {
+        progress.deferred_since_ms.store(0, Ordering::SeqCst);
+        return true;
     }
+    let since = match progress.deferred_since_ms.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => now,
+        Err(earlier) => earlier,
+    };
+    if now.saturating_sub(since) < u64::try_from(stale.as_millis()).unwrap_or(u64::MAX) {
+        tracing::info!(
+            deferred_ms = now - since,
+            "catching up with received heartbeats: stale connections are judged next cycle"
+        );
+        return false;
+    }
+    metrics.stale_catch_up_timeouts.inc();
+    tracing::warn!(
+        deferred_ms = now - since,
+        "heartbeats received by this worker are still not all applied after the stale window; judging stale connections all the same"
+    );
+    true
 }
 
 #[cfg(test)]

@@ -136,7 +136,8 @@ pub struct SweepReport {
     pub instructions_expired: u64,
     /// Idempotency records deleted after the retention period.
     pub processed_messages_pruned: u64,
-    /// Tasks skipped because another worker was running them.
+    /// Tasks skipped because another worker was running them (the stale task also while this worker catches up with
+    /// its heartbeats, [`catch_up::ready`]).
     pub skipped_tasks: Vec<String>,
     /// Tasks that failed this cycle, with the error (each is retried next cycle; the others ran).
     pub failed_tasks: Vec<(String, String)>,
@@ -301,17 +302,9 @@ impl Sweeper {
 
         let t = Instant::now();
         let cfg = stale_connections::Config::from(&s.sweeper);
-        catch_up::wait(&self.probe, &self.metrics, cfg.stale_after).await;
-        let stale = match self.probe.depth().await {
-            Backlog::Unavailable => {
-                tracing::warn!("broker unreachable: stale connections are not judged this cycle");
-                Ok(None)
-            }
-            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None, &self.outbox).await,
-            Backlog::Depth(n) => {
-                stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n), &self.outbox).await
-            }
-        };
+        let patience = s.check_interval() + catch_up::SETTLE;
+        let ready = catch_up::ready(&self.probe, &self.metrics, cfg.stale_after, patience).await;
+        let stale = if !ready { Ok(None) } else { self.stale(&cfg).await };
         match stale {
             Ok(None) => report.skipped_tasks.push(stale_connections::TASK.into()),
             Ok(Some(r)) => {
@@ -356,6 +349,18 @@ impl Sweeper {
         }
         self.observe(retention::TASK, t, report.processed_messages_pruned);
         Ok(report)
+    }
+
+    /// The stale task, judged with the heartbeat backlog (not at all while the broker cannot be asked for it).
+    async fn stale(&self, cfg: &stale_connections::Config) -> Result<Option<stale_connections::Report>> {
+        match self.probe.depth().await {
+            Backlog::Unavailable => {
+                tracing::warn!("broker unreachable: stale connections are not judged this cycle");
+                Ok(None)
+            }
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, cfg, None, &self.outbox).await,
+            Backlog::Depth(n) => stale_connections::run_once(&self.pool, &self.lease, cfg, Some(n), &self.outbox).await,
+        }
     }
 
     /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
