@@ -278,12 +278,21 @@ async fn a_fleet_cut_off_together_is_held_as_one_then_restored() {
     drop(fleet);
 }
 
-/// One agent trying to open 100,000 connections (2,000 by default) against `limits.max_connections_per_agent` = 100:
-/// 100 open, the rest dead-lettered; another agent is served meanwhile.
+/// One agent trying to open 2,000 connections (100,000 with `ACM_FAULTS_FULL=1`) against
+/// `limits.max_connections_per_agent` = 100: 100 open, the rest dead-lettered. The stale window is the lab's hour
+/// here: the agent's connections are never heartbeaten again, and were they closed as stale, the room they left would
+/// let it open more (the limit bounds what is open at once, not what is ever opened).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_greedy_agent_is_held_to_its_connection_limit() {
     let tries = count(2_000, 100_000);
-    let lab = lab("l4", &[("ACM_LIMITS__MAX_CONNECTIONS_PER_AGENT", "100".into())]).await;
+    let lab = lab(
+        "l4",
+        &[
+            ("ACM_LIMITS__MAX_CONNECTIONS_PER_AGENT", "100".into()),
+            ("ACM_SWEEPER__CONNECTION_STALE_AFTER_SECS", "3600".into()),
+        ],
+    )
+    .await;
     let url = lab.db_url();
     let fleet = Fleet::start(&lab, 1).await;
     let greedy = Client::connect(&lab.env.amqp_url, PREFIX).await.expect("client");
