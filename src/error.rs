@@ -271,6 +271,8 @@ pub enum PoisonKind {
     Forbidden,
     /// A value the database cannot store.
     DatabaseRejected,
+    /// Not poison: a heartbeat refused by a per-agent limit (`limits.*`), dead-lettered so the refusal is seen.
+    Limit,
 }
 
 impl PoisonKind {
@@ -295,6 +297,7 @@ impl PoisonKind {
             PoisonKind::InvalidField => "invalid_field",
             PoisonKind::Forbidden => "forbidden",
             PoisonKind::DatabaseRejected => "database_rejected",
+            PoisonKind::Limit => "limit",
         }
     }
 }
@@ -317,6 +320,9 @@ pub enum CommandError {
     /// The object belongs to another agent.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// The agent already holds as many of these as a per-agent limit (`limits.*`) allows.
+    #[error("limit: {0}")]
+    Limit(String),
 }
 
 impl CommandError {
@@ -327,6 +333,7 @@ impl CommandError {
             CommandError::NotFound(_) => "not_found",
             CommandError::Conflict(_) => "conflict",
             CommandError::Forbidden(_) => "forbidden",
+            CommandError::Limit(_) => "limit",
         }
     }
 
@@ -336,7 +343,8 @@ impl CommandError {
             CommandError::Invalid(m)
             | CommandError::NotFound(m)
             | CommandError::Conflict(m)
-            | CommandError::Forbidden(m) => m,
+            | CommandError::Forbidden(m)
+            | CommandError::Limit(m) => m,
         }
     }
 }

@@ -56,6 +56,11 @@ pub struct Metrics {
     pub sweeper_failures: Family<NameLabel, Counter>,
     /// Cycles in which the stale brake held.
     pub brake_holds: Counter,
+    /// Stale sweeps that judged before this worker had applied the heartbeats it received (after putting the sweep
+    /// off for a stale window).
+    pub stale_catch_up_timeouts: Counter,
+    /// Messages refused by a per-agent limit, by limit (`connections`, `sessions`, `pending_instructions`).
+    pub limit_refusals: Family<NameLabel, Counter>,
     /// Events published and confirmed.
     pub events_published: Counter,
     /// Publish-to-confirm latency of outbox batches.
@@ -113,6 +118,8 @@ impl Metrics {
             sweeper_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             sweeper_failures: Family::default(),
             brake_holds: Counter::default(),
+            stale_catch_up_timeouts: Counter::default(),
+            limit_refusals: Family::default(),
             events_published: Counter::default(),
             publish_confirm_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             outbox_backlog: Gauge::default(),
@@ -143,6 +150,16 @@ impl Metrics {
         registry.register("sweeper_task_seconds", "Duration of sweeper tasks", m.sweeper_seconds.clone());
         registry.register("sweeper_task_failures", "Sweeper task runs that failed", m.sweeper_failures.clone());
         registry.register("sweeper_brake_holds", "Sweeper cycles held by the stale brake", m.brake_holds.clone());
+        registry.register(
+            "sweeper_stale_catch_up_timeouts",
+            "Stale sweeps that judged before this worker had applied the heartbeats it received",
+            m.stale_catch_up_timeouts.clone(),
+        );
+        registry.register(
+            "limit_refusals",
+            "Messages refused by a per-agent limit, by limit",
+            m.limit_refusals.clone(),
+        );
         registry.register("events_published", "Events published and confirmed", m.events_published.clone());
         registry.register(
             "publish_confirm_seconds",
@@ -195,6 +212,11 @@ impl Metrics {
     /// Counts a consumed message.
     pub fn message(&self, ty: &str, outcome: &str) {
         self.messages.get_or_create(&MessageLabels { r#type: ty.into(), outcome: outcome.into() }).inc();
+    }
+
+    /// Counts a refusal by the per-agent limit `name`.
+    pub fn limit_refusal(&self, name: &str) {
+        self.limit_refusals.get_or_create(&NameLabel { name: name.into() }).inc();
     }
 
     /// Counts a dead-lettered message.

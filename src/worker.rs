@@ -236,6 +236,7 @@ impl Worker {
             publisher,
             metrics: self.metrics.clone(),
             outbox: self.outbox.clone(),
+            progress: probe.progress(),
         });
         let stop_consumers = shutdown.child_token();
         let stop_relay = CancellationToken::new();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use agent_connection_manager::config::Settings;
 use agent_connection_manager::{db, AgentConnectionManager};
-use common::{bounded, free_port, output_within, test_settings};
+use common::{bounded, free_port, output_within, programs, test_settings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-connection-manager");
 

@@ -34,7 +34,8 @@
 //! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`),
 //! `cluster` (the node leading the quorum queues of a three-node cluster is killed) and
 //! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
-//! `database.url` names both; its load in `failover_load`).
+//! `database.url` names both; its load in `failover_load`) and `liveness` (a fleet heartbeating through a paused
+//! worker, a database outage and a partition; a greedy agent; agents' clocks ten minutes off).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -56,6 +57,8 @@ mod failover_load;
 mod infra;
 #[path = "faults/lab.rs"]
 mod lab;
+#[path = "faults/liveness.rs"]
+mod liveness;
 #[path = "faults/pgbouncer.rs"]
 mod pgbouncer;
 #[path = "faults/poison.rs"]

@@ -34,7 +34,7 @@ async fn refuse_marked_client_info_and_record_transactions(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_heartbeat_is_left_out_of_one_transaction_for_the_rest() {
-    use agent_connection_manager::commands::heartbeat::{apply_batch_isolating, ACTIVITY_GRANULARITY_DEFAULT};
+    use agent_connection_manager::commands::heartbeat::{apply_batch_isolating, Rules};
     let app = TestApp::unstarted_with(|_| {}).await;
     refuse_marked_client_info_and_record_transactions(&app).await;
     let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
@@ -48,9 +48,7 @@ async fn a_refused_heartbeat_is_left_out_of_one_transaction_for_the_rest() {
     assert!(whole.poison_reason().is_some(), "{whole}");
     let mut signalled = false;
     let (report, refused) =
-        apply_batch_isolating(app.manager.pool(), &batch, ACTIVITY_GRANULARITY_DEFAULT, || signalled = true)
-            .await
-            .unwrap();
+        apply_batch_isolating(app.manager.pool(), &batch, &Rules::default(), || signalled = true).await.unwrap();
     assert!(signalled);
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].0, 20, "the refused heartbeat, by its index");

@@ -116,6 +116,7 @@ fn explained_queries() -> Vec<(&'static str, String)> {
         ("expiry: ANY_DUE", instruction_expiry::ANY_DUE.to_string()),
         ("retention: ANY_DUE", q(retention::ANY_DUE, "86400", "")),
         ("stale: COUNT_CANDIDATES", q(stale_connections::COUNT_CANDIDATES, "120", "")),
+        ("stale: COUNT_GROUP", q(stale_connections::COUNT_GROUP, "60", "")),
         ("stale: COUNT_ACTIVE", stale_connections::COUNT_ACTIVE.to_string()),
         ("stale: CLOSE_BATCH", q(stale_connections::CLOSE_BATCH, "120", "1000")),
         ("inactive: MARK_BATCH", q(inactive_sessions::MARK_BATCH, "3600", "1000")),

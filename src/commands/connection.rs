@@ -4,6 +4,7 @@ use deadpool_postgres::Transaction;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::limits::{self, Limit};
 use super::replies::{result, Closed, ConnectionOpened};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db;
@@ -119,6 +120,14 @@ pub async fn open(tx: &Transaction<'_>, cmd: &Open, ctx: &Context<'_>) -> Result
     let cid = cmd.connection_id.as_ref().map(|c| c.to_string()).unwrap_or_else(|| Uuid::new_v4().to_string());
     let ctype = cmd.connection_type.as_ref().map(|t| t.as_str()).unwrap_or("amqp");
     let info = cmd.client_info.as_ref().map(Json::get);
+    // A new connection of an agent at its limit is refused; an existing id is decided below as before.
+    let exists: bool =
+        tx.typed_one("SELECT EXISTS (SELECT 1 FROM agent_connection WHERE connection_id = $1)", &[&cid]).await?.get(0);
+    if !exists {
+        if let Some(refusal) = limits::check(tx, ctx.settings, Limit::Connections, aid).await? {
+            return Ok(Err(refusal));
+        }
+    }
     let inserted = tx
         .typed_execute(
             "INSERT INTO agent_connection (connection_id, session_id, agent_id, connection_type, client_info, \

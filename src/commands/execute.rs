@@ -44,6 +44,7 @@ pub(super) fn outcome_from_reply(reply: &Value) -> Outcome {
         Some("not_found") => CommandError::NotFound(message),
         Some("conflict") => CommandError::Conflict(message),
         Some("forbidden") => CommandError::Forbidden(message),
+        Some("limit") => CommandError::Limit(message),
         _ => CommandError::Invalid(message),
     })
 }

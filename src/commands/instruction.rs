@@ -6,6 +6,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::connection::lock_agent_session;
+use super::limits::{self, Limit};
 use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as InstructionStatusResult};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db::Sql;
@@ -169,6 +170,14 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
     };
     let priority = cmd.priority.unwrap_or_default();
     let max_retries = cmd.max_retries.unwrap_or(ctx.settings.instructions.default_max_retries) as i32;
+    // A new instruction for an agent at its limit is refused; the same id again is decided below as before.
+    let exists: bool =
+        tx.typed_one("SELECT EXISTS (SELECT 1 FROM agent_instruction WHERE instruction_id = $1)", &[&id]).await?.get(0);
+    if !exists {
+        if let Some(refusal) = limits::check(tx, ctx.settings, Limit::PendingInstructions, aid).await? {
+            return Ok(Err(refusal));
+        }
+    }
     let row = tx
         .typed_opt(
             "INSERT INTO agent_instruction (instruction_id, session_id, agent_id, instruction_type, payload, \

@@ -11,6 +11,7 @@ pub mod connection;
 mod execute;
 pub mod heartbeat;
 pub mod instruction;
+pub mod limits;
 pub mod replies;
 pub mod session;
 pub mod stats;

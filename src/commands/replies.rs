@@ -66,6 +66,8 @@ pub enum ErrorCode {
     Conflict,
     /// Belongs to another agent.
     Forbidden,
+    /// The agent is at a per-agent limit (`limits.*`).
+    Limit,
 }
 
 /// The `error` of a refusal.

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::limits::{self, Limit};
 use super::replies::{result, Closed, SessionCreated};
 use super::{Context, Message, Outcome, Sender};
 use crate::db;
@@ -78,6 +79,14 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
     let acquisition = cmd.acquisition_uuid.as_ref().map(|t| t.as_str());
     let description = cmd.description.as_ref().map(|t| t.as_str());
     let params = cmd.experimental_parameters.as_ref().map(Json::to_value);
+    // A new session of an agent at its limit is refused; the same id again is not a new session.
+    let exists: bool =
+        tx.typed_one("SELECT EXISTS (SELECT 1 FROM agent_session WHERE session_id = $1)", &[&session_id]).await?.get(0);
+    if !exists {
+        if let Some(refusal) = limits::check(tx, ctx.settings, Limit::Sessions, cmd.agent_id.as_str()).await? {
+            return Ok(Err(refusal));
+        }
+    }
     // Without a name, `Session-<UTC date>-<time>` of the transaction's start.
     let inserted = tx
         .typed_opt(

@@ -11,6 +11,7 @@
 
 pub mod env;
 mod messages;
+mod limits;
 mod validate;
 
 use messages::one_line;
@@ -24,6 +25,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
+pub use limits::LimitSettings;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -60,6 +62,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Message authorisation.
     pub security: SecuritySettings,
+    /// Per-agent bounds.
+    pub limits: LimitSettings,
 }
 
 /// `database.*`
@@ -142,6 +146,9 @@ pub struct SweeperSettings {
     pub max_heartbeat_backlog: u64,
     /// Longest hold in a row; after it the verdict stands.
     pub stale_brake_max_hold_secs: u64,
+    /// The brake counts, beside the stale connections, those that go stale within this many seconds (the group that
+    /// went silent together); 0: half of `connection_stale_after_secs`.
+    pub stale_brake_window_secs: u64,
     /// Rows changed per statement (and transaction).
     pub batch_size: i64,
     /// Batch transactions a task runs at once when more than one batch is due.
@@ -281,6 +288,7 @@ impl Default for SweeperSettings {
             stale_brake_ratio: stale_connections::BRAKE_RATIO_DEFAULT,
             max_heartbeat_backlog: stale_connections::MAX_HEARTBEAT_BACKLOG_DEFAULT,
             stale_brake_max_hold_secs: stale_connections::MAX_HOLD_DEFAULT.as_secs(),
+            stale_brake_window_secs: 0,
             batch_size: crate::sweeper::BATCH_SIZE_DEFAULT,
             parallel_batches: crate::sweeper::PARALLEL_BATCHES_DEFAULT,
             task_lease_secs: 0,
@@ -393,8 +401,8 @@ impl Settings {
 }
 
 /// The configuration sections; `ACM_<SECTION>__<KEY>` variables configure them.
-pub const SECTIONS: [&str; 9] =
-    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security"];
+pub const SECTIONS: [&str; 10] =
+    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security", "limits"];
 
 /// `ACM_<SECTION>__<KEY>` variables; the project's other `ACM_*` variables ([`env::NOT_CONFIGURATION`]) are left
 /// out here and every other one is refused before ([`env::check_environment`]).

@@ -68,6 +68,19 @@ impl Settings {
                 return bad(key, "must be at least 1");
             }
         }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections_per_agent", l.max_connections_per_agent),
+            ("limits.max_sessions_per_agent", l.max_sessions_per_agent),
+            ("limits.max_pending_instructions_per_agent", l.max_pending_instructions_per_agent),
+        ] {
+            if v < 1 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if s.stale_brake_window_secs >= s.connection_stale_after_secs {
+            return bad("sweeper.stale_brake_window_secs", "must be below sweeper.connection_stale_after_secs");
+        }
         if !(s.stale_brake_ratio > 0.0 && s.stale_brake_ratio <= 1.0) {
             return bad("sweeper.stale_brake_ratio", "must be greater than 0 and at most 1");
         }

@@ -175,6 +175,9 @@ async fn command(
                 Err(e) => {
                     tracing::warn!(message_id = ?meta.message_id, message_type = ty, code = e.code(), "command refused: {}", e.message());
                     shared.metrics.message(ty, "error");
+                    if let (CommandError::Limit(_), Some(limit)) = (e, crate::commands::limits::Limit::of(ty)) {
+                        shared.metrics.limit_refusal(limit.name());
+                    }
                 }
             }
             reply(shared, d, &outcome).await?;

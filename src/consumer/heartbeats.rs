@@ -2,7 +2,7 @@
 //! up to `worker.heartbeat_pipeline` transactions at once, acknowledged in order after their commits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::stream::{self, BoxStream, FuturesOrdered};
 use futures_util::{FutureExt, StreamExt};
@@ -14,13 +14,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
 use super::{ack, authorize, consume_queue, Shared};
-use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat};
+use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat, Rules};
 use crate::commands::{Command, Queue};
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
 
 /// A delivery of shard `.0`, or `None` once that shard's consumer ended.
 type ShardItem = (usize, Option<lapin::Result<Delivery>>);
+
+/// A [`ShardItem`] with when it arrived and its number ([`crate::sweeper::catch_up::Progress::receive`]).
+type Stamped = (ShardItem, Instant, u64);
+
+/// A finished batch: the deliveries to acknowledge, the number of its last delivery, and its outcome.
+type Finished = (Vec<Delivery>, u64, Result<()>);
 
 /// Unacknowledged deliveries each shard's consumer may hold: `amqp.prefetch` shared out, so that all shards together
 /// hold about `amqp.prefetch` (at most one more per shard), whatever their number.
@@ -50,10 +56,27 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
         tags.push(consumer.tag());
         streams.push(consumer.map(Some).chain(stream::once(async { None })).map(move |d| (i, d)).boxed());
     }
-    let mut consumer = stream::select_all(streams);
+    let mut merged = stream::select_all(streams);
+    // Deliveries are stamped as they arrive, by a task that only forwards them, so the time a heartbeat then waits
+    // (for a place in the pipeline, for the database) counts against its freshness.
+    let progress = shared.progress.clone();
+    progress.restarted();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Stamped>();
+    let forward = tokio::spawn(async move {
+        loop {
+            let item = merged.next().await;
+            let end = !matches!(item, Some((_, Some(Ok(_)))));
+            let stamped = (item.unwrap_or((0, None)), Instant::now(), progress.receive());
+            if tx.send(stamped).is_err() || end {
+                return;
+            }
+        }
+    });
+    let _forward = AbortOnDrop(forward);
+    let mut consumer = stream::poll_fn(move |cx| rx.poll_recv(cx));
     let depth = s.worker.heartbeat_pipeline.max(1);
     let max = batch_limit(s.worker.heartbeat_batch_size, depth, s.amqp.prefetch);
-    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<(Vec<Delivery>, Result<()>)>> = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<Finished>> = FuturesOrdered::new();
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.
     let mut acking = true;
@@ -66,7 +89,7 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
             _ = async { applying.as_mut().expect("checked").await }, if applying.is_some() => applying = None,
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(done) = done else { continue };
-                if let Err(e) = finish_batch(done).await {
+                if let Err(e) = finish_batch(&shared, done).await {
                     acking = false;
                     if !matches!(e, Error::Shutdown) {
                         outcome = Err(e);
@@ -102,9 +125,15 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
                 let (applied, rx) = oneshot::channel();
                 applying = Some(rx);
                 in_flight.push_back(tokio::spawn(async move {
-                    let (shards, deliveries): (Vec<usize>, Vec<Delivery>) = batch.into_iter().unzip();
-                    let r = heartbeat_batch(&shared, &deliveries, &token, applied).await;
-                    (last_per_shard(&shards, deliveries), r)
+                    let last = batch.last().map_or(0, |d| d.3);
+                    let (mut shards, mut deliveries, mut received) = (Vec::new(), Vec::new(), Vec::new());
+                    for (i, d, at, _) in batch {
+                        shards.push(i);
+                        deliveries.push(d);
+                        received.push(at);
+                    }
+                    let r = heartbeat_batch(&shared, &deliveries, &received, &token, applied).await;
+                    (last_per_shard(&shards, deliveries), last, r)
                 }));
             }
         }
@@ -114,7 +143,7 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
         if !acking {
             continue;
         }
-        if let Err(e) = finish_batch(done).await {
+        if let Err(e) = finish_batch(&shared, done).await {
             acking = false;
             if outcome.is_ok() && !matches!(e, Error::Shutdown) {
                 outcome = Err(e);
@@ -128,6 +157,15 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
     outcome
 }
 
+/// Aborts the forwarding task when the consumer ends, whichever way.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The most deliveries one batch takes: `worker.heartbeat_batch_size`, but no more than a share of the prefetch that
 /// leaves one more batch's worth unacknowledged beside the `depth` batches in flight.
 ///
@@ -139,13 +177,15 @@ pub(crate) fn batch_limit(batch_size: usize, depth: usize, prefetch: u16) -> usi
     batch_size.min(usize::from(prefetch) / (depth + 1)).max(1)
 }
 
-/// A delivery of the merged stream with its shard, or why the stream cannot go on.
-fn delivery(item: Option<ShardItem>) -> Result<(usize, Delivery)> {
+/// A delivery of the merged stream with its shard, arrival time and number, or why the stream cannot go on.
+fn delivery(item: Option<Stamped>) -> Result<(usize, Delivery, Instant, u64)> {
+    let Some((item, at, seq)) = item else {
+        return Err(Error::Disconnected("heartbeat consumer ended".into()));
+    };
     match item {
-        Some((i, Some(Ok(d)))) => Ok((i, d)),
-        Some((_, Some(Err(e)))) => Err(e.into()),
-        Some((i, None)) => Err(Error::Disconnected(format!("heartbeat consumer of shard {i} ended"))),
-        None => Err(Error::Disconnected("heartbeat consumer ended".into())),
+        (i, Some(Ok(d))) => Ok((i, d, at, seq)),
+        (_, Some(Err(e))) => Err(e.into()),
+        (i, None) => Err(Error::Disconnected(format!("heartbeat consumer of shard {i} ended"))),
     }
 }
 
@@ -162,17 +202,18 @@ fn last_per_shard(shards: &[usize], deliveries: Vec<Delivery>) -> Vec<Delivery> 
     lasts
 }
 
-/// Acknowledges a finished batch (on each shard's channel, all deliveries up to its last) after its commit, or
-/// passes its failure on.
-async fn finish_batch(done: std::result::Result<(Vec<Delivery>, Result<()>), tokio::task::JoinError>) -> Result<()> {
+/// Acknowledges a finished batch (on each shard's channel, all deliveries up to its last) after its commit and
+/// reports it settled, or passes its failure on.
+async fn finish_batch(shared: &Shared, done: std::result::Result<Finished, tokio::task::JoinError>) -> Result<()> {
     match done {
-        Ok((lasts, Ok(()))) => {
+        Ok((lasts, seq, Ok(()))) => {
             for last in &lasts {
                 ack(last, true).await?;
             }
+            shared.progress.settle(seq);
             Ok(())
         }
-        Ok((_, Err(e))) => Err(e),
+        Ok((_, _, Err(e))) => Err(e),
         Err(e) => Err(Error::Disconnected(format!("heartbeat batch task failed: {e}"))),
     }
 }
@@ -180,6 +221,7 @@ async fn finish_batch(done: std::result::Result<(Vec<Delivery>, Result<()>), tok
 async fn heartbeat_batch(
     shared: &Shared,
     batch: &[Delivery],
+    received: &[Instant],
     shutdown: &CancellationToken,
     applied: oneshot::Sender<()>,
 ) -> Result<()> {
@@ -213,16 +255,26 @@ async fn heartbeat_batch(
             reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
             continue;
         };
-        valid.push((i, h.clone()));
+        let mut h = h.clone();
+        h.received = Some(received[i]);
+        valid.push((i, h));
     }
     if valid.is_empty() {
         return Ok(());
     }
     let hbs: Vec<Heartbeat> = valid.iter().map(|(_, h)| h.clone()).collect();
     let started = Instant::now();
-    let every = Duration::from_secs(s.worker.session_activity_granularity_secs);
-    let result =
-        retry_transient("applying heartbeats", shutdown, || apply_batch_then(&shared.pool, &hbs, every, signal)).await;
+    let rules = Rules::from(&**s);
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let result = retry_transient("applying heartbeats", shutdown, || {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        apply_batch_then(&shared.pool, &hbs, &rules, signal)
+    })
+    .await;
+    if attempts.into_inner() > 1 {
+        // The database was unreachable: the stale sweep treats that as a pause of this worker.
+        shared.progress.paused();
+    }
     let (report, refused) = match result {
         Ok(report) => (report, Vec::new()),
         Err(e) if e.poison_reason().is_some() => {
@@ -230,7 +282,7 @@ async fn heartbeat_batch(
             // savepoint per heartbeat, so that only the refused ones are left out; they are dead-lettered once the
             // rest is committed.
             retry_transient("applying heartbeats with a savepoint each", shutdown, || {
-                apply_batch_isolating(&shared.pool, &hbs, every, signal)
+                apply_batch_isolating(&shared.pool, &hbs, &rules, signal)
             })
             .await?
         }
@@ -241,12 +293,33 @@ async fn heartbeat_batch(
         // The batch opened or restored connections: its commit wrote their events.
         shared.outbox.committed();
     }
-    let ok = report.received.saturating_sub(report.rejected + refused.len());
+    let limited: Vec<usize> = valid
+        .iter()
+        .filter(|(_, h)| {
+            report.limited.iter().any(|(c, a)| *c == h.connection_id.as_str() && *a == h.agent_id.as_str())
+        })
+        .map(|(i, _)| *i)
+        .collect();
+    let ok = report.received.saturating_sub(report.rejected + report.late + limited.len() + refused.len());
     for _ in 0..ok {
         shared.metrics.message("agent.heartbeat", "ok");
     }
     for _ in 0..report.rejected {
         shared.metrics.message("agent.heartbeat", "rejected");
+    }
+    for _ in 0..report.late {
+        shared.metrics.message("agent.heartbeat", "late");
+    }
+    for i in limited {
+        let why = Poison::new(
+            PoisonKind::Limit,
+            format!(
+                "limit: agent has {} active connections (limits.max_connections_per_agent)",
+                s.limits.max_connections_per_agent
+            ),
+        );
+        shared.metrics.limit_refusal("connections");
+        reject(shared, &batch[i], "agent.heartbeat", &why, CommandError::Limit(why.to_string())).await?;
     }
     for (n, why) in refused {
         reject(shared, &batch[valid[n].0], "agent.heartbeat", &why, CommandError::Invalid(why.to_string())).await?;

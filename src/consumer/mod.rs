@@ -45,6 +45,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Told after every commit that may have written events, to wake the relay.
     pub outbox: crate::events::OutboxSignal,
+    /// The heartbeat consumer's progress, for the stale sweep.
+    pub progress: Arc<crate::sweeper::catch_up::Progress>,
 }
 
 /// A short-string AMQP property as text.

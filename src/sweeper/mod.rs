@@ -8,6 +8,7 @@
 //! batches, each in its own transaction: claimed with `FOR UPDATE SKIP LOCKED`, re-checked in the `UPDATE` that
 //! changes them, and their events written to the outbox in the same transaction.
 
+pub mod catch_up;
 pub mod inactive_sessions;
 pub mod instruction_expiry;
 pub mod lease;
@@ -50,6 +51,7 @@ pub const PARALLEL_BATCHES_DEFAULT: usize = 3;
 pub struct BacklogProbe {
     broker: Option<Arc<Mutex<Option<ProbeChannel>>>>,
     changed: Arc<tokio::sync::Notify>,
+    progress: Arc<catch_up::Progress>,
 }
 
 /// A channel and the names to ask it about.
@@ -69,7 +71,12 @@ pub enum Backlog {
 impl BacklogProbe {
     /// A probe that reads the queue through a channel set with [`BacklogProbe::set`].
     pub fn broker() -> Self {
-        Self { broker: Some(Arc::default()), changed: Arc::default() }
+        Self { broker: Some(Arc::default()), changed: Arc::default(), progress: Arc::default() }
+    }
+
+    /// The heartbeat consumer's progress, which the stale sweep waits for ([`catch_up`]).
+    pub fn progress(&self) -> Arc<catch_up::Progress> {
+        self.progress.clone()
     }
 
     /// Uses this channel from now on (`None`: the broker is unreachable).
@@ -129,7 +136,8 @@ pub struct SweepReport {
     pub instructions_expired: u64,
     /// Idempotency records deleted after the retention period.
     pub processed_messages_pruned: u64,
-    /// Tasks skipped because another worker was running them.
+    /// Tasks skipped because another worker was running them (the stale task also while this worker catches up with
+    /// its heartbeats, [`catch_up::ready`]).
     pub skipped_tasks: Vec<String>,
     /// Tasks that failed this cycle, with the error (each is retried next cycle; the others ran).
     pub failed_tasks: Vec<(String, String)>,
@@ -300,17 +308,9 @@ impl Sweeper {
 
         let t = Instant::now();
         let cfg = stale_connections::Config::from(&s.sweeper);
-        let stale = match self.probe.depth().await {
-            Backlog::Unavailable => {
-                tracing::warn!("broker unreachable: stale connections are not judged this cycle");
-                Ok(None)
-            }
-            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, &cfg, None, &self.outbox).await,
-            Backlog::Depth(n) => {
-                self.metrics.heartbeat_backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
-                stale_connections::run_once(&self.pool, &self.lease, &cfg, Some(n), &self.outbox).await
-            }
-        };
+        let patience = s.check_interval() + catch_up::SETTLE;
+        let ready = catch_up::ready(&self.probe, &self.metrics, cfg.stale_after, patience).await;
+        let stale = if !ready { Ok(None) } else { self.stale(&cfg).await };
         match stale {
             Ok(None) => report.skipped_tasks.push(stale_connections::TASK.into()),
             Ok(Some(r)) => {
@@ -357,9 +357,26 @@ impl Sweeper {
         Ok(report)
     }
 
+    /// The stale task, judged with the heartbeat backlog (not at all while the broker cannot be asked for it).
+    async fn stale(&self, cfg: &stale_connections::Config) -> Result<Option<stale_connections::Report>> {
+        match self.probe.depth().await {
+            Backlog::Unavailable => {
+                tracing::warn!("broker unreachable: stale connections are not judged this cycle");
+                Ok(None)
+            }
+            Backlog::Ignored => stale_connections::run_once(&self.pool, &self.lease, cfg, None, &self.outbox).await,
+            Backlog::Depth(n) => {
+                self.metrics.heartbeat_backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
+                stale_connections::run_once(&self.pool, &self.lease, cfg, Some(n), &self.outbox).await
+            }
+        }
+    }
+
     /// Runs a cycle at once, then every `check_interval_secs`, until shutdown. A failed cycle is logged and the
     /// next one runs on schedule.
     pub async fn run(self, shutdown: CancellationToken) {
+        // This worker's own pauses, which the stale sweep waits out (catch_up).
+        tokio::spawn(self.probe.progress().monitor(shutdown.clone()));
         // The first cycle runs at start, once the broker can be asked for the heartbeat backlog (or 10 s passed).
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1,6 +1,12 @@
 //! Closes active connections without a heartbeat for `connection_stale_after_secs`, with a brake: a mass verdict
-//! that is more likely the worker's own fault (a deep heartbeat backlog, or a large share of connections going stale
-//! at once) is held, for at most `stale_brake_max_hold_secs` in a row.
+//! that is more likely the worker's own fault, or a partition's (a deep heartbeat backlog, or a large share of
+//! connections going silent together), is held, for at most `stale_brake_max_hold_secs` in a row.
+//!
+//! A group that goes silent together is judged as one: its members' last heartbeats are spread over the agents'
+//! heartbeat interval, so the first cycle after the stale window sees only the earliest of them stale. The brake
+//! therefore counts, once anything is stale, every active connection silent for at least the stale window less
+//! `stale_brake_window_secs` (the group), and holds when the group is a large share; nothing of the group is closed
+//! before that decision.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +42,8 @@ pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(600);
 pub struct Config {
     /// No heartbeat for this long: stale.
     pub stale_after: Duration,
+    /// The brake's group: connections that go stale within this long (silent for `stale_after` less this).
+    pub window: Duration,
     /// Brake: at least this many candidates...
     pub brake_min_connections: u64,
     /// ...and at least this share of active connections.
@@ -54,6 +62,11 @@ impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
         Self {
             stale_after: secs(s.connection_stale_after_secs),
+            window: if s.stale_brake_window_secs == 0 {
+                secs(s.connection_stale_after_secs) / 2
+            } else {
+                secs(s.stale_brake_window_secs)
+            },
             brake_min_connections: s.stale_brake_min_connections,
             brake_ratio: s.stale_brake_ratio,
             max_heartbeat_backlog: s.max_heartbeat_backlog,
@@ -69,7 +82,7 @@ impl From<&SweeperSettings> for Config {
 pub struct Held {
     /// `heartbeat_backlog` or `mass_stale`.
     pub reason: String,
-    /// Connections that would have been closed.
+    /// Connections that would have been closed: those stale, and those going stale within the brake's window.
     pub candidates: i64,
     /// Active connections.
     pub active: i64,
@@ -103,6 +116,11 @@ pub fn brake_reason(cfg: &Config, candidates: i64, active: i64, backlog: Option<
 /// `last_heartbeat_at`) bounds the scan to the connections not heard from within the threshold plus a minute;
 /// `last_heartbeat_at` decides.
 pub const COUNT_CANDIDATES: &str = "SELECT count(*) FROM agent_connection \
+     WHERE status = 'active' AND heartbeat_minute < now() - $1::float8 * interval '1 second' \
+       AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
+/// Active connections silent for at least $1 seconds (the stale window less the brake's window): the group the
+/// brake judges once anything is stale.
+pub const COUNT_GROUP: &str = "SELECT count(*) FROM agent_connection \
      WHERE status = 'active' AND heartbeat_minute < now() - $1::float8 * interval '1 second' \
        AND last_heartbeat_at < now() - $1::float8 * interval '1 second'";
 const RELEASE_HOLD: &str = "UPDATE sweeper_state SET held_since = NULL WHERE task = $1 AND held_since IS NOT NULL";
@@ -162,12 +180,16 @@ async fn judge_and_close(
 ) -> Result<Report> {
     let client = claim.client();
     let stale_secs = cfg.stale_after.as_secs_f64();
-    let candidates: i64 = one(client, COUNT_CANDIDATES, &[(&stale_secs, Type::FLOAT8)]).await?.get(0);
+    let stale_now: i64 = one(client, COUNT_CANDIDATES, &[(&stale_secs, Type::FLOAT8)]).await?.get(0);
     let mut report = Report::default();
-    if candidates == 0 {
+    if stale_now == 0 {
         client.query_typed(RELEASE_HOLD, &[(&TASK, Type::TEXT)]).await?;
         return Ok(report);
     }
+    // Something is stale: the brake judges the whole group that went silent with it.
+    let silent_secs = cfg.stale_after.saturating_sub(cfg.window).as_secs_f64();
+    let group: i64 = one(client, COUNT_GROUP, &[(&silent_secs, Type::FLOAT8)]).await?.get(0);
+    let candidates = group.max(stale_now);
     // The active count is only needed when the brake might apply. Behind on heartbeats, the brake holds and reports
     // the exact count; otherwise counting up to the bound that decides the ratio is enough (with a million active
     // connections and a few stale ones, that is a few index entries, not the whole index).
@@ -185,7 +207,7 @@ async fn judge_and_close(
         let row = tx
             .query_typed(
                 "UPDATE sweeper_state SET held_since = coalesce(held_since, now()) WHERE task = $1 \
-                 RETURNING now() - held_since < $2::float8 * interval '1 second', now()",
+                 RETURNING now() - held_since < $2::float8 * interval '1 second', now(), held_since = now()",
                 &[(&TASK, Type::TEXT), (&cfg.max_hold.as_secs_f64(), Type::FLOAT8)],
             )
             .await?
@@ -193,8 +215,14 @@ async fn judge_and_close(
             .ok_or_else(|| Error::Migration("sweeper_state has no row for the stale task".into()))?;
         let within_hold: bool = row.get(0);
         let now: DateTime<Utc> = row.get(1);
+        let first: bool = row.get(2);
         if within_hold {
-            tracing::error!(reason, candidates, active, backlog = ?backlog, "stale brake held: closing no connection this cycle");
+            // One line per hold, when it begins; the event and the metric count every cycle held.
+            if first {
+                tracing::warn!(reason, candidates, stale = stale_now, active, backlog = ?backlog, max_hold_secs = cfg.max_hold.as_secs(), "stale brake holds: closing no connection until it is released or held for its maximum");
+            } else {
+                tracing::debug!(reason, candidates, active, "stale brake still holding");
+            }
             write_outbox(&tx, now, vec![EventBody::SweeperHeld { reason: reason.into(), candidates, active }]).await?;
             tx.commit().await?;
             outbox.committed();
@@ -202,9 +230,11 @@ async fn judge_and_close(
             return Ok(report);
         }
         tx.rollback().await?;
-        tracing::error!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
+        tracing::warn!(reason, candidates, active, "stale brake held for its maximum; the verdict stands");
     }
-    client.typed_execute(RELEASE_HOLD, &[&TASK]).await?;
+    if client.typed_execute(RELEASE_HOLD, &[&TASK]).await? > 0 {
+        tracing::info!(candidates, active, "stale brake released");
+    }
     let batches = Batches {
         task: TASK,
         sql: CLOSE_BATCH,
