@@ -5,6 +5,7 @@
 //! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
 //! [`Settings::to_redacted_toml`] and never logged.
 
+mod redact;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
+pub use redact::redact_url;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -397,43 +399,6 @@ fn one_line(e: &figment::Error) -> String {
         parts.push(format!("{key}: {}{source}", err.kind));
     }
     parts.join("; ").replace('\n', " ")
-}
-
-/// Replaces the password of a URL (its user information or a `password=` query parameter; several hosts, as in
-/// `postgres://u:pw@h1:5432,h2:5433/db`, are fine) or of a libpq `password=` pair with `***`.
-///
-/// ```
-/// use agent_connection_manager::config::redact_url;
-/// assert_eq!(redact_url("amqp://guest:guest@host/%2f"), "amqp://guest:***@host/%2f");
-/// assert_eq!(redact_url("postgres://acm:pw@h1:5432,h2:5433/acm"), "postgres://acm:***@h1:5432,h2:5433/acm");
-/// assert_eq!(redact_url("host=db password=secret"), "host=db password=***");
-/// ```
-pub fn redact_url(raw: &str) -> String {
-    let redact_pair = |pair: &str| match pair.split_once('=') {
-        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-        _ => pair.to_string(),
-    };
-    if let Some((scheme, rest)) = raw.split_once("://") {
-        // The user information ends at the last `@` before the path or query.
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                format!("{path}?{}", query.split('&').map(redact_pair).collect::<Vec<_>>().join("&"))
-            }
-            None => tail.to_string(),
-        };
-        return format!("{scheme}://{authority}{tail}");
-    }
-    // libpq key=value form.
-    raw.split_whitespace().map(redact_pair).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
