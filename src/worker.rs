@@ -4,7 +4,8 @@
 //! and the relay live in a broker session: when the connection or a channel is lost, the session ends (deliveries of
 //! the dead channel are never acknowledged on another), and a new one is made after an exponential backoff with
 //! jitter, re-declaring the topology. On shutdown the consumers stop taking deliveries and finish the ones they
-//! hold, then the relay flushes the outbox, then the connection is closed; whatever is not done within
+//! hold, then the relay flushes the outbox, then each channel and the connection are closed (so a clean stop logs
+//! nothing at ERROR); whatever is not done within
 //! `worker.shutdown_grace_secs` is abandoned by [`crate::manager::AgentConnectionManager::stop`] (unacknowledged
 //! deliveries are redelivered by the broker).
 //!
@@ -196,6 +197,9 @@ impl Worker {
             heartbeat_channels.push(conn.create_channel().await?);
         }
         let command_channel = conn.create_channel().await?;
+        // Handles kept to close every channel before the connection (see the end of the session).
+        let mut channels = vec![setup.clone(), publisher.clone(), relay_channel.clone(), command_channel.clone()];
+        channels.extend(heartbeat_channels.iter().cloned());
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
 
@@ -278,6 +282,15 @@ impl Worker {
             }
         }
         probe.set(None).await;
+        // Each channel is closed (awaiting its close-ok) before the connection: a channel whose last handle is
+        // dropped while the connection closes is closed by lapin in the background, finds itself already closing and
+        // reports that as a connection error (an ERROR line at every clean shutdown).
+        let closes = channels
+            .iter()
+            .filter(|ch| ch.status().connected())
+            .map(|ch| tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, ch.close(200, "shutting down".into())));
+        futures_util::future::join_all(closes).await;
+        drop(channels);
         // Closing needs a write, which a blocked connection cannot make: give up after a moment (dropping it).
         let _ = tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, conn.close(200, "shutting down".into())).await;
         drop(watcher);
