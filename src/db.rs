@@ -285,6 +285,29 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
     Ok(())
 }
 
+/// Records `prefix` as the database's AMQP prefix when none is recorded yet; returns the recorded one and the
+/// database's name.
+pub const CLAIM_PREFIX: &str = "INSERT INTO database_prefix (prefix) VALUES ($1) \
+     ON CONFLICT (singleton) DO UPDATE SET prefix = database_prefix.prefix RETURNING prefix, current_database()::text";
+
+/// One prefix per database: records `prefix` (`amqp.prefix`) on a database that has none yet, and refuses with a
+/// configuration error naming both when the database already serves another. The outbox and the leases are not
+/// keyed by prefix, so two prefixes on one database would publish each other's events.
+pub async fn claim_prefix(pool: &Pool, prefix: &str) -> Result<()> {
+    let client = pool.get().await?;
+    let row = client.typed_one(CLAIM_PREFIX, &[&prefix]).await?;
+    let recorded: String = row.get(0);
+    if recorded != prefix {
+        let db: String = row.get(1);
+        return Err(crate::config::ConfigError(format!(
+            "amqp.prefix: the database `{db}` serves prefix `{recorded}`, not `{prefix}`; one prefix per database \
+             (give this prefix its own database.url, or delete the database_prefix row of a database no worker uses)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// The database clock: every deadline, threshold and event time is taken from it.
 pub async fn now(client: &impl Sql) -> Result<DateTime<Utc>> {
     let row = client.typed_one("SELECT now()", &[]).await?;

@@ -93,6 +93,8 @@ impl AgentConnectionManager {
         self.settings.validate_worker()?;
         let shutdown = CancellationToken::new();
         retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
+        let prefix = &self.settings.amqp.prefix;
+        retry_transient("checking the database's prefix", &shutdown, || db::claim_prefix(&self.pool, prefix)).await?;
         let worker = Worker {
             pool: self.pool.clone(),
             settings: self.settings.clone(),
