@@ -111,8 +111,8 @@ impl Worker {
     /// Runs until `shutdown` is cancelled, reconnecting to the broker as often as needed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let probe = BacklogProbe::broker();
-        // One name for the worker's life: the relay of a new broker session renews the lease of the last one.
-        let relay_name = relay::relay_name();
+        // One identity for the worker's life: the relay of a new broker session renews the lease of the last one.
+        let relay_identity = relay::relay_identity(&self.settings.worker.id);
         let sweeper = Sweeper::new(
             self.pool.clone(),
             self.settings.clone(),
@@ -126,7 +126,7 @@ impl Worker {
         let mut node = 0;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            match self.session(&probe, &relay_name, &shutdown, &mut node).await {
+            match self.session(&probe, &relay_identity, &shutdown, &mut node).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -156,7 +156,7 @@ impl Worker {
     async fn session(
         &self,
         probe: &BacklogProbe,
-        relay_name: &str,
+        relay_identity: &relay::RelayIdentity,
         shutdown: &CancellationToken,
         node: &mut usize,
     ) -> Result<()> {
@@ -226,7 +226,7 @@ impl Worker {
                 batch: s.outbox.batch_size,
                 lease: Duration::from_secs(s.outbox.lease_secs),
                 confirm_timeout: s.confirm_timeout(),
-                name: relay_name.to_string(),
+                identity: relay_identity.clone(),
             },
             pipeline: s.outbox.pipeline,
             poll: Duration::from_millis(s.outbox.poll_interval_ms),

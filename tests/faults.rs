@@ -34,7 +34,8 @@
 //! PostgreSQL and a database of the test's own, with the shared test helpers of `tests/common`),
 //! `cluster` (the node leading the quorum queues of a three-node cluster is killed) and
 //! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
-//! `database.url` names both; its load in `failover_load`).
+//! `database.url` names both; its load in `failover_load`) and `relay_takeover` (the relay lease holder is
+//! SIGKILLed: events resume within 5 s, taken over by a second worker or reclaimed by the restarted one).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -62,6 +63,8 @@ mod pgbouncer;
 mod poison;
 #[path = "faults/publisher.rs"]
 mod publisher;
+#[path = "faults/relay_takeover.rs"]
+mod relay_takeover;
 #[path = "faults/standard.rs"]
 mod standard;
 #[path = "faults/workload.rs"]
