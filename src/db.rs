@@ -2,9 +2,14 @@
 //! one-round-trip statements ([`Sql`]) that work directly and behind PgBouncer.
 
 mod migrate;
+mod pooler;
 mod sql;
 
-pub use sql::{enum_label, forbid_named_statements, named_statements_allowed, Param, PgType, Sql, Unnamed};
+pub use pooler::probe_statements_kept;
+pub use sql::{
+    enum_label, forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept,
+    Param, PgType, Sql, Unnamed,
+};
 
 use std::time::Duration;
 

@@ -95,6 +95,10 @@ impl AgentConnectionManager {
         retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
         let prefix = &self.settings.amqp.prefix;
         retry_transient("checking the database's prefix", &shutdown, || db::claim_prefix(&self.pool, prefix)).await?;
+        if self.settings.database.pooler == db::Pooler::None {
+            retry_transient("probing the database connections", &shutdown, || db::probe_statements_kept(&self.pool))
+                .await?;
+        }
         let worker = Worker {
             pool: self.pool.clone(),
             settings: self.settings.clone(),

@@ -35,7 +35,9 @@
 //! `cluster` (the node leading the quorum queues of a three-node cluster is killed) and
 //! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
 //! `database.url` names both; its load in `failover_load`) and `relay_takeover` (the relay lease holder is
-//! SIGKILLed: events resume within 5 s, taken over by a second worker or reclaimed by the restarted one).
+//! SIGKILLed: events resume within 5 s, taken over by a second worker or reclaimed by the restarted one) and
+//! `pgbouncer_undeclared` (the worker binary through PgBouncer in transaction mode with `database.pooler` left at
+//! `none`: one warning, no error).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -59,6 +61,8 @@ mod infra;
 mod lab;
 #[path = "faults/pgbouncer.rs"]
 mod pgbouncer;
+#[path = "faults/pgbouncer_undeclared.rs"]
+mod pgbouncer_undeclared;
 #[path = "faults/poison.rs"]
 mod poison;
 #[path = "faults/publisher.rs"]

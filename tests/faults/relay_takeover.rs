@@ -1,7 +1,7 @@
-//! 12, 13. Relay takeover: events flow again within 5 s of a SIGKILL of the worker holding the relay lease — with a
-//! second worker running (it takes the lease once it expires, `outbox.lease_secs` = 3 by default), and with one
-//! worker restarted under the same `worker.id` (it takes its own lease back at once: the lease is set to 30 s there,
-//! so only the reclaim can make the bound).
+//! Scenarios 12 and 13, relay takeover: events flow again within 5 s of a SIGKILL of the worker holding the relay
+//! lease — with a second worker running (it takes the lease once it expires, `outbox.lease_secs` = 3 by default),
+//! and with one worker restarted under the same `worker.id` (it takes its own lease back at once: the lease is set
+//! to 30 s there, so only the reclaim can make the bound).
 //!
 //! Sessions are created one every 100 ms from before the kill until events resume; the time measured is from the
 //! SIGKILL to the first event of a session whose `session.create` was published after it (an event of an earlier
