@@ -126,6 +126,8 @@ pub enum PoisonKind {
     Forbidden,
     /// A value the database cannot store.
     DatabaseRejected,
+    /// No binding of the command exchange matched its routing key: the exchange's alternate exchange passed it on.
+    Unroutable,
 }
 
 impl PoisonKind {
@@ -139,6 +141,7 @@ impl PoisonKind {
             PoisonKind::InvalidField => "invalid_field",
             PoisonKind::Forbidden => "forbidden",
             PoisonKind::DatabaseRejected => "database_rejected",
+            PoisonKind::Unroutable => "unroutable",
         }
     }
 }

@@ -197,8 +197,15 @@ impl Worker {
             heartbeat_channels.push(conn.create_channel().await?);
         }
         let command_channel = conn.create_channel().await?;
+        let unroutable_channel = conn.create_channel().await?;
         // Handles kept to close every channel before the connection (see the end of the session).
-        let mut channels = vec![setup.clone(), publisher.clone(), relay_channel.clone(), command_channel.clone()];
+        let mut channels = vec![
+            setup.clone(),
+            publisher.clone(),
+            relay_channel.clone(),
+            command_channel.clone(),
+            unroutable_channel.clone(),
+        ];
         channels.extend(heartbeat_channels.iter().cloned());
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
@@ -218,6 +225,7 @@ impl Worker {
         let mut consumers = JoinSet::new();
         consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channels, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::unroutable(shared.clone(), unroutable_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),
             channel: relay_channel,

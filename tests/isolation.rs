@@ -1,6 +1,7 @@
-//! Isolation between prefixes: one prefix per database. Two workers with different prefixes started at once on one
+//! Isolation between prefixes, and nothing vanishing: one prefix per database. Two workers with different prefixes started at once on one
 //! database: one starts and serves its own prefix (its events on its own exchange, none on the other's), the other
-//! refuses to start with a configuration error naming both prefixes and the key.
+//! refuses to start with a configuration error naming both prefixes and the key. And what no binding of the command
+//! exchange matches is dead-lettered as `unroutable` and answered `invalid`.
 
 mod common;
 
@@ -97,4 +98,58 @@ async fn next_within(subscription: &mut Subscription, what: &str) -> Value {
         Some((_, v)) => v,
         None => panic!("timed out after 20s waiting for: {what}"),
     }
+}
+
+/// Nothing published to the command exchange vanishes: a type no binding matches (`nope.nope`) and a known type
+/// under a routing key no binding matches (`session.create` sent as `foo.bar`) reach `<prefix>.unroutable` through the
+/// command exchange's alternate exchange, are dead-lettered with `x-acm-error` `unroutable: …` and answered `invalid`
+/// (with `reply_to` set), and one without `reply_to` is dead-lettered too; nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unroutable_messages_are_dead_lettered_and_answered_invalid() {
+    let app = TestApp::start().await;
+    let timeout = Duration::from_secs(20);
+    let create = json!({"type": "session.create", "agent_id": "agent-unroutable"}).to_string();
+    for (key, body) in [("nope.nope", r#"{"type":"nope.nope"}"#.to_string()), ("foo.bar", create.clone())] {
+        let reply = app.client.request_raw(key, body.as_bytes(), None, timeout).await.expect("a reply");
+        let error = reply_result(&reply).expect_err("refused");
+        assert_eq!(error.code, "invalid", "{reply}");
+        assert!(error.message.contains("unroutable") && error.message.contains(key), "{reply}");
+    }
+    app.client.publish_raw("also.nothing", create.as_bytes(), json_properties()).await.expect("published");
+    let dead = common::dead_letters(&app.settings, 3).await;
+    let reasons: Vec<&str> = dead.iter().map(|(r, _)| r.as_str()).collect();
+    for key in ["nope.nope", "foo.bar", "also.nothing"] {
+        assert!(
+            reasons.iter().any(|r| r.starts_with("unroutable:") && r.contains(&format!("`{key}`"))),
+            "a dead letter for {key}: {reasons:?}"
+        );
+    }
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 0, "nothing applied");
+    app.cleanup().await;
+}
+
+/// A command exchange declared by an earlier version (without `alternate-exchange`, which cannot be added to an
+/// existing exchange) does not stop the worker: it is used as it is (with a warning saying how to add one by a
+/// policy), and commands are applied as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_exchange_without_an_alternate_exchange_is_used_as_it_is() {
+    use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+    let mut app = TestApp::unstarted_with(|_| {}).await;
+    let (conn, ch) = amqp_channel(&app.settings).await;
+    let exchange = app.topology().command_exchange;
+    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await.expect("deleted");
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Topic, durable, Default::default())
+        .await
+        .expect("declared as an earlier version did");
+    let _ = conn.close(200, "done".into()).await;
+    app.manager.start().await.expect("the worker starts");
+    common::eventually("the worker's consumers to run (its bindings declared)", Duration::from_secs(20), || async {
+        app.manager.health().consumers_running.load(std::sync::atomic::Ordering::Relaxed).then_some(())
+    })
+    .await;
+    let session = app.session("agent-old-exchange").await;
+    let event = app.next_event("agent.session.created").await;
+    assert_eq!(event["session_id"], session.as_str());
+    app.cleanup().await;
 }
