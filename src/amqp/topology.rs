@@ -47,8 +47,8 @@ pub struct Topology {
     pub command_queue: String,
     /// Fanout exchange and durable queue of poison messages.
     pub dead_letter: String,
-    /// Fanout exchange (the command exchange's `alternate-exchange`) and durable queue of what no binding of the
-    /// command exchange matched; the worker dead-letters each as `unroutable`.
+    /// Fanout exchange (the command exchange's `alternate-exchange`) and durable queue (of the command queue's type)
+    /// of what no binding of the command exchange matched; the worker dead-letters each as `unroutable`.
     pub unroutable: String,
 }
 
@@ -99,7 +99,13 @@ impl Topology {
         let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.exchange_declare(self.unroutable.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
             .await?;
-        ch.queue_declare(self.unroutable.as_str().into(), durable_q, FieldTable::default()).await?;
+        // Of the command queue's type: a quorum queue survives the loss of a cluster node, where a classic one would
+        // stop every worker from re-declaring the topology until its node is back.
+        let mut unroutable_args = FieldTable::default();
+        if settings.amqp.command_queue_type == QueueType::Quorum {
+            unroutable_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        ch.queue_declare(self.unroutable.as_str().into(), durable_q, unroutable_args).await?;
         ch.queue_bind(
             self.unroutable.as_str().into(),
             self.unroutable.as_str().into(),
