@@ -2,9 +2,14 @@
 //! one-round-trip statements ([`Sql`]) that work directly and behind PgBouncer.
 
 mod migrate;
+mod pooler;
 mod sql;
 
-pub use sql::{enum_label, forbid_named_statements, named_statements_allowed, Param, PgType, Sql, Unnamed};
+pub use pooler::probe_statements_kept;
+pub use sql::{
+    enum_label, forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept,
+    Param, PgType, Sql, Unnamed,
+};
 
 use std::time::Duration;
 
@@ -300,6 +305,29 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<()> {
     let report = migrate::run(&mut client, embedded::migrations::runner()).await?;
     for m in report.applied_migrations() {
         tracing::info!(migration = %m, "applied migration");
+    }
+    Ok(())
+}
+
+/// Records `prefix` as the database's AMQP prefix when none is recorded yet; returns the recorded one and the
+/// database's name.
+pub const CLAIM_PREFIX: &str = "INSERT INTO database_prefix (prefix) VALUES ($1) \
+     ON CONFLICT (singleton) DO UPDATE SET prefix = database_prefix.prefix RETURNING prefix, current_database()::text";
+
+/// One prefix per database: records `prefix` (`amqp.prefix`) on a database that has none yet, and refuses with a
+/// configuration error naming both when the database already serves another. The outbox and the leases are not
+/// keyed by prefix, so two prefixes on one database would publish each other's events.
+pub async fn claim_prefix(pool: &Pool, prefix: &str) -> Result<()> {
+    let client = pool.get().await?;
+    let row = client.typed_one(CLAIM_PREFIX, &[&prefix]).await?;
+    let recorded: String = row.get(0);
+    if recorded != prefix {
+        let db: String = row.get(1);
+        return Err(crate::config::ConfigError(format!(
+            "amqp.prefix: the database `{db}` serves prefix `{recorded}`, not `{prefix}`; one prefix per database \
+             (give this prefix its own database.url, or delete the database_prefix row of a database no worker uses)"
+        ))
+        .into());
     }
     Ok(())
 }

@@ -273,11 +273,13 @@ pub enum PoisonKind {
     DatabaseRejected,
     /// Not poison: a heartbeat refused by a per-agent limit (`limits.*`), dead-lettered so the refusal is seen.
     Limit,
+    /// No binding of the command exchange matched its routing key: the exchange's alternate exchange passed it on.
+    Unroutable,
 }
 
 impl PoisonKind {
     /// Every kind, in declaration order (the dead-letter counter starts each reason at 0).
-    pub const ALL: [PoisonKind; 7] = [
+    pub const ALL: [PoisonKind; 9] = [
         PoisonKind::TooLarge,
         PoisonKind::NotJson,
         PoisonKind::NotObject,
@@ -285,6 +287,8 @@ impl PoisonKind {
         PoisonKind::InvalidField,
         PoisonKind::Forbidden,
         PoisonKind::DatabaseRejected,
+        PoisonKind::Limit,
+        PoisonKind::Unroutable,
     ];
 
     /// The `reason` label of the dead-letter counter.
@@ -298,6 +302,7 @@ impl PoisonKind {
             PoisonKind::Forbidden => "forbidden",
             PoisonKind::DatabaseRejected => "database_rejected",
             PoisonKind::Limit => "limit",
+            PoisonKind::Unroutable => "unroutable",
         }
     }
 }

@@ -106,11 +106,22 @@ impl AgentConnectionManager {
         }
         self.settings.validate_worker()?;
         let shutdown = CancellationToken::new();
+        let prefix = &self.settings.amqp.prefix;
+        let unpooled = self.settings.database.pooler == db::Pooler::None;
         let first = if wait {
             retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
+            retry_transient("checking the database's prefix", &shutdown, || db::claim_prefix(&self.pool, prefix)).await?;
+            if unpooled {
+                retry_transient("probing the database connections", &shutdown, || db::probe_statements_kept(&self.pool))
+                    .await?;
+            }
             None
         } else {
             db::migrate(&self.settings.database).await?;
+            db::claim_prefix(&self.pool, prefix).await?;
+            if unpooled {
+                db::probe_statements_kept(&self.pool).await?;
+            }
             let name = "agent-connection-manager";
             let connected = amqp::connect_from(&self.settings.amqp.url, 0, name).await.map_err(|e| match e {
                 Error::Amqp(mut failure) => {

@@ -6,7 +6,7 @@
 //! jitter, re-declaring the topology. A connect that fails is logged as a broker never reached (no session of this
 //! worker was ever made) or as one lost and not reached again, with the node's address and the cause. On shutdown
 //! the consumers stop taking deliveries and finish the ones they hold, then the relay flushes the outbox, then the
-//! connection is closed; whatever is not done within
+//! channels and connection are closed (so a clean stop logs nothing at ERROR); whatever is not done within
 //! `worker.shutdown_grace_secs` is abandoned by [`crate::manager::AgentConnectionManager::stop`] (unacknowledged
 //! deliveries are redelivered by the broker).
 //!
@@ -115,8 +115,8 @@ impl Worker {
     /// the broker answers.
     pub async fn run(self, shutdown: CancellationToken, mut first: Option<(lapin::Connection, usize)>) -> Result<()> {
         let probe = BacklogProbe::broker();
-        // One name for the worker's life: the relay of a new broker session renews the lease of the last one.
-        let relay_name = relay::relay_name();
+        // One identity for the worker's life: the relay of a new broker session renews the lease of the last one.
+        let relay_identity = relay::relay_identity(&self.settings.worker.id);
         let sweeper = Sweeper::new(
             self.pool.clone(),
             self.settings.clone(),
@@ -156,7 +156,7 @@ impl Worker {
             };
             reached = true;
             node = index;
-            match self.session(conn, index, &probe, &relay_name, &shutdown).await {
+            match self.session(conn, index, &probe, &relay_identity, &shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -188,7 +188,7 @@ impl Worker {
         conn: lapin::Connection,
         connected: usize,
         probe: &BacklogProbe,
-        relay_name: &str,
+        relay_identity: &relay::RelayIdentity,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let s = &self.settings;
@@ -226,6 +226,16 @@ impl Worker {
             heartbeat_channels.push(conn.create_channel().await?);
         }
         let command_channel = conn.create_channel().await?;
+        let unroutable_channel = conn.create_channel().await?;
+        // Handles kept to close every channel before the connection (see the end of the session).
+        let mut channels = vec![
+            setup.clone(),
+            publisher.clone(),
+            relay_channel.clone(),
+            command_channel.clone(),
+            unroutable_channel.clone(),
+        ];
+        channels.extend(heartbeat_channels.iter().cloned());
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
 
@@ -245,6 +255,7 @@ impl Worker {
         let mut consumers = JoinSet::new();
         consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channels, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::unroutable(shared.clone(), unroutable_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),
             channel: relay_channel,
@@ -253,7 +264,7 @@ impl Worker {
                 batch: s.outbox.batch_size,
                 lease: Duration::from_secs(s.outbox.lease_secs),
                 confirm_timeout: s.confirm_timeout(),
-                name: relay_name.to_string(),
+                identity: relay_identity.clone(),
             },
             pipeline: s.outbox.pipeline,
             poll: Duration::from_millis(s.outbox.poll_interval_ms),
@@ -309,6 +320,15 @@ impl Worker {
             }
         }
         probe.set(None).await;
+        // Each channel is closed (awaiting its close-ok) before the connection: a channel whose last handle is
+        // dropped while the connection closes is closed by lapin in the background, finds itself already closing and
+        // reports that as a connection error (an ERROR line at every clean shutdown).
+        let closes = channels
+            .iter()
+            .filter(|ch| ch.status().connected())
+            .map(|ch| tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, ch.close(200, "shutting down".into())));
+        futures_util::future::join_all(closes).await;
+        drop(channels);
         // Closing needs a write, which a blocked connection cannot make: give up after a moment (dropping it).
         let _ = tokio::time::timeout(amqp::BROKER_QUERY_TIMEOUT, conn.close(200, "shutting down".into())).await;
         drop(watcher);

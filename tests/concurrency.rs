@@ -182,9 +182,10 @@ async fn a_relay_that_dies_loses_its_lease_to_another_which_publishes_the_same_e
     }
     // A relay takes the lease for one second, claims the batch and dies before publishing it.
     let pool = &app.manager.pool().clone();
-    assert!(relay::sql::acquire(pool, "dead relay", 1.0).await.unwrap());
+    let dead = relay::RelayIdentity { holder: "dead relay".into(), instance: "1".into() };
+    assert_eq!(relay::sql::acquire(pool, &dead, 1.0).await.unwrap(), relay::Acquired::Yes);
     let window = relay::Window { rescan: true, ..Default::default() };
-    let claimed = relay::sql::claim(pool, "dead relay", 1.0, &window, 100).await.unwrap().expect("the lease is held");
+    let claimed = relay::sql::claim(pool, &dead, 1.0, &window, 100).await.unwrap().expect("the lease is held");
     let claimed: Vec<String> = claimed.iter().map(|e| e.event_id.to_string()).collect();
     assert_eq!(claimed.len(), 5);
     let conn = connect(&app.settings.amqp.url, "lease test").await.unwrap();
@@ -217,9 +218,9 @@ async fn a_relay_that_dies_loses_its_lease_to_another_which_publishes_the_same_e
     published.sort();
     assert_eq!(published, claimed);
     let holder: String = app.scalar("SELECT holder FROM outbox_relay").await;
-    assert_eq!(holder, publishing.name, "the lease records which relay holds it");
+    assert_eq!(holder, publishing.identity.holder, "the lease records which relay holds it");
     // The dead relay's next claim finds the lease gone.
-    assert!(relay::sql::claim(pool, "dead relay", 1.0, &window, 100).await.unwrap().is_none());
+    assert!(relay::sql::claim(pool, &dead, 1.0, &window, 100).await.unwrap().is_none());
     let _ = conn.close(200, "done".into()).await;
     app.cleanup().await;
 }

@@ -35,7 +35,11 @@
 //! `cluster` (the node leading the quorum queues of a three-node cluster is killed) and
 //! `failover` (the primary of a synchronously replicated pair crashes and its standby is promoted; the worker's
 //! `database.url` names both; its load in `failover_load`) and `liveness` (a fleet heartbeating through a paused
-//! worker, a database outage and a partition; a greedy agent; agents' clocks ten minutes off).
+//! worker, a database outage and a partition; a greedy agent; agents' clocks ten minutes off),
+//! `database.url` names both; its load in `failover_load`) `relay_takeover` (the relay lease holder is
+//! SIGKILLed: events resume within 5 s, taken over by a second worker or reclaimed by the restarted one) and
+//! `pgbouncer_undeclared` (the worker binary through PgBouncer in transaction mode with `database.pooler` left at
+//! `none`: one warning, no error).
 
 #[path = "faults/backlog.rs"]
 mod backlog;
@@ -61,10 +65,14 @@ mod lab;
 mod liveness;
 #[path = "faults/pgbouncer.rs"]
 mod pgbouncer;
+#[path = "faults/pgbouncer_undeclared.rs"]
+mod pgbouncer_undeclared;
 #[path = "faults/poison.rs"]
 mod poison;
 #[path = "faults/publisher.rs"]
 mod publisher;
+#[path = "faults/relay_takeover.rs"]
+mod relay_takeover;
 #[path = "faults/standard.rs"]
 mod standard;
 #[path = "faults/workload.rs"]

@@ -177,6 +177,11 @@ async fn the_documented_path_without_docker_works() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM; the worker's log:\n{}", worker.log_tail());
+    // A clean stop logs nothing at ERROR, from the worker or from the libraries under it (lapin once logged a
+    // connection error for every channel it closed itself while the connection was closing).
+    let log = std::fs::read_to_string(&worker.log).expect("the worker's log");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "ERROR lines in the log of a clean start and stop: {errors:#?}");
 
     // The healthcheck tells a stopped worker from a ready one.
     let stopped = Command::new("bash").args(["-c", &probe]).stderr(Stdio::null()).status().expect("bash runs");

@@ -151,3 +151,30 @@ async fn events_of_a_vanished_lease_holder_are_published_once_its_lease_expires(
     assert_eq!(app.manager.metrics().outbox_relay_leader.get(), 1);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_takes_its_lease_back_at_once_and_its_old_run_stands_by() {
+    let app = TestApp::unstarted_with(|_| {}).await;
+    let pool = app.manager.pool().clone();
+    let run = |holder: &str, instance: &str| relay::RelayIdentity { holder: holder.into(), instance: instance.into() };
+    let (old, new, other) = (run("worker-7", "run-1"), run("worker-7", "run-2"), run("worker-8", "run-1"));
+    let window = relay::Window { rescan: true, ..Default::default() };
+    // The old run holds a long lease; another worker cannot take it before it expires.
+    assert_eq!(relay::sql::acquire(&pool, &old, 600.0).await.unwrap(), relay::Acquired::Yes);
+    assert_eq!(relay::sql::acquire(&pool, &other, 600.0).await.unwrap(), relay::Acquired::No);
+    // The same worker.id restarted: it takes the lease at once, and says it took it from another run of itself.
+    assert_eq!(relay::sql::acquire(&pool, &new, 600.0).await.unwrap(), relay::Acquired::FromSameHolder);
+    assert_eq!(relay::sql::acquire(&pool, &new, 600.0).await.unwrap(), relay::Acquired::Yes, "a renewal");
+    // The old run, should it still be alive (stalled), can neither claim, renew nor give the lease back.
+    assert!(relay::sql::claim(&pool, &old, 600.0, &window, 10).await.unwrap().is_none(), "the old run claims");
+    assert!(!relay::sql::renew(&pool, &old, 600.0).await.unwrap(), "the old run renews");
+    relay::sql::release(&pool, &old).await.unwrap();
+    assert!(relay::sql::claim(&pool, &new, 600.0, &window, 10).await.unwrap().is_some(), "the new run claims");
+    assert!(relay::sql::renew(&pool, &new, 600.0).await.unwrap(), "the new run renews");
+    let (holder, instance): (String, String) = {
+        let row = app.db.query_one("SELECT holder, instance FROM outbox_relay", &[]).await.unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((holder.as_str(), instance.as_str()), ("worker-7", "run-2"));
+    app.cleanup().await;
+}

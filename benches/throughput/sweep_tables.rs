@@ -133,7 +133,8 @@ fn explained_queries() -> Vec<(&'static str, String)> {
                 .replace("$3", "0::int8")
                 .replace("$4", "true")
                 .replace("$5", "'{}'::int8[]")
-                .replace("$6", &format!("{}::int8", Settings::default().outbox.batch_size)),
+                .replace("$6", &format!("{}::int8", Settings::default().outbox.batch_size))
+                .replace("$7", "''"),
         ),
     ]
 }

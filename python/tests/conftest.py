@@ -99,9 +99,9 @@ def _delete_topology(prefix: str) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
         ch = conn.channel()
-        for queue in ("heartbeats", "commands", "dead-letter"):
+        for queue in ("heartbeats", "commands", "dead-letter", "unroutable"):
             ch.queue_delete(queue=f"{prefix}.{queue}")
-        for exchange in ("commands", "events", "dead-letter"):
+        for exchange in ("commands", "events", "dead-letter", "unroutable"):
             ch.exchange_delete(exchange=f"{prefix}.{exchange}")
     finally:
         conn.close()

@@ -16,6 +16,11 @@ pub const HEARTBEAT_QUEUE_UPGRADE: &str = "to upgrade it, stop the workers, dele
      (`rabbitmqctl delete_queue <name>`; the heartbeats in it are lost, which is harmless) and start \
      them again: the first one declares it anew";
 
+/// How to give a command exchange declared by an earlier version its alternate exchange (logged when it lacks one).
+pub const COMMAND_EXCHANGE_UPGRADE: &str = "to give it one while running, set a policy \
+     (`rabbitmqctl set_policy --apply-to exchanges acm-unroutable '^<name>$' '{\"alternate-exchange\":\"<ae>\"}'`); \
+     or stop the workers, delete the exchange and start them: the first declares it anew";
+
 /// Whether the broker refused a declaration because the object exists with other arguments (406).
 pub fn is_precondition_failed(e: &lapin::Error) -> bool {
     matches!(
@@ -42,6 +47,9 @@ pub struct Topology {
     pub command_queue: String,
     /// Fanout exchange and durable queue of poison messages.
     pub dead_letter: String,
+    /// Fanout exchange (the command exchange's `alternate-exchange`) and durable queue (of the command queue's type)
+    /// of what no binding of the command exchange matched; the worker dead-letters each as `unroutable`.
+    pub unroutable: String,
 }
 
 impl Topology {
@@ -55,6 +63,7 @@ impl Topology {
             heartbeat_shards: 1,
             command_queue: format!("{prefix}.commands"),
             dead_letter: format!("{prefix}.dead-letter"),
+            unroutable: format!("{prefix}.unroutable"),
         }
     }
 
@@ -87,13 +96,29 @@ impl Topology {
     pub async fn declare(&self, conn: &Connection, settings: &Settings) -> Result<()> {
         let ch = conn.create_channel().await?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        ch.exchange_declare(self.command_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.unroutable.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
             .await?;
+        // Of the command queue's type: a quorum queue survives the loss of a cluster node, where a classic one would
+        // stop every worker from re-declaring the topology until its node is back.
+        let mut unroutable_args = FieldTable::default();
+        if settings.amqp.command_queue_type == QueueType::Quorum {
+            unroutable_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        ch.queue_declare(self.unroutable.as_str().into(), durable_q, unroutable_args).await?;
+        ch.queue_bind(
+            self.unroutable.as_str().into(),
+            self.unroutable.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        self.declare_command_exchange(conn).await?;
         ch.exchange_declare(self.event_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
             .await?;
         ch.exchange_declare(self.dead_letter.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
             .await?;
-        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(self.dead_letter.as_str().into(), durable_q, FieldTable::default()).await?;
         ch.queue_bind(
             self.dead_letter.as_str().into(),
@@ -122,6 +147,44 @@ impl Topology {
         self.bind(&ch, Queue::Commands).await?;
         let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
+    }
+
+    /// Declares the command exchange with `alternate-exchange` = [`Topology::unroutable`], so that nothing published
+    /// to it vanishes. An exchange declared by an earlier version (without the argument, which cannot change) is used
+    /// as it is, with a warning saying how to give it one without downtime: a policy.
+    async fn declare_command_exchange(&self, conn: &Connection) -> Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let mut args = FieldTable::default();
+        args.insert("alternate-exchange".into(), AMQPValue::LongString(self.unroutable.as_str().into()));
+        // A failed declaration closes its channel, so it gets one of its own.
+        let ch = conn.create_channel().await?;
+        match ch.exchange_declare(self.command_exchange.as_str().into(), ExchangeKind::Topic, durable, args).await {
+            Ok(()) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(e) if is_precondition_failed(&e) => {
+                tracing::warn!(
+                    exchange = %self.command_exchange,
+                    "the command exchange exists without an alternate exchange, so messages no binding matches are \
+                     dropped by the broker instead of dead-lettered as unroutable; {}",
+                    COMMAND_EXCHANGE_UPGRADE.replace("<name>", &self.command_exchange).replace("<ae>", &self.unroutable)
+                );
+                let check = conn.create_channel().await?;
+                let passive = ExchangeDeclareOptions { passive: true, ..durable };
+                check
+                    .exchange_declare(
+                        self.command_exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        passive,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let _ = check.close(200, "checked".into()).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The name of a queue of the registry (for heartbeats, the single heartbeat queue; see
@@ -215,11 +278,11 @@ impl Topology {
     /// Deletes every exchange and queue, the heartbeat shards and their exchange included (tests and teardown).
     pub async fn delete(&self, ch: &Channel) -> Result<()> {
         let mut queues = self.heartbeat_queues();
-        queues.extend([self.command_queue.clone(), self.dead_letter.clone()]);
+        queues.extend([self.command_queue.clone(), self.dead_letter.clone(), self.unroutable.clone()]);
         for q in &queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
         }
-        let mut exchanges = vec![&self.command_exchange, &self.event_exchange, &self.dead_letter];
+        let mut exchanges = vec![&self.command_exchange, &self.event_exchange, &self.dead_letter, &self.unroutable];
         if self.heartbeat_shards > 1 {
             exchanges.push(&self.heartbeat_exchange);
         }

@@ -10,12 +10,12 @@
 //! on [`WORKER_HTTP_LISTEN`]; the library ([`Settings::load`]) serves none unless `http.listen` is set.
 
 pub mod env;
-mod messages;
 mod limits;
+mod messages;
+mod redact;
 mod validate;
 
 use messages::one_line;
-pub use messages::redact_url;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
 pub use limits::LimitSettings;
+pub use redact::redact_url;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -180,9 +181,9 @@ pub struct OutboxSettings {
     pub poll_interval_ms: u64,
     /// Idempotency (processed-message) records are deleted after this long.
     pub retention_secs: u64,
-    /// The relay lease: one relay publishes at a time and renews it as it claims; when it has not for this long,
-    /// another relay takes over and publishes again what the first had not deleted. Must exceed
-    /// `amqp.confirm_timeout_secs`.
+    /// The relay lease: one relay publishes at a time and renews it every third of this (as it claims, and while
+    /// its batches await their confirms); when it has not for this long, another relay takes over and publishes
+    /// again what the first had not deleted. At least 2.
     pub lease_secs: u64,
 }
 
@@ -190,6 +191,10 @@ pub struct OutboxSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
+    /// This worker's identity in the relay lease, stable across its restarts (a pod or host name), so that a
+    /// restarted worker takes its lease back at once; unique among the running workers. Empty: host, process and a
+    /// random id, unique to each process (a restarted worker then waits for its old lease to expire).
+    pub id: String,
     /// Heartbeat deliveries applied in one transaction at most.
     pub heartbeat_batch_size: usize,
     /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
@@ -309,7 +314,7 @@ impl Default for OutboxSettings {
             pipeline: 4,
             poll_interval_ms: 250,
             retention_secs: crate::sweeper::retention::RETENTION_DEFAULT.as_secs(),
-            lease_secs: 30,
+            lease_secs: 3,
         }
     }
 }
@@ -317,6 +322,7 @@ impl Default for OutboxSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
+            id: String::new(),
             heartbeat_batch_size: 1000,
             heartbeat_pipeline: 2,
             session_activity_granularity_secs: crate::commands::heartbeat::ACTIVITY_GRANULARITY_DEFAULT.as_secs(),

@@ -21,7 +21,7 @@ fn defaults_are_valid_and_as_documented() {
     assert_eq!(s.http.listen, "");
     assert_eq!(s.amqp.max_message_bytes, 1_048_576);
     assert_eq!(s.amqp.confirm_timeout_secs, 10);
-    assert_eq!(s.outbox.lease_secs, 30);
+    assert_eq!(s.outbox.lease_secs, 3);
     assert_eq!(s.database.statement_timeout_secs, 30);
     assert_eq!(s.database.lock_timeout_secs, 10);
     assert_eq!(s.database.idle_in_transaction_timeout_secs, 60);
@@ -40,9 +40,9 @@ fn every_wait_is_bounded() {
         let e = from_toml(&format!("[{section}]\n{key} = 0")).unwrap_err().to_string();
         assert!(e.contains(&format!("{section}.{key}")), "{e}");
     }
-    let e = from_toml("[outbox]\nlease_secs = 10").unwrap_err().to_string();
-    assert!(e.contains("outbox.lease_secs") && e.contains("amqp.confirm_timeout_secs"), "{e}");
-    from_toml("[outbox]\nlease_secs = 11").unwrap();
+    let e = from_toml("[outbox]\nlease_secs = 1").unwrap_err().to_string();
+    assert!(e.contains("outbox.lease_secs") && e.contains("at least 2"), "{e}");
+    from_toml("[outbox]\nlease_secs = 2").unwrap();
 }
 
 #[test]

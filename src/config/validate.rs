@@ -111,8 +111,11 @@ impl Settings {
         if self.worker.command_lanes == 0 {
             return bad("worker.command_lanes", "must be at least 1");
         }
-        if self.outbox.lease_secs <= self.amqp.confirm_timeout_secs {
-            return bad("outbox.lease_secs", "must be greater than amqp.confirm_timeout_secs");
+        if self.outbox.lease_secs < 2 {
+            return bad("outbox.lease_secs", "must be at least 2 (the holder renews it every third of it)");
+        }
+        if self.worker.id.chars().any(char::is_control) {
+            return bad("worker.id", "must not contain control characters");
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");

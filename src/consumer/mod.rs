@@ -1,4 +1,5 @@
-//! The two consumers: heartbeats (applied in batches) and commands (applied in lanes, replied to).
+//! The consumers: heartbeats (applied in batches), commands (applied in lanes, replied to) and what no binding of the
+//! command exchange matched (dead-lettered as `unroutable`).
 //!
 //! Both acknowledge a delivery only after its effect is committed (and its reply confirmed by the broker); a
 //! transient failure holds the delivery and retries with backoff, so the consumer stops taking work instead of
@@ -6,15 +7,17 @@
 //! refuses (lapin's `Ok(false)`: the channel was reset) ends the consumer so the worker reconnects; the broker
 //! redelivers, and idempotency makes the redelivery harmless.
 //!
-//! `heartbeats.rs` holds the heartbeat consumer, `commands.rs` the command consumer, `dead_letter.rs` replies and
-//! dead-lettering; this file what they share.
+//! `heartbeats.rs` holds the heartbeat consumer, `commands.rs` the command consumer, `unroutable.rs` the unroutable
+//! one, `dead_letter.rs` replies and dead-lettering; this file what they share.
 
 mod commands;
 mod dead_letter;
 mod heartbeats;
+mod unroutable;
 
 pub use commands::commands;
 pub use heartbeats::heartbeats;
+pub use unroutable::unroutable;
 
 use std::sync::Arc;
 

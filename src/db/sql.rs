@@ -9,7 +9,11 @@
 //! with its parameter types (tokio-postgres's `query_typed*`): one round trip, nothing kept. Once a pool for
 //! PgBouncer is built in a process ([`forbid_named_statements`]), every statement of that process is sent unnamed;
 //! unpooled clients (migrations, tools) always send them unnamed, as do statements with a parameter whose type the
-//! server infers (enum labels).
+//! server infers (enum labels). When `database.pooler` is `none` but the connections turn out not to keep named
+//! statements (a transaction pooler nobody declared: [`statement_not_kept`], or the probe at start,
+//! `db::probe_statements_kept`), the process switches to unnamed statements with one warning
+//! ([`named_statements_not_kept`]); a statement that failed outside a transaction is sent again unnamed at once, one
+//! inside a transaction fails it with a transient error, and the transaction is retried.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +35,47 @@ pub fn forbid_named_statements() {
 /// Whether [`forbid_named_statements`] has not been called.
 pub fn named_statements_allowed() -> bool {
     NAMED_STATEMENTS.load(Ordering::Relaxed)
+}
+
+/// Whether an error says a named prepared statement was not kept by the server session: SQLSTATE 26000
+/// (`invalid_sql_statement_name`: `prepared statement "s10" does not exist`) or 42P05
+/// (`duplicate_prepared_statement`: `… already exists`) — what PostgreSQL answers through a transaction pooler
+/// (PgBouncer in transaction mode) that hands a client's transactions to different server connections, when
+/// `database.pooler` was left at `none`.
+pub fn statement_not_kept(e: &Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(e.code(), Some(c) if *c == SqlState::INVALID_SQL_STATEMENT_NAME || *c == SqlState::DUPLICATE_PSTATEMENT)
+}
+
+/// Named statements are not kept by the connections `database.url` gives (`why`): every statement of this process is
+/// sent unnamed from now on, and one warning (the first time only) names `database.pooler`.
+pub fn named_statements_not_kept(why: &str) {
+    if NAMED_STATEMENTS.swap(false, Ordering::Relaxed) {
+        tracing::warn!(
+            why,
+            "database.pooler is `none` but the database connections do not keep named prepared statements (a \
+             transaction pooler such as PgBouncer in transaction mode?): every statement is sent unnamed from now on; \
+             set database.pooler = \"pgbouncer\" (and the session limits on the role) to say so"
+        );
+    }
+}
+
+/// What a kept statement's attempt came to: its result, or `None` when the statement was not kept and may be sent
+/// again unnamed (outside a transaction; inside one the error stands, and the transaction is retried as a whole).
+fn after_kept<T>(r: Result<T, Error>, in_transaction: bool) -> Option<Result<T, Error>> {
+    match r {
+        Err(e) if statement_not_kept(&e) => {
+            let why =
+                e.as_db_error().map_or_else(|| e.to_string(), |d| format!("{}: {}", d.code().code(), d.message()));
+            named_statements_not_kept(&why);
+            if in_transaction {
+                Some(Err(e))
+            } else {
+                None
+            }
+        }
+        r => Some(r),
+    }
 }
 
 /// A Rust type with the PostgreSQL type its parameters are sent as.
@@ -101,6 +146,12 @@ pub trait Sql: Sync {
     /// It.
     fn pg(&self) -> &Self::Pg;
 
+    /// Whether statements run inside a transaction (an error there aborts it, so a failed statement cannot simply
+    /// be sent again).
+    fn in_transaction(&self) -> bool {
+        false
+    }
+
     /// The statement prepared on this connection (once, then from its cache), or `None` when this client keeps no
     /// prepared statements.
     fn prepared(&self, sql: &str, types: Vec<Type>) -> impl Future<Output = Option<Result<Statement, Error>>> + Send {
@@ -125,7 +176,13 @@ pub trait Sql: Sync {
     fn typed_query(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
         async move {
             if let Some(st) = self.kept(sql, params).await {
-                return self.pg().query(&st?, &values(params)).await;
+                let r = match st {
+                    Ok(st) => self.pg().query(&st, &values(params)).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(r) = after_kept(r, self.in_transaction()) {
+                    return r;
+                }
             }
             self.pg().query_typed(sql, &typed(params)).await
         }
@@ -135,7 +192,13 @@ pub trait Sql: Sync {
     fn typed_one(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Row, Error>> + Send {
         async move {
             if let Some(st) = self.kept(sql, params).await {
-                return self.pg().query_one(&st?, &values(params)).await;
+                let r = match st {
+                    Ok(st) => self.pg().query_one(&st, &values(params)).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(r) = after_kept(r, self.in_transaction()) {
+                    return r;
+                }
             }
             self.pg().query_typed_one(sql, &typed(params)).await
         }
@@ -145,7 +208,13 @@ pub trait Sql: Sync {
     fn typed_opt(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
         async move {
             if let Some(st) = self.kept(sql, params).await {
-                return self.pg().query_opt(&st?, &values(params)).await;
+                let r = match st {
+                    Ok(st) => self.pg().query_opt(&st, &values(params)).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(r) = after_kept(r, self.in_transaction()) {
+                    return r;
+                }
             }
             self.pg().query_typed_opt(sql, &typed(params)).await
         }
@@ -155,7 +224,13 @@ pub trait Sql: Sync {
     fn typed_execute(&self, sql: &str, params: &[&dyn Param]) -> impl Future<Output = Result<u64, Error>> + Send {
         async move {
             if let Some(st) = self.kept(sql, params).await {
-                return self.pg().execute(&st?, &values(params)).await;
+                let r = match st {
+                    Ok(st) => self.pg().execute(&st, &values(params)).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(r) = after_kept(r, self.in_transaction()) {
+                    return r;
+                }
             }
             let stream = self.pg().query_typed_raw(sql, typed(params)).await?;
             futures_util::pin_mut!(stream);
@@ -175,6 +250,9 @@ impl<T: Sql> Sql for Unnamed<'_, T> {
     fn pg(&self) -> &T::Pg {
         self.0.pg()
     }
+    fn in_transaction(&self) -> bool {
+        self.0.in_transaction()
+    }
 }
 
 impl Sql for tokio_postgres::Client {
@@ -188,6 +266,9 @@ impl Sql for tokio_postgres::Transaction<'_> {
     type Pg = Self;
     fn pg(&self) -> &Self {
         self
+    }
+    fn in_transaction(&self) -> bool {
+        true
     }
 }
 
@@ -215,6 +296,9 @@ impl<'a> Sql for deadpool_postgres::Transaction<'a> {
     type Pg = tokio_postgres::Transaction<'a>;
     fn pg(&self) -> &tokio_postgres::Transaction<'a> {
         self
+    }
+    fn in_transaction(&self) -> bool {
+        true
     }
     async fn prepared(&self, sql: &str, types: Vec<Type>) -> Option<Result<Statement, Error>> {
         Some(self.prepare_typed_cached(sql, &types).await)

@@ -59,7 +59,7 @@ pub(super) async fn relay_batch(
             let _ = tx.send(c);
         }
     };
-    let Some(batch) = sql::claim(pool, &p.name, p.lease.as_secs_f64(), &window, p.batch).await? else {
+    let Some(batch) = sql::claim(pool, &p.identity, p.lease.as_secs_f64(), &window, p.batch).await? else {
         tell(claimed, Claim::Lost);
         return Ok(0);
     };

@@ -44,12 +44,20 @@ pub use crate::events::OutboxSignal;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use batch::{relay_batch, Claim};
-pub use sql::{backlog, Window, ACQUIRE, CLAIM, DELETE, RELEASE};
+pub use sql::{backlog, Acquired, RelayIdentity, Window, ACQUIRE, CLAIM, DELETE, RELEASE, RENEW};
 
-/// Who a relay is, in `outbox_relay.holder`: host, process and a random id (several relays may share a process).
-pub fn relay_name() -> String {
-    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
-    format!("{host}/{}/{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8])
+/// Who a relay is in the lease: `worker_id` (`worker.id`) as the holder when it is set, so that a restarted worker
+/// takes its lease back at once, else host, process and a random id (unique to this process); and a random id for
+/// this run.
+pub fn relay_identity(worker_id: &str) -> RelayIdentity {
+    let random = || Uuid::new_v4().simple().to_string()[..8].to_string();
+    let holder = if worker_id.is_empty() {
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+        format!("{host}/{}/{}", std::process::id(), random())
+    } else {
+        worker_id.to_string()
+    };
+    RelayIdentity { holder, instance: random() }
 }
 
 /// How a relay publishes: the exchange, the bounds of a batch and its name in the lease.
@@ -63,8 +71,8 @@ pub struct Publishing {
     pub lease: Duration,
     /// Longest wait for a batch's confirms (publishing included).
     pub confirm_timeout: Duration,
-    /// This relay's name in `outbox_relay.holder`.
-    pub name: String,
+    /// This relay's holder and run in `outbox_relay`.
+    pub identity: RelayIdentity,
 }
 
 impl Publishing {
@@ -76,7 +84,7 @@ impl Publishing {
             batch,
             lease: Duration::from_secs(s.outbox.lease_secs),
             confirm_timeout: s.confirm_timeout(),
-            name: relay_name(),
+            identity: relay_identity(""),
         }
     }
 }
@@ -92,7 +100,7 @@ type Flying = Mutex<HashMap<u64, Vec<i64>>>;
 /// Takes the lease when it is free (or already this relay's), then publishes and deletes one batch from the oldest
 /// event; returns how many events were published and confirmed (0 when another relay holds the lease).
 pub async fn relay_once(pool: &Pool, channel: &Channel, p: &Publishing, metrics: &Metrics) -> Result<usize> {
-    if !sql::acquire(pool, &p.name, p.lease.as_secs_f64()).await? {
+    if sql::acquire(pool, &p.identity, p.lease.as_secs_f64()).await? == Acquired::No {
         return Ok(0);
     }
     let flying = Flying::default();
@@ -126,7 +134,11 @@ pub struct RelayConfig {
 /// documentation). At shutdown the lease holder flushes what is left for at most 5 seconds and gives the lease back.
 pub async fn run(cfg: RelayConfig) -> Result<()> {
     let RelayConfig { pool, channel, publishing, pipeline, poll, wake, blocked, metrics, shutdown } = cfg;
-    let (name, lease) = (publishing.name.as_str(), publishing.lease.as_secs_f64());
+    let (who, lease) = (&publishing.identity, publishing.lease.as_secs_f64());
+    let name = who.holder.as_str();
+    // Between claims (while batches await their confirms) the holder renews its lease every third of it.
+    let renew_every = publishing.lease / 3;
+    let mut renewed = Instant::now();
     let batch = publishing.batch;
     let depth = pipeline.max(1);
     let flying = Flying::default();
@@ -174,6 +186,7 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
                     },
                 }
             };
+            renewed = Instant::now();
             match claimed {
                 Some(Claim::Lost) => {
                     leader = false;
@@ -212,6 +225,18 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
                     }
                 }
                 _ = wake.notified(), if may_claim && !woken => woken = true,
+                _ = tokio::time::sleep_until((renewed + renew_every).into()), if leader => {
+                    renewed = Instant::now();
+                    match sql::renew(&pool, who, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            leader = false;
+                            metrics.outbox_relay_leader.set(0);
+                            tracing::warn!(relay = name, "outbox relay: lease lost while batches await their confirms (expired or taken over); standing by");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "outbox relay: cannot renew the lease; trying again"),
+                    }
+                }
             }
             continue;
         }
@@ -242,15 +267,19 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
             break;
         }
         if !leader && open {
-            match sql::acquire(&pool, name, lease).await {
-                Ok(true) => {
+            match sql::acquire(&pool, who, lease).await {
+                Ok(got @ (Acquired::Yes | Acquired::FromSameHolder)) => {
                     leader = true;
                     more = true;
+                    renewed = Instant::now();
                     metrics.outbox_relay_leader.set(1);
-                    tracing::info!(relay = name, "outbox relay: took the lease; publishing");
+                    if got == Acquired::FromSameHolder {
+                        tracing::warn!(relay = name, instance = %who.instance, "outbox relay: took the lease back from another run of this worker.id (a restart; if that process still runs, worker.id is not unique)");
+                    }
+                    tracing::info!(relay = name, instance = %who.instance, "outbox relay: took the lease; publishing");
                     continue;
                 }
-                Ok(false) => {}
+                Ok(Acquired::No) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox relay: cannot look at the lease; trying again"),
             }
         }
@@ -258,7 +287,8 @@ pub async fn run(cfg: RelayConfig) -> Result<()> {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(if open { poll } else { poll.min(Duration::from_millis(250)) }) => {}
+                // A leader looks at least every third of its lease, so that its claims keep renewing it.
+                _ = tokio::time::sleep(if open { poll.min(renew_every) } else { poll.min(Duration::from_millis(250)) }) => {}
             }
         }
         more = true;
@@ -281,7 +311,7 @@ async fn flush(pool: &Pool, channel: &Channel, p: &Publishing, metrics: &Metrics
             }
         }
     }
-    if let Err(e) = sql::release(pool, &p.name).await {
+    if let Err(e) = sql::release(pool, &p.identity).await {
         tracing::warn!(error = %e, "outbox relay: cannot give the lease back; it expires on its own");
     }
     if leader {

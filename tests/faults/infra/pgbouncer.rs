@@ -32,7 +32,8 @@ impl PgBouncer {
         let ini = dir.join("pgbouncer.ini");
         // No unix socket (no clash with another PgBouncer), no pid or log file (the log is stderr, kept by this
         // process), trust authentication for the users of userlist.txt; `extra_float_digits` is sent by many
-        // clients and ignored.
+        // clients and ignored, and so is `options`, which a worker left at `database.pooler = "none"` sends (the
+        // undeclared-pooler scenario: an operator who made PgBouncer accept the worker but forgot the setting).
         fs::write(
             &ini,
             format!(
@@ -52,7 +53,7 @@ impl PgBouncer {
                  max_client_conn = 2000\n\
                  max_db_connections = {pool_size}\n\
                  server_lifetime = 3600\n\
-                 ignore_startup_parameters = extra_float_digits\n",
+                 ignore_startup_parameters = extra_float_digits,options\n",
                 host = upstream.0,
                 upstream_port = upstream.1,
                 userlist = userlist.display(),
