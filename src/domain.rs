@@ -1,18 +1,43 @@
 //! Domain values parsed once at the edge: a value of these types is valid by construction.
+//!
+//! Each type's JSON Schema (in [`rules`]) states every rule its parser applies, so that `schema/` accepts exactly
+//! what the worker accepts; lengths are counted in characters, as JSON Schema counts them.
 
+pub mod rules;
+
+use std::borrow::Cow;
 use std::fmt;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-/// Longest accepted id, in bytes.
-pub const MAX_ID_BYTES: usize = 255;
+/// Longest accepted id, in characters.
+pub const MAX_ID_CHARS: usize = 255;
 
-/// An agent, session or connection id: 1 to 255 bytes, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
+/// Longest accepted free text, in characters.
+pub const MAX_TEXT_CHARS: usize = 65_536;
+
+/// An agent, session or connection id: 1 to 255 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
-pub struct Ident(#[schemars(length(min = 1, max = 255))] String);
+pub struct Ident(String);
+
+impl schemars::JsonSchema for Ident {
+    fn schema_name() -> Cow<'static, str> {
+        "Ident".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An agent, session or connection id: 1 to 255 characters, no control characters.",
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_ID_CHARS,
+            "pattern": rules::NO_CONTROL
+        })
+    }
+}
 
 impl Ident {
     /// Parses an id, saying what is wrong with it.
@@ -21,8 +46,8 @@ impl Ident {
         if s.is_empty() {
             return Err("must not be empty".into());
         }
-        if s.len() > MAX_ID_BYTES {
-            return Err(format!("longer than {MAX_ID_BYTES} bytes"));
+        if s.chars().count() > MAX_ID_CHARS {
+            return Err(format!("longer than {MAX_ID_CHARS} characters"));
         }
         if s.chars().any(char::is_control) {
             return Err("contains a control character".into());
@@ -49,10 +74,25 @@ impl<'de> Deserialize<'de> for Ident {
     }
 }
 
-/// Free text stored as given (name, description, error message): no NUL, at most 64 KiB.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+/// Free text stored as given (name, description, error message): no NUL, at most 65536 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Text(#[schemars(length(max = 65536))] String);
+pub struct Text(String);
+
+impl schemars::JsonSchema for Text {
+    fn schema_name() -> Cow<'static, str> {
+        "Text".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Free text stored as given: no NUL character, at most 65536 characters.",
+            "type": "string",
+            "maxLength": MAX_TEXT_CHARS,
+            "pattern": rules::NO_NUL
+        })
+    }
+}
 
 impl Text {
     /// The text.
@@ -71,8 +111,8 @@ impl<'de> Deserialize<'de> for Text {
         if s.contains('\0') {
             return Err(serde::de::Error::custom("contains a NUL character"));
         }
-        if s.len() > 65_536 {
-            return Err(serde::de::Error::custom("longer than 65536 bytes"));
+        if s.chars().count() > MAX_TEXT_CHARS {
+            return Err(serde::de::Error::custom(format!("longer than {MAX_TEXT_CHARS} characters")));
         }
         Ok(Text(s))
     }
@@ -85,18 +125,33 @@ impl<'de> Deserialize<'de> for Text {
 #[serde(transparent)]
 pub struct Json<T = Value>(pub T);
 
-/// The schema of the value itself (JSON Schema cannot say "no NUL in any string"; the protocol document does).
-impl<T: schemars::JsonSchema> schemars::JsonSchema for Json<T> {
+/// Any JSON value with no NUL character in a string or a key.
+impl schemars::JsonSchema for Json<Value> {
     fn inline_schema() -> bool {
         true
     }
 
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        T::schema_name()
+    fn schema_name() -> Cow<'static, str> {
+        "JsonValue".into()
     }
 
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        T::json_schema(generator)
+        rules::json_value(generator)
+    }
+}
+
+/// A JSON object with no NUL character in a string or a key.
+impl schemars::JsonSchema for Json<Map<String, Value>> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "JsonObject".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        rules::json_object(generator)
     }
 }
 
@@ -135,22 +190,36 @@ impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Json<T> {
 }
 
 /// An instant read from RFC 3339 text; one without an offset is taken as UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
-pub struct Timestamp(#[schemars(with = "String")] pub DateTime<Utc>);
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl schemars::JsonSchema for Timestamp {
+    fn schema_name() -> Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An instant in RFC 3339 text; one without an offset is taken as UTC.",
+            "type": "string",
+            "pattern": rules::TIMESTAMP
+        })
+    }
+}
 
 impl Timestamp {
-    /// Parses RFC 3339, or an ISO 8601 date-time without offset (read as UTC).
+    /// Parses RFC 3339, or RFC 3339 without its offset (read as UTC): nothing looser, so that the schema's
+    /// pattern can state what is accepted.
     pub fn parse(s: &str) -> Result<Self, String> {
-        if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-            return Ok(Self(t.with_timezone(&Utc)));
+        let parsed = DateTime::parse_from_rfc3339(s).or_else(|e| {
+            // Without an offset, the text is RFC 3339 once `Z` is added; with one, adding `Z` spoils it.
+            DateTime::parse_from_rfc3339(&format!("{s}Z")).map_err(|_| e)
+        });
+        match parsed {
+            Ok(t) => Ok(Self(t.with_timezone(&Utc))),
+            Err(_) => Err(format!("`{s}` is not an RFC 3339 timestamp")),
         }
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-            if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
-                return Ok(Self(n.and_utc()));
-            }
-        }
-        Err(format!("`{s}` is not an RFC 3339 timestamp"))
     }
 }
 
@@ -268,6 +337,35 @@ pub enum ClientCloseReason {
     #[default]
     #[serde(rename = "client_disconnect")]
     ClientDisconnect,
+}
+
+/// Why `agent.connection.closed` says a connection closed; a connection closed as stale has its own event,
+/// `agent.connection.stale`, so `stale_connection` is not among these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum ClosedReason {
+    /// The client closed it (`connection.close`).
+    #[serde(rename = "client_disconnect")]
+    ClientDisconnect,
+    /// Its session was closed (`session.close`).
+    #[serde(rename = "session_closed")]
+    SessionClosed,
+}
+
+impl From<ClientCloseReason> for ClosedReason {
+    fn from(r: ClientCloseReason) -> Self {
+        match r {
+            ClientCloseReason::ClientDisconnect => ClosedReason::ClientDisconnect,
+        }
+    }
+}
+
+impl From<ClosedReason> for CloseReason {
+    fn from(r: ClosedReason) -> Self {
+        match r {
+            ClosedReason::ClientDisconnect => CloseReason::ClientDisconnect,
+            ClosedReason::SessionClosed => CloseReason::SessionClosed,
+        }
+    }
 }
 
 impl From<ClientCloseReason> for CloseReason {
