@@ -1,165 +1,17 @@
 //! Domain values parsed once at the edge: a value of these types is valid by construction.
+//!
+//! Each type's JSON Schema (in [`rules`]) states every rule its parser applies, so that `schema/` accepts exactly
+//! what the worker accepts; lengths are counted in characters, as JSON Schema counts them. The text-like values
+//! are in `values`; the enums shared with PostgreSQL are here.
+
+pub mod rules;
+mod values;
+
+pub use values::*;
 
 use std::fmt;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Map, Value};
-
-/// Longest accepted id, in bytes.
-pub const MAX_ID_BYTES: usize = 255;
-
-/// An agent, session or connection id: 1 to 255 bytes, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
-#[serde(transparent)]
-pub struct Ident(#[schemars(length(min = 1, max = 255))] String);
-
-impl Ident {
-    /// Parses an id, saying what is wrong with it.
-    pub fn parse(s: impl Into<String>) -> Result<Self, String> {
-        let s = s.into();
-        if s.is_empty() {
-            return Err("must not be empty".into());
-        }
-        if s.len() > MAX_ID_BYTES {
-            return Err(format!("longer than {MAX_ID_BYTES} bytes"));
-        }
-        if s.chars().any(char::is_control) {
-            return Err("contains a control character".into());
-        }
-        Ok(Self(s))
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Ident {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Ident {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Ident::parse(s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// Free text stored as given (name, description, error message): no NUL, at most 64 KiB.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(transparent)]
-pub struct Text(#[schemars(length(max = 65536))] String);
-
-impl Text {
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-    /// The text, owned.
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.contains('\0') {
-            return Err(serde::de::Error::custom("contains a NUL character"));
-        }
-        if s.len() > 65_536 {
-            return Err(serde::de::Error::custom("longer than 65536 bytes"));
-        }
-        Ok(Text(s))
-    }
-}
-
-/// Any JSON value stored as given (`payload`, `client_info`, `result`, `instruction_metadata`; with `T` = an object's
-/// map, `experimental_parameters`), refused at the edge when PostgreSQL `jsonb` could not store it: a NUL character
-/// (`\u0000`) in a string or a key.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(transparent)]
-pub struct Json<T = Value>(pub T);
-
-/// The schema of the value itself (JSON Schema cannot say "no NUL in any string"; the protocol document does).
-impl<T: schemars::JsonSchema> schemars::JsonSchema for Json<T> {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        T::schema_name()
-    }
-
-    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        T::json_schema(generator)
-    }
-}
-
-impl<T> Json<T> {
-    /// The value.
-    pub fn get(&self) -> &T {
-        &self.0
-    }
-}
-
-impl Json<Map<String, Value>> {
-    /// The object as a JSON value.
-    pub fn to_value(&self) -> Value {
-        Value::Object(self.0.clone())
-    }
-}
-
-/// Whether a JSON value holds a NUL character in a string or a key.
-pub fn has_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
-    }
-}
-
-impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Json<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = Value::deserialize(d)?;
-        if has_nul(&v) {
-            return Err(serde::de::Error::custom("contains a NUL character (\\u0000), which jsonb cannot store"));
-        }
-        T::deserialize(v).map(Json).map_err(serde::de::Error::custom)
-    }
-}
-
-/// An instant read from RFC 3339 text; one without an offset is taken as UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
-#[serde(transparent)]
-pub struct Timestamp(#[schemars(with = "String")] pub DateTime<Utc>);
-
-impl Timestamp {
-    /// Parses RFC 3339, or an ISO 8601 date-time without offset (read as UTC).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-            return Ok(Self(t.with_timezone(&Utc)));
-        }
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-            if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
-                return Ok(Self(n.and_utc()));
-            }
-        }
-        Err(format!("`{s}` is not an RFC 3339 timestamp"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Timestamp::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
+use serde::{Deserialize, Serialize};
 
 /// Declares a Rust enum that is also a PostgreSQL enum type: serde, JSON Schema and `ToSql`/`FromSql` read the same
 /// labels, and `as_str` gives the label for logs.
@@ -270,6 +122,35 @@ pub enum ClientCloseReason {
     ClientDisconnect,
 }
 
+/// Why `agent.connection.closed` says a connection closed; a connection closed as stale has its own event,
+/// `agent.connection.stale`, so `stale_connection` is not among these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum ClosedReason {
+    /// The client closed it (`connection.close`).
+    #[serde(rename = "client_disconnect")]
+    ClientDisconnect,
+    /// Its session was closed (`session.close`).
+    #[serde(rename = "session_closed")]
+    SessionClosed,
+}
+
+impl From<ClientCloseReason> for ClosedReason {
+    fn from(r: ClientCloseReason) -> Self {
+        match r {
+            ClientCloseReason::ClientDisconnect => ClosedReason::ClientDisconnect,
+        }
+    }
+}
+
+impl From<ClosedReason> for CloseReason {
+    fn from(r: ClosedReason) -> Self {
+        match r {
+            ClosedReason::ClientDisconnect => CloseReason::ClientDisconnect,
+            ClosedReason::SessionClosed => CloseReason::SessionClosed,
+        }
+    }
+}
+
 impl From<ClientCloseReason> for CloseReason {
     fn from(r: ClientCloseReason) -> Self {
         match r {
@@ -350,36 +231,9 @@ pg_enum! {
     }
 }
 
-/// Deserializes a field that may be absent (outer `None`), `null` (`Some(None)`) or a value.
-pub fn double_option<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    T: Deserialize<'de>,
-    D: Deserializer<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_are_checked() {
-        assert!(Ident::parse("agent-1").is_ok());
-        assert!(Ident::parse("").is_err());
-        assert!(Ident::parse("a\0b").is_err());
-        assert!(Ident::parse("x".repeat(256)).is_err());
-    }
-
-    #[test]
-    fn timestamps_without_offset_are_utc() {
-        let a = Timestamp::parse("2026-01-02T03:04:05").unwrap();
-        let b = Timestamp::parse("2026-01-02T03:04:05Z").unwrap();
-        let c = Timestamp::parse("2026-01-02T05:04:05+02:00").unwrap();
-        assert_eq!(a, b);
-        assert_eq!(b, c);
-        assert!(Timestamp::parse("yesterday").is_err());
-    }
 
     #[test]
     fn priority_is_ordered() {

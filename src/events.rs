@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::Sql;
-use crate::domain::{AckStatus, CloseReason, Priority};
+use crate::domain::{AckStatus, ClosedReason, Priority};
 use crate::error::Result;
 
 /// One event: common fields plus the type-specific body.
@@ -115,7 +115,7 @@ events! {
         /// Its agent.
         agent_id: String,
         /// `client_disconnect` or `session_closed`.
-        reason: CloseReason,
+        reason: ClosedReason,
     }
     /// The sweeper closed it as `stale_connection`: no heartbeat for `connection_stale_after_secs`.
     ConnectionStale = "agent.connection.stale" {

@@ -3,7 +3,7 @@
 //!
 //! Both come from the registries: [`crate::commands::REGISTRY`] for messages and replies, the event list of
 //! [`crate::events`] for events. `tests/schemas.rs` fails when `schema/` or the tables in `docs/protocol.md` differ
-//! from what this module generates; run it with `ACM_UPDATE_SCHEMAS=1` to rewrite them.
+//! from what this module generates; `cargo run --example regenerate-schemas` rewrites them.
 
 use schemars::{schema_for, JsonSchema};
 use serde_json::{json, Value};
@@ -50,6 +50,29 @@ pub fn all() -> Vec<(String, Value)> {
     out
 }
 
+/// Every schema file's text, as (path under `schema/`, pretty-printed JSON with a final newline).
+pub fn files() -> Vec<(String, String)> {
+    all()
+        .into_iter()
+        .map(|(rel, v)| {
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
+            (rel, text)
+        })
+        .collect()
+}
+
+/// `docs/protocol.md`'s text with its generated tables as this module makes them; the error names a missing marker.
+pub fn with_protocol_tables(doc: &str) -> Result<String, String> {
+    let mut doc = doc.to_string();
+    for (name, table) in protocol_tables() {
+        let (begin, end) = (table_begin(name), table_end(name));
+        let start = doc.find(&begin).ok_or_else(|| format!("docs/protocol.md has no `{begin}`"))? + begin.len();
+        let stop = start + doc[start..].find(&end).ok_or_else(|| format!("docs/protocol.md has no `{end}`"))?;
+        doc.replace_range(start..stop, &format!("\n{table}"));
+    }
+    Ok(doc)
+}
+
 /// The schema of one event type: the branch of the `Event` schema whose `event_type` is `ty`, with the common
 /// fields and the definitions it needs.
 fn event_schema(all: &Value, ty: &str) -> Value {
@@ -73,7 +96,7 @@ fn event_schema(all: &Value, ty: &str) -> Value {
 
 /// Marks where a generated table begins in `docs/protocol.md` (`name` is `messages` or `events`).
 pub fn table_begin(name: &str) -> String {
-    format!("<!-- generated: {name} table (ACM_UPDATE_SCHEMAS=1 cargo test --test schemas) -->")
+    format!("<!-- generated: {name} table (cargo run --example regenerate-schemas) -->")
 }
 
 /// Marks where a generated table ends.

@@ -300,8 +300,17 @@ async fn pooled_sessions_bound_statements_lock_waits_and_idle_transactions() {
     // A transaction left idle longer than its limit is ended by the server.
     let mut c2 = pool.get().await.unwrap();
     let tx = c2.transaction().await.unwrap();
-    tx.query_one("SELECT 1", &[]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    common::eventually(
+        "the server to end the transaction left idle past its 3 s limit",
+        Duration::from_secs(15),
+        || async {
+            let left: i64 =
+                c.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).await.unwrap().get(0);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
     assert!(tx.query_one("SELECT 1", &[]).await.is_err(), "an idle transaction outlived its limit");
     drop(tx);
     drop(c2);

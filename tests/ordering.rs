@@ -131,7 +131,8 @@ async fn a_command_held_up_holds_up_only_its_own_objects_commands() {
                       "instruction_type": "t", "payload": {}}))
     });
     let created = join_all(creates).await;
-    assert_eq!(created.len(), 10);
+    let ids: std::collections::HashSet<&str> = created.iter().filter_map(|r| r["instruction_id"].as_str()).collect();
+    assert_eq!(ids.len(), 10, "ten instructions created while one session was locked: {created:?}");
     let held_applied: i64 = app.scalar(&count_held).await;
     assert_eq!(held_applied, 0, "the held command was applied while its session was locked");
     lock.commit().await.unwrap();

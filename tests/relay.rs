@@ -137,13 +137,14 @@ async fn events_of_a_vanished_lease_holder_are_published_once_its_lease_expires(
         (holder != "vanished").then_some(())
     })
     .await;
-    let sessions: Vec<String> = app
+    let agents: std::collections::BTreeSet<String> = app
         .events_of("agent.session.created", 5)
         .await
         .iter()
-        .map(|v| v["session_id"].as_str().unwrap().to_string())
+        .map(|v| v["agent_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(sessions.len(), 5);
+    let want: std::collections::BTreeSet<String> = (0..5).map(|i| format!("vanished-{i}")).collect();
+    assert_eq!(agents, want, "the first five events are one agent.session.created for each session made");
     eventually("published events deleted", Duration::from_secs(10), || async {
         (app.unpublished().await == 0).then_some(())
     })

@@ -273,7 +273,14 @@ async fn the_brake_holds_a_mass_verdict_then_lets_it_stand() {
     let r = app.sweep().await;
     assert!(r.held.is_none());
     assert_eq!(r.stale_connections, 29);
-    assert_eq!(app.events_of("agent.connection.stale", 29).await.len(), 29);
+    let stale: std::collections::BTreeSet<String> = app
+        .events_of("agent.connection.stale", 29)
+        .await
+        .iter()
+        .map(|e| e["connection_id"].as_str().unwrap().to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> = (1..30).map(|i| format!("c{i}")).collect();
+    assert_eq!(stale, want, "one agent.connection.stale for each connection but c0");
     let since: Option<DateTime<Utc>> =
         app.scalar("SELECT held_since FROM sweeper_state WHERE task = 'stale_connections'").await;
     assert!(since.is_none(), "the hold is over");

@@ -9,7 +9,7 @@ use super::replies::{result, Closed, ConnectionOpened};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db;
 use crate::db::Sql;
-use crate::domain::{ClientCloseReason, CloseReason, ConnectionStatus, Ident, Json, SessionStatus};
+use crate::domain::{ClientCloseReason, CloseReason, ClosedReason, ConnectionStatus, Ident, Json, SessionStatus};
 use crate::error::{CommandError, Result};
 use crate::events::EventBody;
 
@@ -209,7 +209,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
                 connection_id: cid.to_string(),
                 session_id: sid.clone(),
                 agent_id: aid.clone(),
-                reason,
+                reason: ClosedReason::from(cmd.reason.unwrap_or_default()),
             }],
         );
         tracing::info!(connection_id = cid, session_id = %sid, agent_id = %aid, reason = reason.as_str(), "connection closed");

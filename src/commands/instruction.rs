@@ -10,6 +10,7 @@ use super::limits::{self, Limit};
 use super::replies::{result, AckResult, InstructionCreated, InstructionStatus as InstructionStatusResult};
 use super::{touch_session, Context, Message, Outcome, Sender};
 use crate::db::Sql;
+use crate::domain::rules::{optional_integer, UUID};
 use crate::domain::{double_option, AckStatus, Ident, InstructionStatus, Json, Priority, Text, Timestamp};
 use crate::error::{CommandError, Error, Result};
 use crate::events::EventBody;
@@ -21,6 +22,11 @@ pub const MAX_RETRIES: u32 = 1000;
 
 /// `instruction.create`: a new `pending` instruction.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("not" = {
+    "description": "Give either expires_at or ttl_seconds, not both.",
+    "required": ["expires_at", "ttl_seconds"],
+    "properties": { "ttl_seconds": { "type": "number" } }
+}))]
 pub struct Create {
     /// The session; must not be ended.
     pub session_id: Ident,
@@ -32,9 +38,11 @@ pub struct Create {
     pub payload: Json,
     /// Client-chosen id (idempotency key); generated when absent.
     #[serde(default)]
+    #[schemars(extend("pattern" = UUID))]
     pub instruction_id: Option<Uuid>,
     /// Caller's ordering.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    #[schemars(extend("minimum" = i64::MIN, "maximum" = i64::MAX))]
     pub sequence_number: Option<i64>,
     /// Defaults to `normal`.
     #[serde(default)]
@@ -42,11 +50,13 @@ pub struct Create {
     /// Absent: use `ttl_seconds` or the default TTL; `null`: never expires.
     #[serde(default, deserialize_with = "double_option")]
     pub expires_at: Option<Option<Timestamp>>,
-    /// Deadline relative to now (database clock).
+    /// Deadline relative to now (database clock): more than 0, at most ten years.
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = MAX_TTL_SECONDS))]
     pub ttl_seconds: Option<f64>,
-    /// Defaults to `instructions.default_max_retries`.
-    #[serde(default)]
+    /// Defaults to `instructions.default_max_retries`; at most 1000.
+    #[serde(default, deserialize_with = "optional_integer")]
+    #[schemars(extend("maximum" = MAX_RETRIES))]
     pub max_retries: Option<u32>,
     /// Any JSON.
     #[serde(default)]
@@ -91,6 +101,7 @@ impl Message for Create {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Sent {
     /// The instruction.
+    #[schemars(extend("pattern" = UUID))]
     pub instruction_id: Uuid,
     /// Over which connection.
     #[serde(default)]
@@ -101,6 +112,7 @@ pub struct Sent {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Ack {
     /// The instruction.
+    #[schemars(extend("pattern" = UUID))]
     pub instruction_id: Uuid,
     /// Must own the instruction.
     pub agent_id: Ident,
@@ -115,7 +127,8 @@ pub struct Ack {
     #[serde(default)]
     pub error_message: Option<Text>,
     /// Non-negative.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    #[schemars(extend("maximum" = u32::MAX))]
     pub processing_time_ms: Option<u32>,
     /// When the agent processed it.
     #[serde(default)]

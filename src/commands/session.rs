@@ -11,7 +11,7 @@ use super::replies::{result, Closed, SessionCreated};
 use super::{Context, Message, Outcome, Sender};
 use crate::db;
 use crate::db::Sql;
-use crate::domain::{CloseReason, Ident, Json, SessionStatus, Text};
+use crate::domain::{ClosedReason, Ident, Json, SessionStatus, Text};
 use crate::error::{CommandError, Result};
 use crate::events::EventBody;
 
@@ -159,7 +159,7 @@ pub async fn close(tx: &Transaction<'_>, cmd: &Close, ctx: &Context<'_>) -> Resu
             connection_id,
             session_id: sid.to_string(),
             agent_id: c.get(1),
-            reason: CloseReason::SessionClosed,
+            reason: ClosedReason::SessionClosed,
         });
     }
     for i in &instructions {

@@ -6,21 +6,24 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET path` on 127.0.0.1:`port`: the status and the body; `None` while nothing answers, or when the answer does not
-/// come within 5 s.
+/// `GET path` on 127.0.0.1:`port` (hyper's HTTP/1 client): the status and the body; `None` while nothing answers,
+/// or when the answer does not come within 5 s.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use http_body_util::{BodyExt, Empty};
     let ask = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+        let driver = tokio::spawn(conn);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+            .body(Empty::<hyper::body::Bytes>::new())
             .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        driver.abort();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), ask).await.ok()?
 }

@@ -2,7 +2,7 @@
 //! what is left in the queues.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent_connection_manager::amqp::Topology;
 use futures_util::StreamExt;
@@ -151,14 +151,16 @@ impl Captured {
     }
 }
 
-/// Consumes the event capture queue until it is empty and quiet (the workers are stopped by then).
+/// Reads every event in the capture queue: as many as the queue holds when called (the workers are stopped by then,
+/// so nothing more arrives), within 600 s; the test fails when fewer arrive or the queue is not empty after.
 pub async fn drain_events(lab: &Lab) -> Captured {
+    let want = lab.depth(&events_queue()).await.expect("event queue depth");
     let (conn, ch) = lab.amqp().await;
     let mut consumer = consume_no_ack(&ch, &events_queue(), "faults").await;
     let mut got = Captured::default();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while got.deliveries < u64::from(want) {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
             Ok(Some(Ok(d))) => {
                 got.deliveries += 1;
                 let v: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
@@ -169,27 +171,25 @@ pub async fn drain_events(lab: &Lab) -> Captured {
                 got.ids.entry(event_key(&v)).or_default().insert(event_id);
             }
             Ok(other) => panic!("event consumer ended: {other:?}"),
-            Err(_) => {
-                if lab.depth(&events_queue()).await == Some(0) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the event queue did not drain within 600 s");
-            }
+            Err(_) => panic!("only {} of the {want} captured events were read within 600 s", got.deliveries),
         }
     }
+    assert_eq!(lab.depth(&events_queue()).await, Some(0), "events arrived after the workers stopped");
     close(&conn).await;
     got
 }
 
-/// Dead letters: (message_id, x-acm-error) of every message in `<prefix>.dead-letter`.
+/// Dead letters: (message_id, x-acm-error) of every message in `<prefix>.dead-letter`: as many as it holds when
+/// called (the workers are stopped by then), within 300 s; the test fails when fewer arrive or more are left.
 pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
     let queue = Topology::new(PREFIX).dead_letter;
+    let want = lab.depth(&queue).await.expect("dead-letter queue depth") as usize;
     let (conn, ch) = lab.amqp().await;
     let mut consumer = consume_no_ack(&ch, &queue, "faults-dl").await;
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while out.len() < want {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
             Ok(Some(Ok(d))) => {
                 let id = d.properties.message_id().as_ref().map(|m| m.as_str().to_string()).unwrap_or_default();
                 let reason = d
@@ -205,14 +205,10 @@ pub async fn drain_dead_letters(lab: &Lab) -> Vec<(String, String)> {
                 out.push((id, reason));
             }
             Ok(other) => panic!("dead-letter consumer ended: {other:?}"),
-            Err(_) => {
-                if lab.depth(&queue).await == Some(0) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the dead-letter queue did not drain within 300 s");
-            }
+            Err(_) => panic!("only {} of the {want} dead letters were read within 300 s", out.len()),
         }
     }
+    assert_eq!(lab.depth(&queue).await, Some(0), "dead letters arrived after the workers stopped");
     close(&conn).await;
     out
 }

@@ -46,7 +46,7 @@ async fn three_workers_expire_each_instruction_through_all_retries_exactly_once(
     let republished = p.republished;
     p.close().await;
 
-    let _ = poll_until(settle_timeout(), Duration::from_millis(500), || {
+    let settled = poll_until(settle_timeout(), Duration::from_millis(500), || {
         let url = url.clone();
         async move {
             let done =
@@ -55,7 +55,8 @@ async fn three_workers_expire_each_instruction_through_all_retries_exactly_once(
             (done == n as i64).then_some(())
         }
     })
-    .await;
+    .await
+    .is_some();
     wait_quiet(&lab).await;
     lab.stop_workers().await;
     let left = left_in_queues(&lab).await;
@@ -121,4 +122,5 @@ async fn three_workers_expire_each_instruction_through_all_retries_exactly_once(
         notes,
     };
     row.report_and_assert();
+    assert!(settled, "{name}: the instructions did not all expire after their retries within {:?}", settle_timeout());
 }

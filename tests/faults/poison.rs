@@ -52,7 +52,7 @@ async fn poison_storm_dead_letters_each_malformed_message_once_and_applies_the_v
     let republished = p.republished;
     p.close().await;
 
-    let _ = poll_until(settle_timeout(), Duration::from_millis(500), || {
+    let valid_applied = poll_until(settle_timeout(), Duration::from_millis(500), || {
         let url = url.clone();
         async move {
             let c = query_i64(&url, "SELECT count(*) FROM agent_instruction").await?;
@@ -60,15 +60,16 @@ async fn poison_storm_dead_letters_each_malformed_message_once_and_applies_the_v
             (c == creates as i64 && h == heartbeats as i64).then_some(())
         }
     })
-    .await;
+    .await
+    .is_some();
     let dl_queue = Topology::new(PREFIX).dead_letter;
     let dead_when_valid_applied = lab.depth(&dl_queue).await.unwrap_or_default();
-    if std::env::var("ACM_FAULTS_EXPERIMENT_STOP_EARLY").is_err() {
-        let _ = poll_until(settle_timeout(), Duration::from_millis(250), || async {
+    let all_dead_lettered = std::env::var("ACM_FAULTS_EXPERIMENT_STOP_EARLY").is_ok()
+        || poll_until(settle_timeout(), Duration::from_millis(250), || async {
             (lab.depth(&dl_queue).await == Some(valid as u32)).then_some(())
         })
-        .await;
-    }
+        .await
+        .is_some();
     wait_quiet(&lab).await;
     lab.stop_workers().await;
     let left = left_in_queues(&lab).await;
@@ -134,6 +135,8 @@ async fn poison_storm_dead_letters_each_malformed_message_once_and_applies_the_v
         notes,
     };
     row.report_and_assert();
+    assert!(valid_applied, "{name}: the valid messages' effects were not applied within {:?}", settle_timeout());
+    assert!(all_dead_lettered, "{name}: the {valid} malformed messages were not all dead-lettered in time");
     assert!(not_malformed.is_empty(), "valid messages were dead-lettered: {not_malformed:?}");
     assert_eq!(twice_dead, 0, "malformed messages dead-lettered more than once");
     assert_eq!(missing_dead, 0, "malformed messages never dead-lettered");

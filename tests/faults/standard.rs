@@ -171,8 +171,8 @@ pub async fn run_standard(mut lab: Lab, name: &str, w: Standard, fault: Fault, s
     let last = w.rounds - 1;
     let final_round = format!("SELECT count(*) FROM agent_connection WHERE (client_info->>'round')::int = {last}");
     let t = settle_timeout();
-    // Bounded waits; on a timeout the counts below say what is missing.
-    let _ = poll_until(t, Duration::from_millis(500), || {
+    // A bounded wait: on a timeout the row below says what is missing, then the test fails.
+    let settled = poll_until(t, Duration::from_millis(500), || {
         let (url, final_round) = (url.clone(), final_round.clone());
         async move {
             let acked = query_i64(&url, "SELECT count(*) FROM agent_instruction WHERE status = 'acknowledged'").await?;
@@ -180,7 +180,8 @@ pub async fn run_standard(mut lab: Lab, name: &str, w: Standard, fault: Fault, s
             (acked == w.acks as i64 && hb == w.connections as i64).then_some(())
         }
     })
-    .await;
+    .await
+    .is_some();
     wait_quiet(&lab).await;
     lab.stop_workers().await;
     let left = left_in_queues(&lab).await;
@@ -246,6 +247,7 @@ pub async fn run_standard(mut lab: Lab, name: &str, w: Standard, fault: Fault, s
         notes,
     };
     row.report_and_assert();
+    assert!(settled, "{name}: the acknowledgements and the final heartbeat round were not applied within {t:?}");
 }
 
 /// 1. SIGKILL the worker three times during the workload (100,000 heartbeats and 10,000 commands at full count),
