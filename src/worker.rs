@@ -196,6 +196,7 @@ impl Worker {
             heartbeat_channels.push(conn.create_channel().await?);
         }
         let command_channel = conn.create_channel().await?;
+        let log_channel = conn.create_channel().await?;
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
 
@@ -214,6 +215,7 @@ impl Worker {
         let mut consumers = JoinSet::new();
         consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channels, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::logs(shared.clone(), log_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),
             channel: relay_channel,

@@ -5,6 +5,7 @@
 //! `__`). A bad value stops the program with one line naming the key. Secrets (passwords in URLs) are redacted by
 //! [`Settings::to_redacted_toml`] and never logged.
 
+mod logs;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
+pub use logs::LogsSettings;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -48,6 +50,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Message authorisation.
     pub security: SecuritySettings,
+    /// Agents' log lines.
+    pub logs: LogsSettings,
 }
 
 /// `database.*`
