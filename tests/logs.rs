@@ -173,8 +173,7 @@ async fn partitions_are_created_ahead_and_dropped_after_the_retention() {
     for ago in [5, 2] {
         app.db
             .batch_execute(&format!(
-                "SELECT pg_advisory_xact_lock(0); \
-                 DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - {ago}; BEGIN \
+                "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - {ago}; BEGIN \
                  EXECUTE format('CREATE TABLE agent_log_%s PARTITION OF agent_log FOR VALUES FROM (%L) TO (%L)', \
                    to_char(d, 'YYYYMMDD'), d::text || ' 00:00+00', (d + 1)::text || ' 00:00+00'); END $$; \
                  INSERT INTO agent_log (received_at, agent_id, session_id, logged_at, level, logger_name, message) \
