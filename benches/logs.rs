@@ -178,7 +178,8 @@ async fn run(s: &Settings) -> Res<()> {
     // 2. read: 10 million lines in yesterday's partition, over 1,000 sessions.
     client
         .batch_execute(&format!(
-            "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 1; BEGIN \
+            "SET statement_timeout = 0; \
+             DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 1; BEGIN \
              EXECUTE format('CREATE TABLE IF NOT EXISTS agent_log_%s PARTITION OF agent_log FOR VALUES FROM (%L) TO (%L)', \
                to_char(d, 'YYYYMMDD'), d::text || ' 00:00+00', (d + 1)::text || ' 00:00+00'); END $$; \
              INSERT INTO agent_log (received_at, agent_id, session_id, logged_at, level, logger_name, message) \

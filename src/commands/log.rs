@@ -129,7 +129,7 @@ impl LogEntry {
     /// Reads one entry of a message, checking what its types do not: the lengths, NUL characters (which `text`
     /// cannot store) and the year range PostgreSQL stores.
     pub fn read(value: &Value) -> std::result::Result<Self, String> {
-        let e: LogEntry = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        let e = LogEntry::deserialize(value).map_err(|e| e.to_string())?;
         if e.message.len() > MAX_MESSAGE_BYTES {
             return Err(format!("message: {} bytes, the limit is {MAX_MESSAGE_BYTES}", e.message.len()));
         }
