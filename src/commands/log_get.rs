@@ -95,23 +95,41 @@ impl Message for Get {
     }
 }
 
-/// The statement of a read keyed by `key` (`session_id` when given, else `agent_id`): $1 agent and $2 session when
-/// not null, level at least $3, at most $4 lines; with a cursor, those after $5 in `id` order, else the newest
-/// (walking the `(key, id)` index backwards), returned oldest first.
-fn lines_sql(key: &str, after: bool) -> String {
-    let filter = format!(
-        "{key} = ${} AND ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR session_id = $2) AND level >= $3",
-        if key == "session_id" { 2 } else { 1 }
-    );
-    let cols = "id, agent_id, session_id, logged_at, level, logger_name, message";
-    if after {
-        format!("SELECT {cols} FROM agent_log WHERE {filter} AND id > $5 ORDER BY id LIMIT $4")
-    } else {
-        format!(
-            "SELECT {cols} FROM (SELECT * FROM agent_log WHERE {filter} ORDER BY id DESC LIMIT $4) AS l ORDER BY id"
+/// The statements of a read keyed by `$key` (`session_id` when given, else `agent_id`, parameter `$p`): $1 agent and
+/// $2 session when not null, level at least $3, at most $4 lines; with a cursor, those after $5 in `id` order, else
+/// the newest (walking the `(key, id)` index backwards), returned oldest first. Static text, no value built in.
+macro_rules! lines_sql {
+    ($key:literal, $p:literal, after) => {
+        concat!(
+            "SELECT id, agent_id, session_id, logged_at, level, logger_name, message FROM agent_log WHERE ",
+            $key,
+            " = $",
+            $p,
+            " AND ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR session_id = $2) AND level >= $3 \
+             AND id > $5 ORDER BY id LIMIT $4"
         )
-    }
+    };
+    ($key:literal, $p:literal, newest) => {
+        concat!(
+            "SELECT id, agent_id, session_id, logged_at, level, logger_name, message FROM (SELECT * FROM agent_log \
+             WHERE ",
+            $key,
+            " = $",
+            $p,
+            " AND ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR session_id = $2) AND level >= $3 \
+             ORDER BY id DESC LIMIT $4) AS l ORDER BY id"
+        )
+    };
 }
+
+/// A session's lines after a cursor.
+const AFTER_BY_SESSION: &str = lines_sql!("session_id", "2", after);
+/// An agent's lines after a cursor.
+const AFTER_BY_AGENT: &str = lines_sql!("agent_id", "1", after);
+/// A session's newest lines.
+const NEWEST_BY_SESSION: &str = lines_sql!("session_id", "2", newest);
+/// An agent's newest lines.
+const NEWEST_BY_AGENT: &str = lines_sql!("agent_id", "1", newest);
 
 /// Reads the lines a `logs.get` asks for.
 pub async fn get(client: &impl Sql, q: &Get) -> Result<Vec<LogLine>> {
@@ -119,13 +137,16 @@ pub async fn get(client: &impl Sql, q: &Get) -> Result<Vec<LogLine>> {
     let session = q.session_id.as_ref().map(|s| s.as_str());
     let level = q.min_level.map_or(i16::MIN, LogLevel::number);
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let key = if session.is_some() { "session_id" } else { "agent_id" };
+    let by_session = session.is_some();
     let rows = match q.since_id {
         Some(since) => {
-            let sql = lines_sql(key, true);
-            client.typed_query(&sql, &[&agent as &dyn Param, &session, &level, &limit, &since]).await?
+            let sql = if by_session { AFTER_BY_SESSION } else { AFTER_BY_AGENT };
+            client.typed_query(sql, &[&agent as &dyn Param, &session, &level, &limit, &since]).await?
         }
-        None => client.typed_query(&lines_sql(key, false), &[&agent as &dyn Param, &session, &level, &limit]).await?,
+        None => {
+            let sql = if by_session { NEWEST_BY_SESSION } else { NEWEST_BY_AGENT };
+            client.typed_query(sql, &[&agent as &dyn Param, &session, &level, &limit]).await?
+        }
     };
     Ok(rows
         .into_iter()
