@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::amqp::{self, json_properties, publish_confirmed, Topology, HEARTBEAT_ROUTING_KEY};
-use crate::error::{Error, Result};
+use crate::commands::log_get::{LogLine, Logs};
+use crate::error::{CommandError, Error, Result};
 use crate::events::Event;
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
@@ -202,6 +203,32 @@ impl Client {
                 }
                 Err(Error::Timeout(format!("no reply to {routing_key} within {timeout:?}")))
             }
+        }
+    }
+
+    /// Publishes an agent's log lines (`agent.log`, persistent): `entries` are objects with `timestamp`, `level`,
+    /// `logger_name` and `message`, up to 500 (docs/protocol.md, section 14).
+    pub async fn log(&self, agent_id: &str, session_id: &str, entries: &[Value]) -> Result<()> {
+        let body = json!({"type": "agent.log", "agent_id": agent_id, "session_id": session_id, "logs": entries});
+        self.send(&body, None).await
+    }
+
+    /// Reads log lines with `logs.get` (`query` holds its fields: `agent_id`, `session_id`, `since_id`, `limit`,
+    /// `min_level`); an error reply is a [`CommandError`] of its code.
+    pub async fn get_logs(&self, query: &Value, timeout: Duration) -> Result<Vec<LogLine>> {
+        let mut body = query.clone();
+        body["type"] = json!("logs.get");
+        let reply = self.request(&body, None, timeout).await?;
+        match reply_result(&reply) {
+            Ok(result) => Ok(serde_json::from_value::<Logs>(result)
+                .map_err(|e| Error::Disconnected(format!("a logs.get reply that is not its schema: {e}")))?
+                .logs),
+            Err(e) => Err(Error::Command(match e.code.as_str() {
+                "not_found" => CommandError::NotFound(e.message),
+                "conflict" => CommandError::Conflict(e.message),
+                "forbidden" => CommandError::Forbidden(e.message),
+                _ => CommandError::Invalid(e.message),
+            })),
         }
     }
 

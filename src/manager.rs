@@ -10,6 +10,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
+use crate::commands::log::LogLevel;
+use crate::commands::log_get::{self, LogLine};
 use crate::commands::{self, session, stats::ConnectionStats, Command, Meta};
 use crate::config::Settings;
 use crate::db;
@@ -110,10 +112,13 @@ impl AgentConnectionManager {
         let unpooled = self.settings.database.pooler == db::Pooler::None;
         let first = if wait {
             retry_transient("applying migrations", &shutdown, || db::migrate(&self.settings.database)).await?;
-            retry_transient("checking the database's prefix", &shutdown, || db::claim_prefix(&self.pool, prefix)).await?;
+            retry_transient("checking the database's prefix", &shutdown, || db::claim_prefix(&self.pool, prefix))
+                .await?;
             if unpooled {
-                retry_transient("probing the database connections", &shutdown, || db::probe_statements_kept(&self.pool))
-                    .await?;
+                retry_transient("probing the database connections", &shutdown, || {
+                    db::probe_statements_kept(&self.pool)
+                })
+                .await?;
             }
             None
         } else {
@@ -224,6 +229,33 @@ impl AgentConnectionManager {
         self.outbox.committed();
         let outcome = outcome??;
         Ok(outcome["closed"].as_bool().unwrap_or(false))
+    }
+
+    /// Agents' log lines by agent and/or session, oldest first, as `logs.get` reads them: with `since_id`, the first
+    /// `limit` (1-1000, default 100) after it; without, the newest `limit`; `min_level` a level name
+    /// (`DEBUG` … `CRITICAL`). Bad arguments are a [`CommandError::Invalid`].
+    pub async fn get_logs(
+        &self,
+        agent_id: Option<&str>,
+        session_id: Option<&str>,
+        since_id: Option<i64>,
+        limit: Option<i64>,
+        min_level: Option<&str>,
+    ) -> Result<Vec<LogLine>> {
+        let invalid = |field: &str, e: String| Error::Command(CommandError::Invalid(format!("{field}: {e}")));
+        let ident = |field: &str, v: Option<&str>| -> Result<Option<Ident>> {
+            v.map(|s| Ident::parse(s).map_err(|e| invalid(field, e.to_string()))).transpose()
+        };
+        let q = log_get::Get {
+            agent_id: ident("agent_id", agent_id)?,
+            session_id: ident("session_id", session_id)?,
+            since_id,
+            limit,
+            min_level: min_level.map(|l| LogLevel::parse(l).map_err(|e| invalid("min_level", e))).transpose()?,
+        };
+        commands::Message::check(&q).map_err(|e| Error::Command(CommandError::Invalid(e)))?;
+        let client = self.pool.get().await?;
+        log_get::get(&client, &q).await
     }
 
     /// Runs one sweeper cycle now (without the broker's backlog figure unless `probe` has a channel).

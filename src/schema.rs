@@ -138,6 +138,7 @@ fn messages_table() -> String {
         let (queue, reply) = match e.queue {
             Queue::Heartbeats => ("`<prefix>.heartbeats`", "none".to_string()),
             Queue::Commands => ("`<prefix>.commands`", format!("[reply](../schema/replies/{}.json)", e.type_name)),
+            Queue::Logs => ("`<prefix>.logs`", "none".to_string()),
         };
         let fields = field_list(&(e.message_schema)(), &["type"]);
         let fields = if fields.is_empty() { "none".into() } else { fields };

@@ -236,6 +236,8 @@ impl Worker {
             unroutable_channel.clone(),
         ];
         channels.extend(heartbeat_channels.iter().cloned());
+        let log_channel = conn.create_channel().await?;
+        channels.push(log_channel.clone());
         probe.set(Some((setup, topology.clone()))).await;
         tracing::info!(prefix = %s.amqp.prefix, node = connected + 1, "connected to the broker; topology declared");
 
@@ -256,6 +258,7 @@ impl Worker {
         consumers.spawn(consumer::heartbeats(shared.clone(), heartbeat_channels, stop_consumers.clone()));
         consumers.spawn(consumer::commands(shared.clone(), command_channel, stop_consumers.clone()));
         consumers.spawn(consumer::unroutable(shared.clone(), unroutable_channel, stop_consumers.clone()));
+        consumers.spawn(consumer::logs(shared.clone(), log_channel, stop_consumers.clone()));
         let mut relay = tokio::spawn(relay::run(relay::RelayConfig {
             pool: self.pool.clone(),
             channel: relay_channel,

@@ -26,7 +26,7 @@ pub fn binding_keys(queue: Queue) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for e in REGISTRY.iter().filter(|e| e.queue == queue) {
         let key = match queue {
-            Queue::Heartbeats => e.type_name.to_string(),
+            Queue::Heartbeats | Queue::Logs => e.type_name.to_string(),
             Queue::Commands => format!("{}.#", e.type_name.split('.').next().unwrap_or(e.type_name)),
         };
         if !keys.contains(&key) {
@@ -173,6 +173,10 @@ mod tests {
     #[test]
     fn bindings_come_from_the_registry() {
         assert_eq!(binding_keys(Queue::Heartbeats), vec!["agent.heartbeat"]);
-        assert_eq!(binding_keys(Queue::Commands), vec!["session.#", "connection.#", "instruction.#", "stats.#"]);
+        assert_eq!(
+            binding_keys(Queue::Commands),
+            vec!["session.#", "connection.#", "instruction.#", "stats.#", "logs.#"]
+        );
+        assert_eq!(binding_keys(Queue::Logs), vec!["agent.log"]);
     }
 }

@@ -50,6 +50,8 @@ pub struct Topology {
     /// Fanout exchange (the command exchange's `alternate-exchange`) and durable queue (of the command queue's type)
     /// of what no binding of the command exchange matched; the worker dead-letters each as `unroutable`.
     pub unroutable: String,
+    /// Durable classic queue of agents' log lines (`agent.log`).
+    pub log_queue: String,
 }
 
 impl Topology {
@@ -64,6 +66,7 @@ impl Topology {
             command_queue: format!("{prefix}.commands"),
             dead_letter: format!("{prefix}.dead-letter"),
             unroutable: format!("{prefix}.unroutable"),
+            log_queue: format!("{prefix}.logs"),
         }
     }
 
@@ -145,6 +148,11 @@ impl Topology {
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
         self.bind(&ch, Queue::Commands).await?;
+        // Log lines wait in a queue of their own, dead-lettered like commands when poison.
+        let mut log_args = FieldTable::default();
+        log_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
+        ch.queue_declare(self.log_queue.as_str().into(), durable_q, log_args).await?;
+        self.bind(&ch, Queue::Logs).await?;
         let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
     }
@@ -193,6 +201,7 @@ impl Topology {
         match queue {
             Queue::Heartbeats => &self.heartbeat_queue,
             Queue::Commands => &self.command_queue,
+            Queue::Logs => &self.log_queue,
         }
     }
 
@@ -278,7 +287,12 @@ impl Topology {
     /// Deletes every exchange and queue, the heartbeat shards and their exchange included (tests and teardown).
     pub async fn delete(&self, ch: &Channel) -> Result<()> {
         let mut queues = self.heartbeat_queues();
-        queues.extend([self.command_queue.clone(), self.dead_letter.clone(), self.unroutable.clone()]);
+        queues.extend([
+            self.command_queue.clone(),
+            self.dead_letter.clone(),
+            self.unroutable.clone(),
+            self.log_queue.clone(),
+        ]);
         for q in &queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
         }

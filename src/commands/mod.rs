@@ -12,6 +12,8 @@ mod execute;
 pub mod heartbeat;
 pub mod instruction;
 pub mod limits;
+pub mod log;
+pub mod log_get;
 pub mod replies;
 pub mod session;
 pub mod stats;
@@ -57,6 +59,9 @@ pub enum Queue {
     Heartbeats,
     /// `<prefix>.commands`, applied one by one in lanes, with replies.
     Commands,
+    /// `<prefix>.logs`, agents' log lines applied in batches without replies (a queue of their own, so that a flood
+    /// of log lines never delays heartbeats or commands).
+    Logs,
 }
 
 /// Everything about one message type. Implement it in the type's module and add one line to [`REGISTRY`].
@@ -159,6 +164,8 @@ pub static REGISTRY: &[Entry] = &[
     Entry::of::<instruction::Sent>(),
     Entry::of::<instruction::Ack>(),
     Entry::of::<stats::Get>(),
+    Entry::of::<log::AgentLog>(),
+    Entry::of::<log_get::Get>(),
 ];
 
 /// The registry entry of a message `type`.

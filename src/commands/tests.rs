@@ -96,6 +96,8 @@ fn samples() -> Vec<Value> {
         json!({"type": "instruction.ack", "agent_id": "a", "session_id": "s", "instruction_id": iid,
                "status": "processed"}),
         json!({"type": "stats.get"}),
+        json!({"type": "agent.log", "agent_id": "a", "session_id": "s", "logs": []}),
+        json!({"type": "logs.get", "session_id": "s"}),
     ]
 }
 

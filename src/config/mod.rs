@@ -11,6 +11,7 @@
 
 pub mod env;
 mod limits;
+mod logs;
 mod messages;
 mod redact;
 mod validate;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
 pub use limits::LimitSettings;
+pub use logs::LogsSettings;
 pub use redact::redact_url;
 
 /// Path of the documented defaults file, relative to the working directory.
@@ -65,6 +67,8 @@ pub struct Settings {
     pub security: SecuritySettings,
     /// Per-agent bounds.
     pub limits: LimitSettings,
+    /// Agents' log lines.
+    pub logs: LogsSettings,
 }
 
 /// `database.*`

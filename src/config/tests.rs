@@ -71,9 +71,9 @@ fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
     let e = s.validate_worker().unwrap_err().to_string();
     assert!(e.contains("amqp.prefetch:") && e.contains("worker.heartbeat_pipeline"), "{e}");
     let mut s = Settings::default();
-    s.database.pool_size = 17;
+    s.database.pool_size = 18;
     let e = s.validate_worker().unwrap_err().to_string();
-    assert!(e.contains("database.pool_size:") && e.contains("18"), "{e}");
+    assert!(e.contains("database.pool_size:") && e.contains("19"), "{e}");
     assert!(!e.contains('\n'));
     s.worker.command_lanes = 7;
     s.validate_worker().unwrap();

@@ -120,17 +120,19 @@ impl Settings {
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");
         }
+        self.logs.validate()?;
         Ok(())
     }
 
     /// Pooled connections a running worker holds at once at full load: one per heartbeat batch in flight, command
-    /// applied at once, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`.
+    /// applied at once, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`
+    /// and one for the log consumer's batch.
     pub fn worker_connections(&self) -> usize {
         self.worker.heartbeat_pipeline
             + self.worker.command_lanes
             + self.outbox.pipeline
             + self.sweeper.parallel_batches
-            + 1
+            + 2
     }
 
     /// Checks what running the worker needs beyond [`Settings::validate`]: settings that are each valid but cannot
@@ -150,7 +152,7 @@ impl Settings {
         if self.database.pool_size < held {
             return Err(ConfigError(format!(
                 "database.pool_size: {} is below the {held} connections a worker holds at once \
-                 (worker.heartbeat_pipeline + worker.command_lanes + outbox.pipeline + sweeper.parallel_batches + 1)",
+                 (worker.heartbeat_pipeline + worker.command_lanes + outbox.pipeline + sweeper.parallel_batches + 2)",
                 self.database.pool_size
             )));
         }

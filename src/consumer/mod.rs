@@ -1,5 +1,5 @@
-//! The consumers: heartbeats (applied in batches), commands (applied in lanes, replied to) and what no binding of the
-//! command exchange matched (dead-lettered as `unroutable`).
+//! The consumers: heartbeats and agents' log lines (applied in batches), commands (applied in lanes, replied to)
+//! and what no binding of the command exchange matched (dead-lettered as `unroutable`).
 //!
 //! Both acknowledge a delivery only after its effect is committed (and its reply confirmed by the broker); a
 //! transient failure holds the delivery and retries with backoff, so the consumer stops taking work instead of
@@ -7,16 +7,18 @@
 //! refuses (lapin's `Ok(false)`: the channel was reset) ends the consumer so the worker reconnects; the broker
 //! redelivers, and idempotency makes the redelivery harmless.
 //!
-//! `heartbeats.rs` holds the heartbeat consumer, `commands.rs` the command consumer, `unroutable.rs` the unroutable
-//! one, `dead_letter.rs` replies and dead-lettering; this file what they share.
+//! `heartbeats.rs` holds the heartbeat consumer, `commands.rs` the command consumer, `logs.rs` the log consumer,
+//! `unroutable.rs` the unroutable one, `dead_letter.rs` replies and dead-lettering; this file what they share.
 
 mod commands;
 mod dead_letter;
 mod heartbeats;
+mod logs;
 mod unroutable;
 
 pub use commands::commands;
 pub use heartbeats::heartbeats;
+pub use logs::logs;
 pub use unroutable::unroutable;
 
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use crate::domain::Ident;
 use crate::error::{Error, Poison, PoisonKind, Result};
 use crate::metrics::Metrics;
 
-/// What both consumers share.
+/// What the consumers share.
 pub struct Shared {
     /// Database pool.
     pub pool: Pool,
@@ -93,7 +95,7 @@ pub(crate) async fn ack(d: &Delivery, multiple: bool) -> Result<()> {
     }
 }
 
-/// Why a parsed message may not be applied from this delivery, if it may not; the same check in both consumers.
+/// Why a parsed message may not be applied from this delivery, if it may not; the same check in every consumer.
 ///
 /// What the broker vouches for decides: the routing key (which the broker's topic permissions restrict per user)
 /// must be the message's `type`, so a user allowed only some routing keys can have only those types applied; the

@@ -93,7 +93,7 @@ pg_types! {
     str => TEXT, String => TEXT, [u8] => BYTEA, Vec<u8> => BYTEA, serde_json::Value => JSONB, uuid::Uuid => UUID,
     chrono::DateTime<chrono::Utc> => TIMESTAMPTZ,
     [String] => TEXT_ARRAY, Vec<String> => TEXT_ARRAY, Vec<&str> => TEXT_ARRAY, Vec<Option<String>> => TEXT_ARRAY,
-    Vec<i32> => INT4_ARRAY, [i64] => INT8_ARRAY, Vec<i64> => INT8_ARRAY, Vec<serde_json::Value> => JSONB_ARRAY,
+    Vec<i16> => INT2_ARRAY, Vec<i32> => INT4_ARRAY, [i64] => INT8_ARRAY, Vec<i64> => INT8_ARRAY, Vec<serde_json::Value> => JSONB_ARRAY,
     Vec<Option<serde_json::Value>> => JSONB_ARRAY, Vec<uuid::Uuid> => UUID_ARRAY,
     Vec<chrono::DateTime<chrono::Utc>> => TIMESTAMPTZ_ARRAY,
 }

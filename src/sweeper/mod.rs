@@ -12,6 +12,7 @@ pub mod catch_up;
 pub mod inactive_sessions;
 pub mod instruction_expiry;
 pub mod lease;
+pub mod log_partitions;
 pub mod retention;
 pub mod stale_connections;
 
@@ -136,6 +137,8 @@ pub struct SweepReport {
     pub instructions_expired: u64,
     /// Idempotency records deleted after the retention period.
     pub processed_messages_pruned: u64,
+    /// Log partitions created ahead and dropped after `logs.retention_days`.
+    pub log_partitions: log_partitions::Report,
     /// Tasks skipped because another worker was running them (the stale task also while this worker catches up with
     /// its heartbeats, [`catch_up::ready`]).
     pub skipped_tasks: Vec<String>,
@@ -274,7 +277,13 @@ impl Sweeper {
     ) -> Self {
         let lease = Arc::new(Lease::new(lease::length(&settings.sweeper)));
         // Each task's counters start at 0, so that a first failure is an increase Prometheus sees.
-        for task in [stale_connections::TASK, inactive_sessions::TASK, instruction_expiry::TASK, retention::TASK] {
+        for task in [
+            stale_connections::TASK,
+            inactive_sessions::TASK,
+            instruction_expiry::TASK,
+            retention::TASK,
+            log_partitions::TASK,
+        ] {
             let label = NameLabel { name: task.into() };
             metrics.sweeper_failures.get_or_create(&label).inc_by(0);
             metrics.sweeper_changes.get_or_create(&label).inc_by(0);
@@ -354,6 +363,14 @@ impl Sweeper {
             Err(e) => self.failed(&mut report, retention::TASK, e),
         }
         self.observe(retention::TASK, t, report.processed_messages_pruned);
+
+        let t = Instant::now();
+        match log_partitions::run_once(&self.pool, &self.lease, &log_partitions::Config::from(&**s)).await {
+            Ok(None) => report.skipped_tasks.push(log_partitions::TASK.into()),
+            Ok(Some(r)) => report.log_partitions = r,
+            Err(e) => self.failed(&mut report, log_partitions::TASK, e),
+        }
+        self.observe(log_partitions::TASK, t, report.log_partitions.created + report.log_partitions.dropped);
         Ok(report)
     }
 

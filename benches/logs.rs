@@ -1,0 +1,224 @@
+//! Agent logs (issue 24, item 3): ingest against a bare consumer, a day's partition dropped and a session's newest
+//! lines read at 10 million lines.
+//!
+//! ```sh
+//! cargo bench --bench logs
+//! ```
+//!
+//! Uses the PostgreSQL and RabbitMQ of the tests (`ACM_TEST_PG`, default `postgres://postgres@127.0.0.1:5432`;
+//! `ACM_TEST_AMQP`, default `amqp://guest:guest@127.0.0.1:5672/%2f`) with a database and prefix of its own, both
+//! removed at the end. Phases:
+//!
+//! 1. `ingest`: `ACM_LOGS_MESSAGES` (2,000) `agent.log` messages of 100 lines each for one session are queued, then
+//!    the worker (in this process) drains `<prefix>.logs`; lines/s from its start to the last line stored. The same
+//!    messages queued again on a plain queue are drained by a bare consumer (batches acknowledged with one `multiple`
+//!    ack, nothing applied); the ratio of the two rates has the target >= 0.8.
+//! 2. `read`: `ACM_LOGS_LINES` (10,000,000) lines over 1,000 sessions inserted into yesterday's partition with one
+//!    `INSERT ... SELECT generate_series`; then the newest 1,000 lines of one session read with `logs.get`'s
+//!    statement (median of 21 reads; target <= 10 ms).
+//! 3. `drop`: that day's partition dropped as the `log_partitions` task drops it (target <= 100 ms).
+//!
+//! 10 million lines take about 1-2 GB of disk while the bench runs.
+
+use std::time::{Duration, Instant};
+
+use agent_connection_manager::amqp::{self, json_properties, Topology};
+use agent_connection_manager::commands::log::LOG_LOCK;
+use agent_connection_manager::commands::log_get::{self, Get};
+use agent_connection_manager::config::Settings;
+use agent_connection_manager::domain::Ident;
+use agent_connection_manager::{db, AgentConnectionManager};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+fn count_of(key: &str, default: u64) -> u64 {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A message of 100 lines.
+fn body(session: &str, m: u64) -> Vec<u8> {
+    let logs: Vec<_> = (0..100)
+        .map(|i| {
+            json!({"timestamp": "2026-12-03T12:00:00Z", "level": "INFO", "logger_name": "bench.agent",
+                   "message": format!("message {m} line {i}: the quick brown fox jumps over the lazy dog")})
+        })
+        .collect();
+    json!({"type": "agent.log", "agent_id": "bench-agent", "session_id": session, "logs": logs})
+        .to_string()
+        .into_bytes()
+}
+
+/// Publishes `n` messages to `exchange` with routing key `key`, with confirms.
+async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, session: &str, n: u64) -> Res<()> {
+    let mut pending = std::collections::VecDeque::new();
+    for m in 0..n {
+        let c = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &body(session, m),
+                json_properties(),
+            )
+            .await?;
+        pending.push_back(c);
+        if pending.len() >= 256 {
+            pending.pop_front().expect("one").await?;
+        }
+    }
+    for c in pending {
+        c.await?;
+    }
+    Ok(())
+}
+
+/// Drains `n` messages from `queue` like the worker (batches of `batch`, one `multiple` ack each), applying nothing.
+async fn bare_drain(ch: &lapin::Channel, queue: &str, n: u64, batch: usize) -> Res<Duration> {
+    ch.basic_qos((batch * 2) as u16, BasicQosOptions::default()).await?;
+    let mut consumer =
+        ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    let t = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let first =
+            tokio::time::timeout(Duration::from_secs(120), consumer.next()).await?.ok_or("consumer ended")??;
+        let mut last = first;
+        let mut k = 1;
+        while k < batch {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    last = d;
+                    k += 1;
+                }
+                _ => break,
+            }
+        }
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        got += k as u64;
+    }
+    Ok(t.elapsed())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Res<()> {
+    let pg = env_or("ACM_TEST_PG", "postgres://postgres@127.0.0.1:5432");
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut s = Settings::default();
+    s.database.url = format!("{pg}/acm_bench_logs_{suffix}");
+    s.amqp.url = env_or("ACM_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    s.amqp.prefix = format!("bench-logs-{suffix}");
+    s.http.listen = String::new();
+    let outcome = run(&s).await;
+    // Clean up whatever happened: the topology, then the database.
+    if let Ok(conn) = amqp::connect(&s.amqp.url, "acm bench cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = Topology::for_settings(&s).delete(&ch).await;
+            let _ = ch.queue_delete(format!("{}.bare", s.amqp.prefix).as_str().into(), Default::default()).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+    let admin = db::connect(&s.database, Some("postgres")).await?;
+    let name = format!("acm_bench_logs_{suffix}");
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
+    outcome
+}
+
+async fn run(s: &Settings) -> Res<()> {
+    let messages = count_of("ACM_LOGS_MESSAGES", 2000);
+    let lines = count_of("ACM_LOGS_LINES", 10_000_000);
+    db::migrate(&s.database).await?;
+    let manager = AgentConnectionManager::new(s.clone())?;
+    let session = manager.create_session("bench-agent", None, None, None, None).await?;
+    let topology = Topology::for_settings(s);
+    let conn = amqp::connect(&s.amqp.url, "acm bench").await?;
+    topology.declare(&conn, s).await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+
+    // 1. ingest: the worker against a bare consumer, the same messages.
+    publish(&ch, &topology.command_exchange, "agent.log", &session, messages).await?;
+    let want = (messages * 100) as i64;
+    let client = manager.pool().get().await?;
+    let t = Instant::now();
+    manager.start().await?;
+    loop {
+        let n: i64 = client.query_one("SELECT count(*) FROM agent_log", &[]).await?.get(0);
+        if n >= want {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err(format!("only {n} of {want} lines stored within 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let worker = t.elapsed();
+    manager.stop().await?;
+    let bare_queue = format!("{}.bare", s.amqp.prefix);
+    ch.queue_declare(bare_queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await?;
+    publish(&ch, "", &bare_queue, &session, messages).await?;
+    let bare = bare_drain(&ch, &bare_queue, messages, s.logs.batch_messages).await?;
+    let rate = |d: Duration| want as f64 / d.as_secs_f64();
+    println!(
+        "ingest: {messages} messages x 100 lines: worker {:.0} lines/s ({:.2} s), bare consumer {:.0} lines/s \
+         ({:.2} s), ratio {:.2} (target >= 0.8)",
+        rate(worker),
+        worker.as_secs_f64(),
+        rate(bare),
+        bare.as_secs_f64(),
+        rate(worker) / rate(bare)
+    );
+
+    // 2. read: 10 million lines in yesterday's partition, over 1,000 sessions.
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = 0; \
+             DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 1; BEGIN \
+             EXECUTE format('CREATE TABLE IF NOT EXISTS agent_log_%s PARTITION OF agent_log FOR VALUES FROM (%L) TO (%L)', \
+               to_char(d, 'YYYYMMDD'), d::text || ' 00:00+00', (d + 1)::text || ' 00:00+00'); END $$; \
+             INSERT INTO agent_log (received_at, agent_id, session_id, logged_at, level, logger_name, message) \
+             SELECT now() - interval '1 day', 'bench-agent-' || (g % 1000), 'bench-session-' || (g % 1000), now(), \
+                    10 * (1 + g % 5), 'bench.agent', 'line ' || g || ': the quick brown fox jumps over the lazy dog' \
+             FROM generate_series(1, {lines}) AS g; \
+             ANALYZE agent_log"
+        ))
+        .await?;
+    let q = Get { session_id: Some(Ident::parse("bench-session-7")?), limit: Some(1000), ..Default::default() };
+    let mut times = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let got = log_get::get(&client, &q).await?;
+        times.push(t.elapsed());
+        assert_eq!(got.len(), 1000, "1,000 lines of the session");
+    }
+    times.sort();
+    println!(
+        "read: newest 1,000 lines of one session at {lines} lines: median {:.2} ms, max {:.2} ms (target <= 10 ms)",
+        times[10].as_secs_f64() * 1e3,
+        times[20].as_secs_f64() * 1e3
+    );
+
+    // 3. drop: that day's partition, as the log_partitions task drops it.
+    let day: String = client
+        .query_one("SELECT 'agent_log_' || to_char((now() AT TIME ZONE 'UTC')::date - 1, 'YYYYMMDD')", &[])
+        .await?
+        .get(0);
+    let mut c = manager.pool().get().await?;
+    let tx = c.transaction().await?;
+    let t = Instant::now();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOG_LOCK]).await?;
+    tx.batch_execute(&format!("DROP TABLE {day}")).await?;
+    tx.commit().await?;
+    println!(
+        "drop: a day's partition of {lines} lines in {:.1} ms (target <= 100 ms)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
