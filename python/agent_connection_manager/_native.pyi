@@ -24,7 +24,29 @@ class AgentConnectionManager:
     thresholds, HTTP endpoint) comes from the layered configuration.
     """
 
-    def __new__(cls, db_engine: Any = None, check_interval: int = 30) -> "AgentConnectionManager": ...
+    def __new__(
+        cls, db_engine: Any = None, check_interval: int = 30, log_retention_days: Optional[int] = None
+    ) -> "AgentConnectionManager":
+        """``log_retention_days``: days agents' log lines are kept (``logs.retention_days``, default 7)."""
+    @property
+    def log_retention_days(self) -> int: ...
+    def get_logs(
+        self,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        since_id: Optional[int] = None,
+        limit: Optional[int] = None,
+        min_level: Optional[str] = None,
+    ) -> List[Dict[str, Any]]:
+        """Agents' log lines, oldest first, each with its increasing ``id`` (poll with ``since_id``)."""
+    async def aget_logs(
+        self,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        since_id: Optional[int] = None,
+        limit: Optional[int] = None,
+        min_level: Optional[str] = None,
+    ) -> List[Dict[str, Any]]: ...
     async def start(self) -> None:
         """Create and migrate the database if needed, then run the worker in this process."""
     async def stop(self) -> None:

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use crate::awaitable::Stats;
+use crate::awaitable::{Json, Stats};
 use crate::convert::{non_empty, py_to_object};
 use crate::errors::{invalid, to_py, ConfigurationError, DatabaseError};
 
@@ -126,6 +126,24 @@ impl Engine {
             )
             .await
             .map_err(to_py)
+    }
+
+    /// Agents' log lines as a list of dicts (`timestamp` an RFC 3339 string, as in events).
+    pub(crate) async fn get_logs(
+        self,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        since_id: Option<i64>,
+        limit: Option<i64>,
+        min_level: Option<String>,
+    ) -> PyResult<Json> {
+        self.ensure_schema().await?;
+        let lines = self
+            .manager
+            .get_logs(agent_id.as_deref(), session_id.as_deref(), since_id, limit, min_level.as_deref())
+            .await
+            .map_err(to_py)?;
+        serde_json::to_value(lines).map(Json).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
     pub(crate) async fn close_session(self, session_id: String) -> PyResult<bool> {

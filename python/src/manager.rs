@@ -23,12 +23,26 @@ pub(crate) struct AgentConnectionManager {
 #[pymethods]
 impl AgentConnectionManager {
     #[new]
-    #[pyo3(signature = (db_engine=None, check_interval=None), text_signature = "(db_engine=None, check_interval=30)")]
+    #[pyo3(
+        signature = (db_engine=None, check_interval=None, log_retention_days=None),
+        text_signature = "(db_engine=None, check_interval=30, log_retention_days=None)"
+    )]
     fn new(
         py: Python<'_>,
         db_engine: Option<&Bound<'_, PyAny>>,
         check_interval: Option<&Bound<'_, PyAny>>,
+        log_retention_days: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        // `None` keeps `logs.retention_days` of the layered configuration.
+        let log_retention_days: Option<i64> = match log_retention_days {
+            None => None,
+            Some(d) if d.is_none() => None,
+            Some(d) if d.is_instance_of::<pyo3::types::PyBool>() => Some(-1),
+            Some(d) => Some(d.extract().map_err(|_| invalid("log_retention_days must be an int (days)"))?),
+        };
+        if log_retention_days.is_some_and(|d| d <= 0) {
+            return Err(invalid("log_retention_days must be positive (days)"));
+        }
         let check_interval: i64 = match check_interval {
             None => 30,
             Some(c) if c.is_instance_of::<pyo3::types::PyBool>() => -1,
@@ -47,6 +61,10 @@ impl AgentConnectionManager {
             settings.database.url = url.clone();
         }
         settings.sweeper.check_interval_secs = check_interval as u64;
+        if let Some(days) = log_retention_days {
+            settings.logs.retention_days =
+                u32::try_from(days).map_err(|_| invalid("log_retention_days is too large"))?;
+        }
         let manager = acm::AgentConnectionManager::new(settings).map_err(|e| match (&url, e) {
             (Some(_), Error::Config(c)) if c.0.starts_with("database.url") => invalid(c.0),
             (_, e) => to_py(e),
@@ -139,6 +157,42 @@ impl AgentConnectionManager {
 
     fn aclose_session<'py>(&self, py: Python<'py>, session_id: String) -> PyResult<Bound<'py, PyAny>> {
         awaitable(py, self.engine.clone().close_session(session_id))
+    }
+
+    /// `logs.retention_days` in force: agents' log lines are kept this many days.
+    #[getter]
+    fn log_retention_days(&self) -> u64 {
+        u64::from(self.engine.manager.settings().logs.retention_days)
+    }
+
+    /// Agents' log lines, oldest first: by `agent_id` and/or `session_id`, after `since_id` (else the newest
+    /// `limit`), at `min_level` or above.
+    #[pyo3(signature = (agent_id=None, session_id=None, since_id=None, limit=None, min_level=None))]
+    fn get_logs(
+        &self,
+        py: Python<'_>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        since_id: Option<i64>,
+        limit: Option<i64>,
+        min_level: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let engine = self.engine.clone();
+        wait(py, engine.get_logs(agent_id, session_id, since_id, limit, min_level))?.into_python(py)
+    }
+
+    /// The awaitable twin of `get_logs`.
+    #[pyo3(signature = (agent_id=None, session_id=None, since_id=None, limit=None, min_level=None))]
+    fn aget_logs<'py>(
+        &self,
+        py: Python<'py>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        since_id: Option<i64>,
+        limit: Option<i64>,
+        min_level: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        awaitable(py, self.engine.clone().get_logs(agent_id, session_id, since_id, limit, min_level))
     }
 
     fn __repr__(&self) -> String {

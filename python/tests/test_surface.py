@@ -74,3 +74,34 @@ async def test_next_tells_nothing_yet_from_closed(isolated):
             await subscription.next(timeout=20)
     finally:
         await manager.stop()
+
+
+def test_log_retention_days_is_accepted_as_the_original_takes_it(isolated):
+    manager = AgentConnectionManager(None, 30, log_retention_days=3)
+    assert manager.log_retention_days == 3
+    assert AgentConnectionManager().log_retention_days == 7
+    with pytest.raises(InvalidArgumentError):
+        AgentConnectionManager(log_retention_days=0)
+
+
+async def test_get_logs_tails_an_agents_lines(isolated):
+    from conftest import eventually
+
+    manager = AgentConnectionManager()
+    await manager.start()
+    try:
+        await wait_ready(manager)
+        session_id = manager.create_session("agent-logs")
+        async with Client(isolated.amqp_url, isolated.prefix) as client:
+            lines = [
+                {"timestamp": "2026-12-03T10:00:0%dZ" % i, "level": "INFO", "logger_name": "agent", "message": f"line {i}"}
+                for i in range(3)
+            ]
+            await client.send({"type": "agent.log", "agent_id": "agent-logs", "session_id": session_id, "logs": lines})
+            got = eventually("three stored lines", lambda: (manager.get_logs(session_id=session_id) or None) and (
+                len(manager.get_logs(session_id=session_id)) == 3 and manager.get_logs(session_id=session_id)))
+            assert [line["message"] for line in got] == ["line 0", "line 1", "line 2"]
+            newer = await manager.aget_logs(agent_id="agent-logs", since_id=got[0]["id"])
+            assert [line["id"] for line in newer] == [got[1]["id"], got[2]["id"]]
+    finally:
+        await manager.stop()

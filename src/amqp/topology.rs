@@ -148,9 +148,13 @@ impl Topology {
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
         self.bind(&ch, Queue::Commands).await?;
-        // Log lines wait in a queue of their own, dead-lettered like commands when poison.
+        // Log lines wait in a queue of their own, dead-lettered like commands when poison, and of the command queue's
+        // type: a classic queue whose node is lost would stop every worker from re-declaring the topology.
         let mut log_args = FieldTable::default();
         log_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
+        if amqp.command_queue_type == QueueType::Quorum {
+            log_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
         ch.queue_declare(self.log_queue.as_str().into(), durable_q, log_args).await?;
         self.bind(&ch, Queue::Logs).await?;
         let _ = ch.close(200, "topology declared".into()).await;
