@@ -113,7 +113,8 @@ pub struct Rules {
     pub stale_after: Duration,
     /// Active connections one agent may have; a heartbeat opening or restoring one beyond it is refused.
     pub max_connections_per_agent: i64,
-    /// When the batch's transaction began (set by the apply functions): the receive times are taken back from it.
+    /// When the batch's transaction began (set by the apply functions, just before `BEGIN` is sent): the receive
+    /// times are taken back from it.
     pub began: Option<Instant>,
 }
 
@@ -160,8 +161,8 @@ pub async fn apply_batch_then(
     applied: impl FnOnce(),
 ) -> Result<BatchReport> {
     let mut client = crate::db::checkout(pool).await?;
-    let tx = client.transaction().await?;
     let rules = Rules { began: Some(Instant::now()), ..*rules };
+    let tx = client.transaction().await?;
     let report = apply_in(&tx, heartbeats, &rules).await?;
     applied();
     tx.commit().await?;
@@ -182,8 +183,8 @@ pub async fn apply_batch_isolating(
     applied: impl FnOnce(),
 ) -> Result<(BatchReport, Vec<(usize, Poison)>)> {
     let mut client = crate::db::checkout(pool).await?;
-    let tx = client.transaction().await?;
     let rules = &Rules { began: Some(Instant::now()), ..*rules };
+    let tx = client.transaction().await?;
     let mut order: Vec<usize> = (0..heartbeats.len()).collect();
     order.sort_by_key(|&i| (heartbeats[i].session_id.as_str(), heartbeats[i].connection_id.as_str()));
     let mut report = BatchReport { received: heartbeats.len(), ..Default::default() };
@@ -270,8 +271,12 @@ pub(super) struct Latest<'a> {
 }
 
 impl Latest<'_> {
-    /// Microseconds from when the worker received it to `began`, when its transaction began (whose `now()` the
-    /// statements subtract it from); 0 for a heartbeat applied as it is received (a library call's).
+    /// Microseconds from when the worker received it to `began`, taken just before its transaction's `BEGIN` was
+    /// sent (the statements subtract it from that transaction's `now()`); 0 for a heartbeat applied as it is
+    /// received (a library call's). `began` is taken before `BEGIN`, not after its answer, so the receive time it
+    /// gives errs late, never early: the clock offset keeps the largest `sent_at - received` seen, which would keep
+    /// the earliest error, and a receive time read early (by a slow answer to `BEGIN` on a loaded machine) would
+    /// make every later heartbeat of the connection look older than it is.
     pub fn held_micros(&self, began: Option<Instant>) -> i64 {
         match (self.received, began) {
             (Some(r), Some(b)) => i64::try_from(b.saturating_duration_since(r).as_micros()).unwrap_or(i64::MAX),
