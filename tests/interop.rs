@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{test_settings, CleanupGuard};
@@ -27,12 +27,25 @@ fn venv_python() -> PathBuf {
     python
 }
 
+/// Longest wait for `interop.py` (a few seconds here).
+const INTEROP_LIMIT: Duration = Duration::from_secs(180);
+
+/// The worker process, killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_backend_and_agent_work_against_the_binary() {
     let python = venv_python();
     let settings = test_settings();
     let _guard = CleanupGuard::new(&settings);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agent-connection-manager"))
+    let child = Command::new(env!("CARGO_BIN_EXE_agent-connection-manager"))
         .arg("run")
         .env("ACM_DATABASE__URL", &settings.database.url)
         .env("ACM_AMQP__URL", &settings.amqp.url)
@@ -45,6 +58,7 @@ async fn a_python_backend_and_agent_work_against_the_binary() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let worker = KillOnDrop(child);
     // The worker declares the topology; wait for the event exchange before the script binds to it.
     let events = format!("{}.events", settings.amqp.prefix);
     common::eventually("the worker to declare its topology", Duration::from_secs(30), || async {
@@ -54,15 +68,16 @@ async fn a_python_backend_and_agent_work_against_the_binary() {
     })
     .await;
     let started = Instant::now();
-    let out = Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/interop.py"))
-        .env("ACM_INTEROP_AMQP_URL", &settings.amqp.url)
-        .env("ACM_INTEROP_PREFIX", &settings.amqp.prefix)
-        .env("ACM_INTEROP_SCHEMA_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("schema"))
-        .output()
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    let out = common::bounded::output_within(
+        Command::new(&python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/interop.py"))
+            .env("ACM_INTEROP_AMQP_URL", &settings.amqp.url)
+            .env("ACM_INTEROP_PREFIX", &settings.amqp.prefix)
+            .env("ACM_INTEROP_SCHEMA_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("schema")),
+        INTEROP_LIMIT,
+        "interop.py",
+    );
+    drop(worker);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "interop.py failed after {:?}:\n{stdout}\n{stderr}", started.elapsed());

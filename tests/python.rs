@@ -11,7 +11,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+// Only `output_within` is used here.
+#[allow(dead_code)]
+#[path = "common/bounded.rs"]
+mod bounded;
+
+/// Longest wait for pip to install the test wheel (no dependencies: it only unpacks the wheel).
+const PIP_LIMIT: Duration = Duration::from_secs(300);
+/// Longest wait for the pytest suite (about a minute here; `test_exit.py` alone starts 200 interpreters).
+const PYTEST_LIMIT: Duration = Duration::from_secs(900);
 
 /// The modules the tests import (`./dev test` installs them: the package's `test` extra).
 const TEST_MODULES: &str =
@@ -35,9 +45,10 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
-fn run(what: &str, cmd: &mut Command) -> Output {
+/// Runs `cmd` to its end, killed and failed when it takes longer than `limit`.
+fn run(what: &str, cmd: &mut Command, limit: Duration) -> Output {
     let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    let out = bounded::output_within(cmd, limit, what);
     eprintln!("{what}: {:.1}s", started.elapsed().as_secs_f64());
     out
 }
@@ -106,6 +117,7 @@ fn python_package_tests_pass() {
         Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall"])
             .arg(&wheel),
+        PIP_LIMIT,
     );
     check("pip install (the test wheel)", &out);
 
@@ -118,6 +130,7 @@ fn python_package_tests_pass() {
             .arg(root.join("python").join("tests"))
             .current_dir(&target)
             .env_remove("ACM_CONFIG"),
+        PYTEST_LIMIT,
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));

@@ -139,6 +139,20 @@ class Client:
         included. With ``message_id`` a retried request is applied once (the repeat gets the first reply)."""
     async def send(self, body: Dict[str, Any], message_id: Optional[str] = None) -> None:
         """Publish a command without awaiting its reply; ``message_id`` as for ``request``."""
+    async def log(self, agent_id: str, session_id: str, entries: List[Dict[str, Any]]) -> None:
+        """Publish an agent's log lines (``agent.log``): dicts with ``timestamp``, ``level``, ``logger_name`` and
+        ``message``, at most 500."""
+    async def get_logs(
+        self,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        since_id: Optional[int] = None,
+        limit: Optional[int] = None,
+        min_level: Optional[str] = None,
+        timeout: float = 30.0,
+    ) -> List[Dict[str, Any]]:
+        """Agents' log lines with ``logs.get``, oldest first, each with its increasing ``id`` (poll with
+        ``since_id``); ``agent_id`` or ``session_id`` is needed."""
     def subscribe(self, patterns: List[str]) -> Subscription: ...
     async def close(self) -> None: ...
     async def __aenter__(self) -> "Client": ...

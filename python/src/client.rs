@@ -190,6 +190,77 @@ impl Client {
         })
     }
 
+    /// Publishes an agent's log lines (`agent.log`, confirmed by the broker): `entries` is a list of dicts with
+    /// `timestamp`, `level`, `logger_name` and `message`, at most 500 (the worker drops a bad entry alone).
+    fn log<'py>(
+        &self,
+        py: Python<'py>,
+        agent_id: String,
+        session_id: String,
+        entries: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        non_empty(&agent_id, "agent_id")?;
+        non_empty(&session_id, "session_id")?;
+        let Value::Array(entries) = py_to_json(entries, "entries")? else {
+            return Err(invalid("entries must be a list of dicts"));
+        };
+        if entries.iter().any(|e| !e.is_object()) {
+            return Err(invalid("entries must be a list of dicts"));
+        }
+        let state = self.state.clone();
+        awaitable(py, async move {
+            let guard = state.connected().await?;
+            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            client.log(&agent_id, &session_id, &entries).await.map_err(to_py)
+        })
+    }
+
+    /// Reads agents' log lines with `logs.get`: a list of dicts, oldest first, each with its increasing `id` (poll
+    /// with `since_id` for a live tail). A refusal raises `InvalidArgumentError` or `CommandRefusedError`;
+    /// `timeout` bounds the whole call, connecting included.
+    #[pyo3(signature = (agent_id=None, session_id=None, since_id=None, limit=None, min_level=None, timeout=30.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn get_logs<'py>(
+        &self,
+        py: Python<'py>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        since_id: Option<i64>,
+        limit: Option<i64>,
+        min_level: Option<String>,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if agent_id.is_none() && session_id.is_none() {
+            return Err(invalid("get_logs needs agent_id or session_id"));
+        }
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(invalid("timeout must be a positive number of seconds"));
+        }
+        let mut query = Map::new();
+        let fields = [
+            ("agent_id", agent_id.map(Value::from)),
+            ("session_id", session_id.map(Value::from)),
+            ("since_id", since_id.map(Value::from)),
+            ("limit", limit.map(Value::from)),
+            ("min_level", min_level.map(Value::from)),
+        ];
+        for (key, value) in fields {
+            if let Some(v) = value {
+                query.insert(key.to_string(), v);
+            }
+        }
+        let timeout = Duration::from_secs_f64(timeout);
+        let state = self.state.clone();
+        awaitable(py, async move {
+            let began = Instant::now();
+            let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
+            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
+            let lines = client.get_logs(&Value::Object(query), left).await.map_err(to_py)?;
+            serde_json::to_value(lines).map(Json).map_err(|e| AgentConnectionManagerError::new_err(e.to_string()))
+        })
+    }
+
     /// Events whose routing key matches any of `patterns` (`#` for all), as an async iterator of dicts. Awaiting
     /// it binds the queue before returning; iterating without awaiting binds on the first step.
     fn subscribe(&self, patterns: Vec<String>) -> PyResult<Subscription> {

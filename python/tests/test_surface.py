@@ -84,6 +84,44 @@ def test_log_retention_days_is_accepted_as_the_original_takes_it(isolated):
         AgentConnectionManager(log_retention_days=0)
 
 
+async def test_the_client_posts_and_tails_log_lines(isolated):
+    """``Client.log`` posts an agent's lines, ``Client.get_logs`` reads them (oldest first, then after a cursor);
+    bad arguments raise before anything is sent, and a refusal raises with its code."""
+    import asyncio
+
+    manager = AgentConnectionManager()
+    await manager.start()
+    try:
+        await wait_ready(manager)
+        session_id = manager.create_session("agent-client-logs")
+        async with Client(isolated.amqp_url, isolated.prefix) as client:
+            lines = [
+                {"timestamp": "2026-12-03T11:00:0%dZ" % i, "level": level, "logger_name": "agent", "message": f"m{i}"}
+                for i, level in enumerate(["DEBUG", "INFO", "ERROR"])
+            ]
+            await client.log("agent-client-logs", session_id, lines)
+            got = []
+            for _ in range(200):
+                got = await client.get_logs(session_id=session_id, timeout=10.0)
+                if len(got) == 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert [line["message"] for line in got] == ["m0", "m1", "m2"], got
+            assert all(line["agent_id"] == "agent-client-logs" for line in got)
+            after = await client.get_logs(agent_id="agent-client-logs", since_id=got[0]["id"])
+            assert [line["id"] for line in after] == [got[1]["id"], got[2]["id"]]
+            errors = await client.get_logs(session_id=session_id, min_level="ERROR")
+            assert [line["message"] for line in errors] == ["m2"]
+            with pytest.raises(InvalidArgumentError):
+                await client.get_logs()
+            with pytest.raises(InvalidArgumentError):
+                await client.log("agent-client-logs", session_id, ["not a dict"])
+            with pytest.raises(InvalidArgumentError):
+                await client.get_logs(session_id=session_id, limit=1_000_000)
+    finally:
+        await manager.stop()
+
+
 async def test_get_logs_tails_an_agents_lines(isolated):
     from conftest import eventually
 
