@@ -19,7 +19,9 @@ async fn malformed_messages_are_dead_lettered_with_their_reason() {
         ("session.create", vec![0xff, 0xfe, 0x00], "not JSON"),
         ("session.create", b"[1, 2]".to_vec(), "not a JSON object"),
         ("session.create", br#"{"agent_id": "a"}"#.to_vec(), "missing field `type`"),
-        ("session.bogus", br#"{"type": "session.bogus"}"#.to_vec(), "unknown type `session.bogus`"),
+        ("session.create", br#"{"type": "session.bogus"}"#.to_vec(), "unknown type `session.bogus`"),
+        // No binding matches an unknown routing key: the alternate exchange's queue, dead-lettered there.
+        ("session.bogus", br#"{"type": "session.bogus", "n": 2}"#.to_vec(), "unroutable: no binding"),
         ("session.close", br#"{"type": "session.close"}"#.to_vec(), "missing field `session_id`"),
         (
             "instruction.create",

@@ -19,16 +19,20 @@ use crate::error::{BrokerFailure, Error, Result};
 /// Routing key of heartbeats (their message type).
 pub const HEARTBEAT_ROUTING_KEY: &str = <crate::commands::heartbeat::Heartbeat as crate::commands::Message>::TYPE;
 
-/// The binding keys of a queue: the exact type of each message consumed there, or for the command queue one
-/// `<first segment>.#` per family of types (`session.#`, `connection.#`, ...), so that a message whose routing key
-/// names no known type still reaches the worker and is dead-lettered with a reason instead of vanishing.
+/// The binding keys of a queue: the exact type of each message consumed there. Never a wildcard: a family key such
+/// as `agent.#` would also match the types of another queue (`agent.heartbeat`, `agent.log`) and pull them onto this
+/// one. A message whose routing key names no type reaches `<prefix>.unroutable` through the command exchange's
+/// alternate exchange instead, and is dead-lettered there with its reason.
 pub fn binding_keys(queue: Queue) -> Vec<String> {
+    REGISTRY.iter().filter(|e| e.queue == queue).map(|e| e.type_name.to_string()).collect()
+}
+
+/// The binding keys earlier versions gave the command queue (`<first segment>.#` per family of types); the topology
+/// removes them from the command queue when it declares it, so only the exact keys stay.
+pub fn legacy_command_keys() -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
-    for e in REGISTRY.iter().filter(|e| e.queue == queue) {
-        let key = match queue {
-            Queue::Heartbeats | Queue::Logs => e.type_name.to_string(),
-            Queue::Commands => format!("{}.#", e.type_name.split('.').next().unwrap_or(e.type_name)),
-        };
+    for e in REGISTRY.iter().filter(|e| e.queue == Queue::Commands) {
+        let key = format!("{}.#", e.type_name.split('.').next().unwrap_or(e.type_name));
         if !keys.contains(&key) {
             keys.push(key);
         }
@@ -173,10 +177,36 @@ mod tests {
     #[test]
     fn bindings_come_from_the_registry() {
         assert_eq!(binding_keys(Queue::Heartbeats), vec!["agent.heartbeat"]);
-        assert_eq!(
-            binding_keys(Queue::Commands),
-            vec!["session.#", "connection.#", "instruction.#", "stats.#", "logs.#"]
-        );
         assert_eq!(binding_keys(Queue::Logs), vec!["agent.log"]);
+        let commands: Vec<&str> = REGISTRY.iter().filter(|e| e.queue == Queue::Commands).map(|e| e.type_name).collect();
+        assert_eq!(binding_keys(Queue::Commands), commands);
+        assert!(commands.contains(&"session.create") && commands.contains(&"logs.get"));
+    }
+
+    /// AMQP topic matching (`*` one word, `#` zero or more), enough to check bindings.
+    fn topic_matches(pattern: &str, key: &str) -> bool {
+        fn go(p: &[&str], k: &[&str]) -> bool {
+            match (p.first(), k.first()) {
+                (None, None) => true,
+                (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+                (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+                (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
+                _ => false,
+            }
+        }
+        go(&pattern.split('.').collect::<Vec<_>>(), &key.split('.').collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn each_type_reaches_exactly_its_own_queue() {
+        assert!(topic_matches("session.#", "session.create") && !topic_matches("session.*", "agent.log"));
+        let queues = [Queue::Heartbeats, Queue::Commands, Queue::Logs];
+        for e in REGISTRY {
+            let reached: Vec<Queue> =
+                queues.into_iter().filter(|q| binding_keys(*q).iter().any(|k| topic_matches(k, e.type_name))).collect();
+            assert_eq!(reached, vec![e.queue], "`{}` reaches {reached:?}", e.type_name);
+        }
+        // The legacy family keys would not have kept that promise for a type such as `agent.ping`.
+        assert!(legacy_command_keys().iter().all(|k| !binding_keys(Queue::Commands).contains(k)));
     }
 }

@@ -6,7 +6,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
-use super::{binding_keys, BROKER_QUERY_TIMEOUT};
+use super::{binding_keys, legacy_command_keys, BROKER_QUERY_TIMEOUT};
 use crate::commands::Queue;
 use crate::config::{QueueType, Settings};
 use crate::error::{Error, Result};
@@ -209,17 +209,20 @@ impl Topology {
         }
     }
 
-    /// Binds a queue to the command exchange with its [`binding_keys`].
+    /// Binds a queue to the command exchange with its [`binding_keys`]; for the command queue, then removes the
+    /// family keys of earlier versions ([`legacy_command_keys`]; removing a binding that is not there is no error),
+    /// after the exact keys are in place so that no known type is unroutable in between.
     async fn bind(&self, ch: &Channel, queue: Queue) -> Result<()> {
+        let (queue_name, exchange) = (self.queue_name(queue), self.command_exchange.as_str());
         for key in binding_keys(queue) {
-            ch.queue_bind(
-                self.queue_name(queue).into(),
-                self.command_exchange.as_str().into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+            let options = QueueBindOptions::default();
+            ch.queue_bind(queue_name.into(), exchange.into(), key.as_str().into(), options, FieldTable::default())
+                .await?;
+        }
+        if queue == Queue::Commands {
+            for key in legacy_command_keys() {
+                ch.queue_unbind(queue_name.into(), exchange.into(), key.as_str().into(), FieldTable::default()).await?;
+            }
         }
         Ok(())
     }
