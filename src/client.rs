@@ -123,9 +123,18 @@ impl Client {
     }
 
     /// Publishes raw bytes to the command exchange (confirmed by the broker).
+    /// Inside a [`crate::trace_context::scope`], the message carries that context (`traceparent`, `tracestate`)
+    /// unless `props` already has a `traceparent`.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], mut props: BasicProperties) -> Result<()> {
         if let Some(u) = &self.user_id {
             props = props.with_user_id(ShortString::from(u.clone()));
+        }
+        if let Some(trace) = crate::trace_context::current() {
+            let mut headers = props.headers().clone().unwrap_or_default();
+            if !headers.inner().contains_key(crate::trace_context::TRACEPARENT) {
+                trace.insert_into(&mut headers);
+                props = props.with_headers(headers);
+            }
         }
         let exchange = &self.topology.command_exchange;
         publish_confirmed(&self.channel, exchange, routing_key, body, props, self.confirm_timeout).await

@@ -243,8 +243,8 @@ impl OutboxSignal {
     }
 }
 
-const INSERT_OUTBOX: &str = "INSERT INTO event_outbox (event_id, event_type, payload) \
-     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])";
+const INSERT_OUTBOX: &str = "INSERT INTO event_outbox (event_id, event_type, payload, traceparent, tracestate) \
+     SELECT *, $4::text, $5::text FROM unnest($1::uuid[], $2::text[], $3::jsonb[])";
 
 /// Writes events to the outbox in the caller's transaction, all with `occurred_at` = `now` (the database clock).
 pub async fn write_outbox(tx: &impl Sql, now: DateTime<Utc>, bodies: Vec<EventBody>) -> Result<()> {
@@ -256,7 +256,8 @@ pub fn events_at(now: DateTime<Utc>, bodies: Vec<EventBody>) -> Vec<Event> {
     bodies.into_iter().map(|body| Event { event_id: Uuid::new_v4(), occurred_at: now, body }).collect()
 }
 
-/// Writes `events` to the outbox in the caller's transaction, in one statement.
+/// Writes `events` to the outbox in the caller's transaction, in one statement, with the current trace context
+/// ([`crate::trace_context::current`]), which the relay publishes with them.
 pub async fn write_events(tx: &impl Sql, events: Vec<Event>) -> Result<()> {
     if events.is_empty() {
         return Ok(());
@@ -270,7 +271,10 @@ pub async fn write_events(tx: &impl Sql, events: Vec<Event>) -> Result<()> {
         types.push(event.body.event_type().to_string());
         payloads.push(serde_json::to_value(&event).expect("events serialize to JSON"));
     }
-    tx.typed_execute(INSERT_OUTBOX, &[&ids, &types, &payloads]).await?;
+    let trace = crate::trace_context::current();
+    let traceparent = trace.as_ref().map(|t| t.traceparent());
+    let tracestate = trace.and_then(|t| t.state);
+    tx.typed_execute(INSERT_OUTBOX, &[&ids, &types, &payloads, &traceparent, &tracestate]).await?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod relay;
 pub mod retry;
 pub mod sweeper;
+pub mod trace_context;
 pub mod worker;
 
 pub use commands::stats::ConnectionStats;

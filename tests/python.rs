@@ -25,7 +25,8 @@ const PYTEST_LIMIT: Duration = Duration::from_secs(900);
 
 /// The modules the tests import (`./dev test` installs them: the package's `test` extra).
 const TEST_MODULES: &str =
-    "import pytest, pytest_asyncio, pika, psycopg2, sqlalchemy, greenlet, asyncpg, fastapi, httpx, mypy";
+    "import pytest, pytest_asyncio, pika, psycopg2, sqlalchemy, greenlet, asyncpg, fastapi, httpx, mypy, \
+     opentelemetry.propagate";
 
 /// What the wheel is built from (as `./dev`'s `wheel_sources`): a newer file among these makes it stale.
 const WHEEL_SOURCES: &[&str] = &[

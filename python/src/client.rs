@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acm::client::Client as EngineClient;
+use acm::trace_context::{self, TraceContext};
 use agent_connection_manager as acm;
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 
@@ -129,11 +131,14 @@ impl Client {
             Some(i) if !i.is_none() => Some(py_to_json(i, "client_info")?),
             _ => None,
         };
+        let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            client.heartbeat_with(&agent_id, &session_id, &connection_id, client_info).await.map_err(to_py)
+            traced(trace, client.heartbeat_with(&agent_id, &session_id, &connection_id, client_info))
+                .await
+                .map_err(to_py)
         })
     }
 
@@ -157,6 +162,7 @@ impl Client {
             return Err(invalid("timeout must be a positive number of seconds"));
         }
         let timeout = Duration::from_secs_f64(timeout);
+        let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             // `timeout` bounds the whole call: connecting (when this is the first) and waiting for the reply.
@@ -164,7 +170,8 @@ impl Client {
             let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
             let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
-            let reply = client.request(&Value::Object(body), message_id.as_deref(), left).await.map_err(to_py)?;
+            let body = Value::Object(body);
+            let reply = traced(trace, client.request(&body, message_id.as_deref(), left)).await.map_err(to_py)?;
             Ok(Json(reply))
         })
     }
@@ -182,11 +189,12 @@ impl Client {
         if let Some(id) = &message_id {
             non_empty(id, "message_id")?;
         }
+        let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            client.send(&Value::Object(body), message_id.as_deref()).await.map_err(to_py)
+            traced(trace, client.send(&Value::Object(body), message_id.as_deref())).await.map_err(to_py)
         })
     }
 
@@ -207,11 +215,12 @@ impl Client {
         if entries.iter().any(|e| !e.is_object()) {
             return Err(invalid("entries must be a list of dicts"));
         }
+        let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             let guard = state.connected().await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            client.log(&agent_id, &session_id, &entries).await.map_err(to_py)
+            traced(trace, client.log(&agent_id, &session_id, &entries)).await.map_err(to_py)
         })
     }
 
@@ -250,13 +259,14 @@ impl Client {
             }
         }
         let timeout = Duration::from_secs_f64(timeout);
+        let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             let began = Instant::now();
             let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
             let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
             let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
-            let lines = client.get_logs(&Value::Object(query), left).await.map_err(to_py)?;
+            let lines = traced(trace, client.get_logs(&Value::Object(query), left)).await.map_err(to_py)?;
             serde_json::to_value(lines).map(Json).map_err(|e| AgentConnectionManagerError::new_err(e.to_string()))
         })
     }
@@ -309,6 +319,29 @@ impl Client {
 
     fn __repr__(&self) -> String {
         format!("Client(amqp_url={:?}, prefix={:?})", acm::config::redact_url(&self.state.amqp_url), self.state.prefix)
+    }
+}
+
+/// OpenTelemetry's current context as a trace context, when the application uses OpenTelemetry (`opentelemetry` is
+/// imported) and a valid span is current: `opentelemetry.propagate.inject` writes it as W3C headers, which the message
+/// then carries. Never an error: without OpenTelemetry, or when injecting fails, the message carries no context.
+fn caller_trace(py: Python<'_>) -> Option<TraceContext> {
+    let modules = py.import("sys").ok()?.getattr("modules").ok()?;
+    if !modules.contains("opentelemetry").unwrap_or(false) {
+        return None;
+    }
+    let carrier = PyDict::new(py);
+    py.import("opentelemetry.propagate").ok()?.call_method1("inject", (&carrier,)).ok()?;
+    let parent: String = carrier.get_item("traceparent").ok()??.extract().ok()?;
+    let state: Option<String> = carrier.get_item("tracestate").ok().flatten().and_then(|v| v.extract().ok());
+    TraceContext::from_traceparent(&parent, state.as_deref())
+}
+
+/// Runs `work` in `trace` (the caller's context), or as it is without one.
+async fn traced<T>(trace: Option<TraceContext>, work: impl std::future::Future<Output = T>) -> T {
+    match trace {
+        Some(t) => trace_context::scope(t, work).await,
+        None => work.await,
     }
 }
 

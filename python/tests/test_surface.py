@@ -143,3 +143,50 @@ async def test_get_logs_tails_an_agents_lines(isolated):
             assert [line["id"] for line in newer] == [got[1]["id"], got[2]["id"]]
     finally:
         await manager.stop()
+
+
+async def test_the_client_sends_opentelemetrys_current_context(isolated):
+    """With a current OpenTelemetry span, a command carries its ``traceparent``; the worker continues that trace, so
+    the event the command causes carries the caller's trace id."""
+    import json
+
+    import pika
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from conftest import eventually
+
+    trace_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    span = NonRecordingSpan(
+        SpanContext(trace_id=trace_id, span_id=0x00F067AA0BA902B7, is_remote=False, trace_flags=TraceFlags(1))
+    )
+    manager = AgentConnectionManager()
+    await manager.start()
+    connection = pika.BlockingConnection(pika.URLParameters(isolated.amqp_url))
+    try:
+        await wait_ready(manager)
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queue, f"{isolated.prefix}.events", "agent.session.created")
+        async with Client(isolated.amqp_url, isolated.prefix) as client:
+            with trace.use_span(span):
+                reply = await client.request({"type": "session.create", "agent_id": "agent-traced"}, timeout=20.0)
+            assert reply["ok"], reply
+            untraced = await client.request({"type": "session.create", "agent_id": "agent-untraced"}, timeout=20.0)
+            assert untraced["ok"], untraced
+
+        def traceparents():
+            got = {}
+            while True:
+                method, properties, body = channel.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return got
+                got[json.loads(body)["agent_id"]] = (properties.headers or {}).get("traceparent")
+
+        seen = {}
+        eventually("both events", lambda: seen.update(traceparents()) or (len(seen) == 2 and seen))
+        assert seen["agent-traced"].split("-")[1] == "%032x" % trace_id, seen
+        assert seen["agent-untraced"].split("-")[1] != "%032x" % trace_id, seen
+    finally:
+        connection.close()
+        await manager.stop()

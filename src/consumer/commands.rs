@@ -19,6 +19,7 @@ use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::metrics::TypeLabel;
 use crate::retry::retry_transient;
+use crate::trace_context::{self, TraceContext};
 
 /// A delivery and what parsing made of it.
 type Job = (Delivery, std::result::Result<Command, Poison>);
@@ -123,7 +124,12 @@ async fn key_task(
         let (d, parsed) = job;
         // Boxed: a task waiting for a place holds only a pointer, not room for a whole command's state (up to
         // `amqp.prefetch` tasks can wait).
-        match Box::pin(command(shared, &d, parsed, shutdown)).await {
+        // Applying it continues the trace of its `traceparent` header (a new trace without one): its reply and the
+        // events it writes carry that trace.
+        let trace = TraceContext::from_headers(d.properties.headers().as_ref());
+        let span = tracing::info_span!("command", trace_id = %trace.trace_id_hex());
+        let applied = trace_context::scope(trace, Box::pin(command(shared, &d, parsed, shutdown)));
+        match tracing::Instrument::instrument(applied, span).await {
             Err(Error::Shutdown) => return Ok(()),
             other => other?,
         }

@@ -1,7 +1,7 @@
 //! Replies and dead letters: what the consumers publish besides acknowledgements.
 
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
 use super::{prop, Shared};
@@ -17,6 +17,12 @@ pub(crate) async fn reply(shared: &Shared, d: &Delivery, outcome: &Outcome) -> R
     let mut props = BasicProperties::default().with_content_type("application/json".into());
     if let Some(c) = d.properties.correlation_id() {
         props = props.with_correlation_id(c.clone());
+    }
+    // The trace context of the command's work, so that the caller's trace id comes back with the reply.
+    if let Some(trace) = crate::trace_context::current() {
+        let mut headers = FieldTable::default();
+        trace.insert_into(&mut headers);
+        props = props.with_headers(headers);
     }
     let body = serde_json::to_vec(&reply_json(outcome)).unwrap_or_default();
     publish_confirmed(&shared.publisher, "", &reply_to, &body, props, shared.settings.confirm_timeout()).await

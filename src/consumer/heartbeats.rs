@@ -18,6 +18,7 @@ use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartb
 use crate::commands::{Command, Queue};
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
+use crate::trace_context::{self, TraceContext};
 
 /// A delivery of shard `.0`, or `None` once that shard's consumer ended.
 type ShardItem = (usize, Option<lapin::Result<Delivery>>);
@@ -132,7 +133,10 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
                         deliveries.push(d);
                         received.push(at);
                     }
-                    let r = heartbeat_batch(&shared, &deliveries, &received, &token, applied).await;
+                    // A batch is a trace of its own: the events it writes (connections opened or restored) carry it.
+                    let trace = TraceContext::new_trace();
+                    let batch = heartbeat_batch(&shared, &deliveries, &received, &token, applied);
+                    let r = trace_context::scope(trace, batch).await;
                     (last_per_shard(&shards, deliveries), last, r)
                 }));
             }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use lapin::options::BasicPublishOptions;
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Channel;
 use tokio::sync::oneshot;
 
@@ -14,6 +14,7 @@ use super::{Flying, Publishing};
 use crate::amqp::json_properties;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::trace_context::{TRACEPARENT, TRACESTATE};
 
 /// What a claim came to, told to the relay loop once the batch is handed to the channel.
 #[derive(Debug)]
@@ -94,7 +95,15 @@ async fn publish(channel: &Channel, exchange: &str, batch: Vec<Claimed>, handed:
     let mut confirms = Vec::with_capacity(batch.len());
     for e in batch {
         // The stored JSON as PostgreSQL prints it: the body as is, without parsing and printing it again.
-        let props = json_properties().with_message_id(ShortString::from(e.event_id.to_string()));
+        let mut props = json_properties().with_message_id(ShortString::from(e.event_id.to_string()));
+        if let (Some(parent), state) = &e.trace {
+            let mut headers = FieldTable::default();
+            headers.insert(TRACEPARENT.into(), AMQPValue::LongString(parent.as_str().into()));
+            if let Some(state) = state {
+                headers.insert(TRACESTATE.into(), AMQPValue::LongString(state.as_str().into()));
+            }
+            props = props.with_headers(headers);
+        }
         let confirm = channel
             .basic_publish(
                 exchange.into(),

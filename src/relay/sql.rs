@@ -40,8 +40,8 @@ pub const CLAIM: &str = "WITH renew AS ( \
        WHERE holder = $1 AND instance = $7 AND lease_until > now() \
          AND lease_until < now() + make_interval(secs => $2 - 1)), \
      held AS (SELECT 1 FROM outbox_relay WHERE holder = $1 AND instance = $7 AND lease_until > now()) \
-     SELECT e.id, e.event_id, e.event_type, e.payload::text FROM held LEFT JOIN LATERAL ( \
-       SELECT id, event_id, event_type, payload FROM event_outbox \
+     SELECT e.id, e.event_id, e.event_type, e.payload::text, e.traceparent, e.tracestate FROM held LEFT JOIN LATERAL ( \
+       SELECT id, event_id, event_type, payload, traceparent, tracestate FROM event_outbox \
        WHERE (id > $3 OR $4) AND id <> ALL($5) ORDER BY id LIMIT $6) e ON true";
 
 /// Deletes a batch the broker confirmed. Whoever holds the lease by now, these events are published.
@@ -61,6 +61,8 @@ pub struct Claimed {
     pub event_type: String,
     /// The stored JSON as PostgreSQL prints it.
     pub body: String,
+    /// The W3C trace context it was written in (`traceparent`, `tracestate`), published as headers.
+    pub trace: (Option<String>, Option<String>),
 }
 
 /// What a claim is after.
@@ -142,7 +144,8 @@ pub async fn claim(
     let mut batch = Vec::with_capacity(rows.len());
     for r in &rows {
         if let Some(id) = r.get::<_, Option<i64>>(0) {
-            batch.push(Claimed { id, event_id: r.get(1), event_type: r.get(2), body: r.get(3) });
+            let trace = (r.get(4), r.get(5));
+            batch.push(Claimed { id, event_id: r.get(1), event_type: r.get(2), body: r.get(3), trace });
         }
     }
     // The lateral subquery's order is not promised through the join: publish in id order.

@@ -33,6 +33,7 @@ use crate::db::{Sql, Unnamed};
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody, OutboxSignal};
 use crate::metrics::{Metrics, NameLabel};
+use crate::trace_context::{self, TraceContext};
 use lease::Claim;
 
 /// Default `sweeper.check_interval_secs`: time between cycles.
@@ -310,8 +311,15 @@ impl Sweeper {
     }
 
     /// Runs every task once. A task that fails is logged, counted and reported in
-    /// [`SweepReport::failed_tasks`]; the others run all the same.
+    /// [`SweepReport::failed_tasks`]; the others run all the same. A cycle is a trace of its own: the events it
+    /// writes carry it (`traceparent`).
     pub async fn run_once(&self) -> Result<SweepReport> {
+        let trace = TraceContext::new_trace();
+        let span = tracing::info_span!("sweeper_cycle", trace_id = %trace.trace_id_hex());
+        tracing::Instrument::instrument(trace_context::scope(trace, self.cycle()), span).await
+    }
+
+    async fn cycle(&self) -> Result<SweepReport> {
         let s = &self.settings;
         let mut report = SweepReport::default();
 
