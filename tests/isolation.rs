@@ -128,6 +128,25 @@ async fn unroutable_messages_are_dead_lettered_and_answered_invalid() {
     app.cleanup().await;
 }
 
+/// A command queue bound by an earlier version with family keys (`session.#`) loses them when the topology is
+/// declared again: an unknown type of that family is then unroutable, not pulled onto the command queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declaring_removes_the_family_bindings_of_earlier_versions() {
+    let app = TestApp::start().await;
+    let topology = app.topology();
+    let (conn, ch) = amqp_channel(&app.settings).await;
+    let (queue, exchange) = (topology.command_queue.as_str(), topology.command_exchange.as_str());
+    let options = lapin::options::QueueBindOptions::default();
+    ch.queue_bind(queue.into(), exchange.into(), "session.#".into(), options, Default::default()).await.unwrap();
+    topology.declare(&conn, &app.settings).await.expect("the topology declares again");
+    let _ = conn.close(200, "done".into()).await;
+    let body = r#"{"type":"session.bogus"}"#;
+    let reply = app.client.request_raw("session.bogus", body.as_bytes(), None, Duration::from_secs(20)).await;
+    let error = reply_result(&reply.expect("a reply")).expect_err("refused");
+    assert!(error.message.starts_with("unroutable"), "session.# is gone, so no binding matches: {}", error.message);
+    app.cleanup().await;
+}
+
 /// A command exchange declared by an earlier version (without `alternate-exchange`, which cannot be added to an
 /// existing exchange) does not stop the worker: it is used as it is (with a warning saying how to add one by a
 /// policy), and commands are applied as before.
