@@ -7,8 +7,8 @@ mod sql;
 
 pub use pooler::probe_statements_kept;
 pub use sql::{
-    enum_label, forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept,
-    Param, PgType, Sql, Unnamed,
+    forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept, Param, PgType,
+    Sql, Unnamed,
 };
 
 use std::time::Duration;

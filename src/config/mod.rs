@@ -26,6 +26,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::db::Pooler;
+pub use crate::error::ConfigError;
 pub use limits::LimitSettings;
 pub use logs::LogsSettings;
 pub use redact::redact_url;
@@ -37,11 +38,6 @@ pub const CONFIG_FILE_ENV: &str = "ACM_CONFIG";
 /// `http.listen` of the command line's `run` when no file or variable sets it (the library's default is `""`: no
 /// HTTP inside someone else's service unless asked for).
 pub const WORKER_HTTP_LISTEN: &str = "127.0.0.1:9090";
-
-/// A configuration that cannot be used; the message names the key.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration error: {0}")]
-pub struct ConfigError(pub String);
 
 /// All settings of the service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
