@@ -28,12 +28,6 @@ pub const MAX_ENTRIES: usize = 500;
 pub const MAX_MESSAGE_BYTES: usize = 16_384;
 /// Longest `logger_name` of an entry, in bytes (UTF-8).
 pub const MAX_LOGGER_NAME_BYTES: usize = 255;
-/// Default `logs.retention_days`.
-pub const RETENTION_DAYS_DEFAULT: u32 = 7;
-/// Default `logs.partitions_ahead_days`.
-pub const PARTITIONS_AHEAD_DEFAULT: u32 = 2;
-/// Default `logs.batch_messages`.
-pub const BATCH_MESSAGES_DEFAULT: usize = 100;
 /// The transaction-level advisory lock key that ingest and partition changes take (`agent_log` in ASCII).
 pub const LOG_LOCK: i64 = 0x6167_656e_745f_6c6f;
 

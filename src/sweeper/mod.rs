@@ -35,13 +35,6 @@ use crate::events::{write_outbox, EventBody, OutboxSignal};
 use crate::metrics::{Metrics, NameLabel};
 use lease::Claim;
 
-/// Default `sweeper.check_interval_secs`: time between cycles.
-pub const CHECK_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
-/// Default `sweeper.batch_size`: rows changed per statement (and transaction).
-pub const BATCH_SIZE_DEFAULT: i64 = 1000;
-/// Default `sweeper.parallel_batches`: batch transactions a task runs at once.
-pub const PARALLEL_BATCHES_DEFAULT: usize = 3;
-
 /// Reads the heartbeat queue depth for the stale brake.
 ///
 /// A probe made with [`BacklogProbe::broker`] reads it through the worker's current broker channel; while there is
