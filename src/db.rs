@@ -5,10 +5,11 @@ mod migrate;
 mod pooler;
 mod sql;
 
+pub use crate::config::Pooler;
 pub use pooler::probe_statements_kept;
 pub use sql::{
-    enum_label, forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept,
-    Param, PgType, Sql, Unnamed,
+    forbid_named_statements, named_statements_allowed, named_statements_not_kept, statement_not_kept, Param, PgType,
+    Sql, Unnamed,
 };
 
 use std::time::Duration;
@@ -34,18 +35,6 @@ mod embedded {
 
 fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     url.parse().map_err(|_| crate::config::ConfigError("database.url: not a valid PostgreSQL URL".into()).into())
-}
-
-/// What `database.url` points at (`database.pooler`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooler {
-    /// PostgreSQL itself: the session limits go in the startup packet.
-    #[default]
-    None,
-    /// PgBouncer, in session or transaction pooling mode: no startup options (PgBouncer refuses them, and in
-    /// transaction mode they would not reach the server connections); the limits come from the role or database.
-    Pgbouncer,
 }
 
 /// Idle time before TCP keepalive probes start on a database connection (then every [`KEEPALIVE_INTERVAL`], 3

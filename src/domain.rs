@@ -55,16 +55,12 @@ macro_rules! pg_enum {
             }
         }
 
-        /// Sent as its label, its type inferred by the server from the statement.
-        impl crate::db::Param for $name {
-            fn value(&self) -> &(dyn postgres_types::ToSql + Sync) {
+        impl $name {
+            /// The label as a `'static` reference, for `db::Param` (which sends it as a statement parameter).
+            pub fn label(self) -> &'static &'static str {
                 match self {
-                    $($name::$variant => crate::db::enum_label(&$label)),+
+                    $($name::$variant => &$label),+
                 }
-            }
-
-            fn pg_type(&self) -> postgres_types::Type {
-                postgres_types::Type::UNKNOWN
             }
         }
 

@@ -8,7 +8,11 @@
 use std::fmt;
 use std::ops::Deref;
 
-use crate::config::ConfigError;
+/// A configuration that cannot be used; the message names the key. Defined here, below `config`, which re-exports
+/// it, so that every layer can refuse a setting.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
 
 /// A failure while doing work: database, pool, broker, configuration or migration.
 #[derive(Debug, thiserror::Error)]

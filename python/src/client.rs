@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acm::client::Client as EngineClient;
 use acm::trace_context::{self, TraceContext};
 use agent_connection_manager as acm;
 
@@ -16,56 +15,10 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::awaitable::{awaitable, Json};
 use crate::config::load_settings;
+use crate::connection::{ClientState, BROKER_CONNECT_TIMEOUT};
 use crate::convert::{non_empty, py_to_json, py_to_object};
-use crate::errors::{invalid, to_py, AgentConnectionManagerError, BrokerError};
+use crate::errors::{invalid, to_py, AgentConnectionManagerError};
 use crate::subscription::{Subscription, SubscriptionInner};
-
-/// Longest wait for a broker connection from `Client`.
-const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The connection behind a `Client`: made on first use, gone after `close`.
-pub(crate) struct ClientState {
-    amqp_url: String,
-    prefix: String,
-    client: RwLock<Option<EngineClient>>,
-    closed: AtomicBool,
-}
-
-impl ClientState {
-    /// Connects when not yet connected, waiting at most `BROKER_CONNECT_TIMEOUT`.
-    pub(crate) async fn connected(&self) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
-        self.connected_within(BROKER_CONNECT_TIMEOUT).await
-    }
-
-    /// Connects when not yet connected, waiting at most `limit` for the broker.
-    pub(crate) async fn connected_within(
-        &self,
-        limit: Duration,
-    ) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(AgentConnectionManagerError::new_err("the client is closed"));
-        }
-        if self.client.read().await.is_none() {
-            let mut slot = self.client.write().await;
-            if slot.is_none() && !self.closed.load(Ordering::Acquire) {
-                let connect = EngineClient::connect(&self.amqp_url, &self.prefix);
-                let client = tokio::time::timeout(limit, connect).await.map_err(|_| {
-                    BrokerError::new_err(format!(
-                        "broker {}: no connection within {:.1}s (never reached)",
-                        acm::config::redact_url(&self.amqp_url),
-                        limit.as_secs_f64()
-                    ))
-                })?;
-                *slot = Some(client.map_err(to_py)?);
-            }
-        }
-        let guard = self.client.read().await;
-        if guard.is_none() {
-            return Err(AgentConnectionManagerError::new_err("the client is closed"));
-        }
-        Ok(guard)
-    }
-}
 
 /// Publishes heartbeats and commands, awaits replies and subscribes to events, over the engine's own client.
 #[pyclass(module = "agent_connection_manager", frozen)]

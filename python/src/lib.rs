@@ -14,6 +14,7 @@
 mod awaitable;
 mod client;
 mod config;
+mod connection;
 mod convert;
 mod engine;
 mod errors;

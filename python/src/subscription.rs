@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Mutex, OnceCell};
 
 use crate::awaitable::{awaitable, Json};
-use crate::client::ClientState;
+use crate::connection::ClientState;
 use crate::errors::{invalid, to_py, AgentConnectionManagerError, SubscriptionClosedError};
 
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.

@@ -14,6 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::commands::{Queue, REGISTRY};
+pub use crate::config::broker_urls;
 use crate::error::{BrokerFailure, Error, Result};
 
 /// Routing key of heartbeats (their message type).
@@ -48,11 +49,6 @@ pub const ERROR_HEADER: &str = "x-acm-error";
 
 /// Longest wait for one broker node to accept a connection.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The broker URLs of `amqp.url`: one URL, or a cluster's nodes separated by commas.
-pub fn broker_urls(urls: &str) -> Vec<&str> {
-    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
-}
 
 /// Connects to the broker (`amqp://` or `amqps://`; several URLs separated by commas are tried in order until one
 /// answers), naming the connection for the management UI.

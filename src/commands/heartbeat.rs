@@ -100,10 +100,6 @@ pub struct BatchReport {
     pub limited: Vec<(String, String)>,
 }
 
-/// Default `worker.session_activity_granularity_secs`: agent activity (a heartbeat, `connection.open`/`close`,
-/// `instruction.ack`) moves its session's `last_activity_at` only when that is older than this.
-pub const ACTIVITY_GRANULARITY_DEFAULT: Duration = Duration::from_secs(60);
-
 /// What a batch is judged by: the settings that decide whether a heartbeat refreshes its connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rules {

@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Datelike, Utc};
-use deadpool_postgres::{Pool, Transaction};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -20,7 +20,6 @@ use super::{Context, Message, Outcome, Queue, Sender};
 use crate::db::{Param, Sql};
 use crate::domain::{Ident, Timestamp};
 use crate::error::Result;
-use crate::sweeper::log_partitions;
 
 /// Most entries in one `agent.log` message.
 pub const MAX_ENTRIES: usize = 500;
@@ -28,12 +27,6 @@ pub const MAX_ENTRIES: usize = 500;
 pub const MAX_MESSAGE_BYTES: usize = 16_384;
 /// Longest `logger_name` of an entry, in bytes (UTF-8).
 pub const MAX_LOGGER_NAME_BYTES: usize = 255;
-/// Default `logs.retention_days`.
-pub const RETENTION_DAYS_DEFAULT: u32 = 7;
-/// Default `logs.partitions_ahead_days`.
-pub const PARTITIONS_AHEAD_DEFAULT: u32 = 2;
-/// Default `logs.batch_messages`.
-pub const BATCH_MESSAGES_DEFAULT: usize = 100;
 /// The transaction-level advisory lock key that ingest and partition changes take (`agent_log` in ASCII).
 pub const LOG_LOCK: i64 = 0x6167_656e_745f_6c6f;
 
@@ -216,6 +209,30 @@ const LOCK_AND_CHECK: &str =
 const INSERT: &str = "INSERT INTO agent_log (agent_id, session_id, logged_at, level, logger_name, message) \
      SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int2[], $5::text[], $6::text[])";
 
+/// The name of a day's partition.
+pub fn partition_name(day: NaiveDate) -> String {
+    format!("agent_log_{}", day.format("%Y%m%d"))
+}
+
+/// The day of a partition's name, if it is one of ours.
+pub fn partition_day(name: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(name.strip_prefix("agent_log_")?, "%Y%m%d").ok()
+}
+
+/// Creates a day's partition if it does not exist; the caller holds [`LOG_LOCK`]. Ingest creates the day it finds
+/// missing, the `log_partitions` sweeper task the days ahead.
+pub async fn create_day(client: &impl GenericClient, day: NaiveDate) -> Result<()> {
+    let next = day.succ_opt().unwrap_or(day);
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} PARTITION OF agent_log FOR VALUES FROM ('{day} 00:00:00+00') TO \
+         ('{next} 00:00:00+00')",
+        partition_name(day)
+    );
+    client.batch_execute(&sql).await?;
+    tracing::info!(partition = %partition_name(day), "log partition created");
+    Ok(())
+}
+
 /// Applies a batch in its own transaction.
 pub async fn apply_batch(pool: &Pool, messages: &[AgentLog]) -> Result<LogReport> {
     let mut client = pool.get().await?;
@@ -272,7 +289,7 @@ pub async fn apply_in(tx: &Transaction<'_>, messages: &[AgentLog]) -> Result<Log
     let row = tx.typed_one(LOCK_AND_CHECK, &[&LOG_LOCK]).await?;
     if !row.get::<_, bool>(1) {
         let now: DateTime<Utc> = row.get(0);
-        log_partitions::create_day(tx, now.date_naive()).await?;
+        create_day(tx, now.date_naive()).await?;
     }
     report.stored =
         tx.typed_execute(INSERT, &[&aids as &dyn Param, &lsids, &times, &levels, &loggers, &texts]).await? as usize;

@@ -1,9 +1,14 @@
-//! `logs.*`: how agents' log lines (`agent.log`) are kept. Its own file so that the section stays self-contained; the
-//! defaults are those of the ingest and the `log_partitions` sweeper task, named beside them.
+//! `logs.*`: how agents' log lines (`agent.log`) are kept. Its own file so that the section stays self-contained; with
+//! the defaults of the ingest (`commands::log`) and of the `log_partitions` sweeper task.
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::log::{BATCH_MESSAGES_DEFAULT, PARTITIONS_AHEAD_DEFAULT, RETENTION_DAYS_DEFAULT};
+/// Default `logs.retention_days`.
+pub const RETENTION_DAYS_DEFAULT: u32 = 7;
+/// Default `logs.partitions_ahead_days`.
+pub const PARTITIONS_AHEAD_DEFAULT: u32 = 2;
+/// Default `logs.batch_messages`.
+pub const BATCH_MESSAGES_DEFAULT: usize = 100;
 
 /// `logs.*`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -9,12 +9,16 @@
 //! The command line ([`Settings::load_command_line`]) adds one default of its own below the files: `run` serves HTTP
 //! on [`WORKER_HTTP_LISTEN`]; the library ([`Settings::load`]) serves none unless `http.listen` is set.
 
+pub mod amqp;
+pub mod database;
 pub mod env;
 mod limits;
-mod logs;
+pub mod logs;
 mod messages;
 mod redact;
+pub mod sweeper;
 mod validate;
+pub mod worker;
 
 use messages::one_line;
 
@@ -25,10 +29,14 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-pub use crate::db::Pooler;
+pub use crate::error::ConfigError;
+pub use amqp::{broker_urls, AmqpSettings, QueueType};
+pub use database::{DatabaseSettings, Pooler};
 pub use limits::LimitSettings;
 pub use logs::LogsSettings;
 pub use redact::redact_url;
+pub use sweeper::SweeperSettings;
+pub use worker::WorkerSettings;
 
 /// Path of the documented defaults file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -37,11 +45,6 @@ pub const CONFIG_FILE_ENV: &str = "ACM_CONFIG";
 /// `http.listen` of the command line's `run` when no file or variable sets it (the library's default is `""`: no
 /// HTTP inside someone else's service unless asked for).
 pub const WORKER_HTTP_LISTEN: &str = "127.0.0.1:9090";
-
-/// A configuration that cannot be used; the message names the key.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration error: {0}")]
-pub struct ConfigError(pub String);
 
 /// All settings of the service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -71,97 +74,6 @@ pub struct Settings {
     pub logs: LogsSettings,
 }
 
-/// `database.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseSettings {
-    /// Connection URL (or libpq key=value string).
-    pub url: String,
-    /// Maximum pooled connections.
-    pub pool_size: usize,
-    /// How long a pool checkout, a connect or a recycle may wait.
-    pub checkout_timeout_secs: u64,
-    /// Extra CA certificate (PEM) trusted for `sslmode=require`; empty for the system roots only.
-    pub tls_ca_file: String,
-    /// With `sslmode=require`, encrypt without verifying the server certificate (self-signed development servers).
-    pub tls_accept_invalid_certs: bool,
-    /// Longest a statement may run (PostgreSQL `statement_timeout` of every pooled session).
-    pub statement_timeout_secs: u64,
-    /// Longest a statement may wait for a lock (`lock_timeout`).
-    pub lock_timeout_secs: u64,
-    /// Longest a session may sit idle inside a transaction before the server ends it
-    /// (`idle_in_transaction_session_timeout`).
-    pub idle_in_transaction_timeout_secs: u64,
-    /// What `url` points at: the server itself or PgBouncer (then no session settings go in the startup packet).
-    pub pooler: Pooler,
-}
-
-/// `amqp.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AmqpSettings {
-    /// Broker URL, `amqp://` or `amqps://`.
-    pub url: String,
-    /// Prefix of every exchange and queue name.
-    pub prefix: String,
-    /// Prefetch per consumer.
-    pub prefetch: u16,
-    /// Type of the command queue.
-    pub command_queue_type: QueueType,
-    /// Type of the heartbeat queue: `classic` (one node) or `quorum` (replicated over a cluster's nodes).
-    pub heartbeat_queue_type: QueueType,
-    /// Heartbeat queues, spread by agent with the consistent-hash exchange when more than 1.
-    pub heartbeat_shards: u32,
-    /// Largest accepted message body in bytes.
-    pub max_message_bytes: usize,
-    /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
-    pub command_delivery_limit: u32,
-    /// Longest wait for the broker's confirm of a publish (reply, dead letter, relay batch); then it counts as not
-    /// published.
-    pub confirm_timeout_secs: u64,
-}
-
-/// The type of a queue.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Replicated, with delivery limits.
-    Quorum,
-    /// A classic durable queue.
-    Classic,
-}
-
-/// `sweeper.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SweeperSettings {
-    /// Seconds between cycles; the first runs at start.
-    pub check_interval_secs: u64,
-    /// A connection without a heartbeat for this long is stale.
-    pub connection_stale_after_secs: u64,
-    /// A session without agent activity for this long is inactive.
-    pub session_inactive_after_secs: u64,
-    /// A retried instruction's new deadline is now plus this.
-    pub instruction_retry_window_secs: u64,
-    /// The brake needs at least this many stale candidates.
-    pub stale_brake_min_connections: u64,
-    /// ... and at least this share of the active connections.
-    pub stale_brake_ratio: f64,
-    /// A heartbeat queue deeper than this means the worker is behind: hold.
-    pub max_heartbeat_backlog: u64,
-    /// Longest hold in a row; after it the verdict stands.
-    pub stale_brake_max_hold_secs: u64,
-    /// The brake counts, beside the stale connections, those that go stale within this many seconds (the group that
-    /// went silent together); 0: half of `connection_stale_after_secs`.
-    pub stale_brake_window_secs: u64,
-    /// Rows changed per statement (and transaction).
-    pub batch_size: i64,
-    /// Batch transactions a task runs at once when more than one batch is due.
-    pub parallel_batches: usize,
-    /// Length of a task's lease; 0: derived from `check_interval_secs` ([`crate::sweeper::lease::length`]).
-    pub task_lease_secs: u64,
-}
-
 /// `instructions.*`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -189,30 +101,6 @@ pub struct OutboxSettings {
     /// its batches await their confirms); when it has not for this long, another relay takes over and publishes
     /// again what the first had not deleted. At least 2.
     pub lease_secs: u64,
-}
-
-/// `worker.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkerSettings {
-    /// This worker's identity in the relay lease, stable across its restarts (a pod or host name), so that a
-    /// restarted worker takes its lease back at once; unique among the running workers. Empty: host, process and a
-    /// random id, unique to each process (a restarted worker then waits for its old lease to expire).
-    pub id: String,
-    /// Heartbeat deliveries applied in one transaction at most.
-    pub heartbeat_batch_size: usize,
-    /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
-    pub heartbeat_pipeline: usize,
-    /// Agent activity (a heartbeat, `connection.open`/`close`, `instruction.ack`) moves its session's
-    /// `last_activity_at` only when that is older than this, in seconds; must be below
-    /// `sweeper.session_inactive_after_secs`.
-    pub session_activity_granularity_secs: u64,
-    /// Commands applied at once (commands on one connection, instruction or session keep their order; a command waits
-    /// only for its own object's earlier commands and a free place).
-    pub command_lanes: usize,
-    /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
-    /// broker redelivers it) and the process exits.
-    pub shutdown_grace_secs: u64,
 }
 
 /// `http.*`
@@ -252,59 +140,6 @@ pub struct SecuritySettings {
     pub require_user_id: bool,
 }
 
-impl Default for DatabaseSettings {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/agent_connections".into(),
-            pool_size: 20,
-            checkout_timeout_secs: 5,
-            tls_ca_file: String::new(),
-            tls_accept_invalid_certs: false,
-            statement_timeout_secs: 30,
-            lock_timeout_secs: 10,
-            idle_in_transaction_timeout_secs: 60,
-            pooler: Pooler::None,
-        }
-    }
-}
-
-impl Default for AmqpSettings {
-    fn default() -> Self {
-        Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            prefix: "agent".into(),
-            prefetch: 2000,
-            command_queue_type: QueueType::Quorum,
-            heartbeat_queue_type: QueueType::Classic,
-            heartbeat_shards: 1,
-            max_message_bytes: 1_048_576,
-            command_delivery_limit: 20,
-            confirm_timeout_secs: 10,
-        }
-    }
-}
-
-/// The sweeper's defaults are its tasks' own, defined beside each task.
-impl Default for SweeperSettings {
-    fn default() -> Self {
-        use crate::sweeper::{inactive_sessions, instruction_expiry, stale_connections};
-        Self {
-            check_interval_secs: crate::sweeper::CHECK_INTERVAL_DEFAULT.as_secs(),
-            connection_stale_after_secs: stale_connections::STALE_AFTER_DEFAULT.as_secs(),
-            session_inactive_after_secs: inactive_sessions::INACTIVE_AFTER_DEFAULT.as_secs(),
-            instruction_retry_window_secs: instruction_expiry::RETRY_WINDOW_DEFAULT.as_secs(),
-            stale_brake_min_connections: stale_connections::BRAKE_MIN_CONNECTIONS_DEFAULT,
-            stale_brake_ratio: stale_connections::BRAKE_RATIO_DEFAULT,
-            max_heartbeat_backlog: stale_connections::MAX_HEARTBEAT_BACKLOG_DEFAULT,
-            stale_brake_max_hold_secs: stale_connections::MAX_HOLD_DEFAULT.as_secs(),
-            stale_brake_window_secs: 0,
-            batch_size: crate::sweeper::BATCH_SIZE_DEFAULT,
-            parallel_batches: crate::sweeper::PARALLEL_BATCHES_DEFAULT,
-            task_lease_secs: 0,
-        }
-    }
-}
-
 impl Default for InstructionSettings {
     fn default() -> Self {
         Self { default_ttl_secs: 300, default_max_retries: 3 }
@@ -317,21 +152,8 @@ impl Default for OutboxSettings {
             batch_size: 2000,
             pipeline: 4,
             poll_interval_ms: 250,
-            retention_secs: crate::sweeper::retention::RETENTION_DEFAULT.as_secs(),
+            retention_secs: sweeper::RETENTION_DEFAULT.as_secs(),
             lease_secs: 3,
-        }
-    }
-}
-
-impl Default for WorkerSettings {
-    fn default() -> Self {
-        Self {
-            id: String::new(),
-            heartbeat_batch_size: 1000,
-            heartbeat_pipeline: 2,
-            session_activity_granularity_secs: crate::commands::heartbeat::ACTIVITY_GRANULARITY_DEFAULT.as_secs(),
-            command_lanes: 8,
-            shutdown_grace_secs: 20,
         }
     }
 }
@@ -389,8 +211,7 @@ impl Settings {
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
         copy.database.url = redact_url(&copy.database.url);
-        copy.amqp.url =
-            crate::amqp::broker_urls(&copy.amqp.url).into_iter().map(redact_url).collect::<Vec<_>>().join(",");
+        copy.amqp.url = broker_urls(&copy.amqp.url).into_iter().map(redact_url).collect::<Vec<_>>().join(",");
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 

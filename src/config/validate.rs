@@ -20,7 +20,7 @@ impl Settings {
         if self.database.checkout_timeout_secs == 0 {
             return bad("database.checkout_timeout_secs", "must be at least 1");
         }
-        let urls = crate::amqp::broker_urls(&self.amqp.url);
+        let urls = super::broker_urls(&self.amqp.url);
         if urls.is_empty() {
             return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas");
         }

@@ -22,6 +22,8 @@ use futures_util::TryStreamExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Error, GenericClient, Row, Statement};
 
+use crate::domain;
+
 /// Whether pooled connections may keep named prepared statements: until a pool for PgBouncer is built.
 static NAMED_STATEMENTS: AtomicBool = AtomicBool::new(true);
 
@@ -124,11 +126,24 @@ impl<T: PgType + ToSql + Sync> Param for T {
     }
 }
 
-/// A parameter of a PostgreSQL enum type: its label, sent with the type left for the server to infer from the
-/// statement (an enum type's oid differs from database to database).
-pub fn enum_label(label: &'static &'static str) -> &'static (dyn ToSql + Sync) {
-    label
+/// The PostgreSQL enums of [`crate::domain`] as parameters: each is sent as its label, with the type left for the
+/// server to infer from the statement (an enum type's oid differs from database to database). A new enum of
+/// `domain` gets its line here (the compiler asks for it the first time one is a parameter).
+macro_rules! enum_params {
+    ($($name:ident),+ $(,)?) => {
+        $(impl Param for domain::$name {
+            fn value(&self) -> &(dyn ToSql + Sync) {
+                self.label()
+            }
+
+            fn pg_type(&self) -> Type {
+                Type::UNKNOWN
+            }
+        })+
+    };
 }
+
+enum_params!(SessionStatus, ConnectionStatus, CloseReason, InstructionStatus, Priority, AckStatus);
 
 fn typed<'a>(params: &'a [&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
     params.iter().map(|p| (p.value(), p.pg_type())).collect()

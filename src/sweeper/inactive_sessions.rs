@@ -13,8 +13,6 @@ use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "inactive_sessions";
-/// Default `session_inactive_after_secs`.
-pub const INACTIVE_AFTER_DEFAULT: Duration = Duration::from_secs(3600);
 
 /// What this task needs.
 #[derive(Debug, Clone)]

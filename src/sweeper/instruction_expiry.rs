@@ -18,8 +18,6 @@ use crate::events::{EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "instruction_expiry";
-/// Default `instruction_retry_window_secs`.
-pub const RETRY_WINDOW_DEFAULT: Duration = Duration::from_secs(300);
 
 /// What this task needs.
 #[derive(Debug, Clone)]

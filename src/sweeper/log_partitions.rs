@@ -4,7 +4,7 @@
 //!
 //! A partition `agent_log_YYYYMMDD` holds the lines received (database clock) on that UTC day. The task first reads
 //! the partitions that exist (read-only) and claims its lease only when one is missing or due to be dropped; the
-//! changes are made in one transaction holding the ingest lock ([`crate::commands::log::LOG_LOCK`]), so they never
+//! changes are made in one transaction holding the ingest lock ([`LOG_LOCK`]), so they never
 //! race an ingest that creates a missing day itself.
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use deadpool_postgres::{GenericClient, Pool};
 
 use super::lease::{Claim, Lease};
 use super::mark_run;
-use crate::commands::log::LOG_LOCK;
+use crate::commands::log::{create_day, partition_day, partition_name, LOG_LOCK};
 use crate::config::Settings;
 use crate::db::Sql;
 use crate::error::Result;
@@ -52,29 +52,6 @@ pub struct Report {
 /// The partitions of `agent_log` by name, and the database's time.
 const PARTITIONS: &str = "SELECT now(), coalesce(array_agg(c.relname::text), '{}') FROM pg_inherits i \
      JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'agent_log'::regclass";
-
-/// The name of a day's partition.
-pub fn partition_name(day: NaiveDate) -> String {
-    format!("agent_log_{}", day.format("%Y%m%d"))
-}
-
-/// The day of a partition's name, if it is one of ours.
-pub fn partition_day(name: &str) -> Option<NaiveDate> {
-    NaiveDate::parse_from_str(name.strip_prefix("agent_log_")?, "%Y%m%d").ok()
-}
-
-/// Creates a day's partition if it does not exist; the caller holds [`LOG_LOCK`].
-pub async fn create_day(client: &impl GenericClient, day: NaiveDate) -> Result<()> {
-    let next = day.succ_opt().unwrap_or(day);
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {} PARTITION OF agent_log FOR VALUES FROM ('{day} 00:00:00+00') TO \
-         ('{next} 00:00:00+00')",
-        partition_name(day)
-    );
-    client.batch_execute(&sql).await?;
-    tracing::info!(partition = %partition_name(day), "log partition created");
-    Ok(())
-}
 
 /// What is to be done at `now`: the days to create and the partitions to drop, given those that exist.
 pub fn plan(now: DateTime<Utc>, existing: &[String], cfg: &Config) -> (Vec<NaiveDate>, Vec<String>) {

@@ -36,13 +36,6 @@ use crate::metrics::{Metrics, NameLabel};
 use crate::trace_context::{self, TraceContext};
 use lease::Claim;
 
-/// Default `sweeper.check_interval_secs`: time between cycles.
-pub const CHECK_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
-/// Default `sweeper.batch_size`: rows changed per statement (and transaction).
-pub const BATCH_SIZE_DEFAULT: i64 = 1000;
-/// Default `sweeper.parallel_batches`: batch transactions a task runs at once.
-pub const PARALLEL_BATCHES_DEFAULT: usize = 3;
-
 /// Reads the heartbeat queue depth for the stale brake.
 ///
 /// A probe made with [`BacklogProbe::broker`] reads it through the worker's current broker channel; while there is

@@ -14,8 +14,6 @@ use crate::error::Result;
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "retention";
-/// Default `outbox.retention_secs`: one day.
-pub const RETENTION_DEFAULT: Duration = Duration::from_secs(86_400);
 
 /// What this task needs.
 #[derive(Debug, Clone)]

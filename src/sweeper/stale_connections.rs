@@ -26,16 +26,6 @@ use crate::events::{write_outbox, EventBody, OutboxSignal};
 
 /// Task name (its `sweeper_state` row).
 pub const TASK: &str = "stale_connections";
-/// Default `connection_stale_after_secs`.
-pub const STALE_AFTER_DEFAULT: Duration = Duration::from_secs(120);
-/// Default `stale_brake_min_connections`: the brake never holds for fewer candidates.
-pub const BRAKE_MIN_CONNECTIONS_DEFAULT: u64 = 20;
-/// Default `stale_brake_ratio`: the brake holds when at least this share of active connections would go stale.
-pub const BRAKE_RATIO_DEFAULT: f64 = 0.5;
-/// Default `max_heartbeat_backlog`: the brake holds while the heartbeat queue is deeper.
-pub const MAX_HEARTBEAT_BACKLOG_DEFAULT: u64 = 10_000;
-/// Default `stale_brake_max_hold_secs`: the longest hold in a row.
-pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(600);
 
 /// What this task needs.
 #[derive(Debug, Clone)]

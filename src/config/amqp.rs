@@ -1,0 +1,60 @@
+//! `amqp.*`: the broker, the names and types of the queues, and publishing limits (used by `amqp`, the consumers
+//! and the relay).
+
+use serde::{Deserialize, Serialize};
+
+/// `amqp.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://` or `amqps://`.
+    pub url: String,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Prefetch per consumer.
+    pub prefetch: u16,
+    /// Type of the command queue.
+    pub command_queue_type: QueueType,
+    /// Type of the heartbeat queue: `classic` (one node) or `quorum` (replicated over a cluster's nodes).
+    pub heartbeat_queue_type: QueueType,
+    /// Heartbeat queues, spread by agent with the consistent-hash exchange when more than 1.
+    pub heartbeat_shards: u32,
+    /// Largest accepted message body in bytes.
+    pub max_message_bytes: usize,
+    /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
+    pub command_delivery_limit: u32,
+    /// Longest wait for the broker's confirm of a publish (reply, dead letter, relay batch); then it counts as not
+    /// published.
+    pub confirm_timeout_secs: u64,
+}
+
+/// The type of a queue.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, with delivery limits.
+    Quorum,
+    /// A classic durable queue.
+    Classic,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "agent".into(),
+            prefetch: 2000,
+            command_queue_type: QueueType::Quorum,
+            heartbeat_queue_type: QueueType::Classic,
+            heartbeat_shards: 1,
+            max_message_bytes: 1_048_576,
+            command_delivery_limit: 20,
+            confirm_timeout_secs: 10,
+        }
+    }
+}
+
+/// The broker URLs of `amqp.url`: one URL, or a cluster's nodes separated by commas.
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
