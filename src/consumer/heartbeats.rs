@@ -13,9 +13,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
-use super::{ack, authorize, consume_queue, Shared};
+use super::{ack, admit, consume_queue, Shared};
 use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartbeat, Rules};
-use crate::commands::{Command, Queue};
+use crate::commands::Queue;
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
 use crate::trace_context::{self, TraceContext};
@@ -240,28 +240,10 @@ async fn heartbeat_batch(
     shared.metrics.heartbeat_batch_size.observe(batch.len() as f64);
     let mut valid: Vec<(usize, Heartbeat)> = Vec::with_capacity(batch.len());
     for (i, d) in batch.iter().enumerate() {
-        let cmd = match Command::parse(&d.data, s.amqp.max_message_bytes) {
-            Ok(cmd) => cmd,
-            Err(why) => {
-                reject(shared, d, "unknown", &why, CommandError::Invalid(why.to_string())).await?;
-                continue;
-            }
-        };
-        if let Some(why) = authorize(s, d, &cmd, Queue::Heartbeats) {
-            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
-            continue;
+        if let Some(mut h) = admit::<Heartbeat>(shared, d, Queue::Heartbeats, "a heartbeat").await? {
+            h.received = Some(received[i]);
+            valid.push((i, h));
         }
-        // `authorize` admits only the heartbeat queue's types, and heartbeats are its only one; refuse anything else
-        // all the same rather than trust that.
-        let Some(h) = cmd.downcast_ref::<Heartbeat>() else {
-            let why =
-                Poison::new(PoisonKind::Forbidden, format!("forbidden: `{}` is not a heartbeat", cmd.type_name()));
-            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
-            continue;
-        };
-        let mut h = h.clone();
-        h.received = Some(received[i]);
-        valid.push((i, h));
     }
     if valid.is_empty() {
         return Ok(());

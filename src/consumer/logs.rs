@@ -14,10 +14,10 @@ use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::reject;
-use super::{ack, authorize, consume_queue, Shared};
+use super::{ack, admit, consume_queue, Shared};
 use crate::commands::log::{apply_batch, AgentLog, LogReport};
-use crate::commands::{Command, Queue};
-use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
+use crate::commands::Queue;
+use crate::error::{CommandError, Error, Result};
 use crate::retry::retry_transient;
 
 /// Consumes `<prefix>.logs` on `channel` until shutdown, applying deliveries in batches.
@@ -75,26 +75,11 @@ pub async fn logs(shared: Arc<Shared>, channel: Channel, shutdown: CancellationT
 
 /// Parses, authorizes and applies one batch; poison is dead-lettered on the way.
 async fn log_batch(shared: &Shared, batch: &[Delivery], shutdown: &CancellationToken) -> Result<()> {
-    let s = &shared.settings;
     let mut valid: Vec<(usize, AgentLog)> = Vec::with_capacity(batch.len());
     for (i, d) in batch.iter().enumerate() {
-        let cmd = match Command::parse(&d.data, s.amqp.max_message_bytes) {
-            Ok(cmd) => cmd,
-            Err(why) => {
-                reject(shared, d, "unknown", &why, CommandError::Invalid(why.to_string())).await?;
-                continue;
-            }
-        };
-        if let Some(why) = authorize(s, d, &cmd, Queue::Logs) {
-            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
-            continue;
+        if let Some(m) = admit::<AgentLog>(shared, d, Queue::Logs, "agent.log").await? {
+            valid.push((i, m));
         }
-        let Some(m) = cmd.downcast_ref::<AgentLog>() else {
-            let why = Poison::new(PoisonKind::Forbidden, format!("forbidden: `{}` is not agent.log", cmd.type_name()));
-            reject(shared, d, cmd.type_name(), &why, CommandError::Forbidden(why.to_string())).await?;
-            continue;
-        };
-        valid.push((i, m.clone()));
     }
     if valid.is_empty() {
         return Ok(());

@@ -30,11 +30,13 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 
 use crate::amqp::Topology;
-use crate::commands::{Command, Queue, Sender};
+use crate::commands::{Command, Message, Queue, Sender};
 use crate::config::Settings;
 use crate::domain::Ident;
+use crate::error::CommandError;
 use crate::error::{Error, Poison, PoisonKind, Result};
 use crate::metrics::Metrics;
+use dead_letter::reject;
 
 /// What the consumers share.
 pub struct Shared {
@@ -97,6 +99,33 @@ pub(crate) async fn ack(d: &Delivery, multiple: bool) -> Result<()> {
 
 /// Why a parsed message may not be applied from this delivery, if it may not; the same check in every consumer.
 ///
+/// One delivery of a batched queue (`queue`, whose one type is `T`, named `what` in a refusal): parsed and
+/// authorized, or dead-lettered with its reason (answered when it has a `reply_to`), then `None`.
+pub(crate) async fn admit<T: Message + Clone>(
+    shared: &Shared,
+    d: &Delivery,
+    queue: Queue,
+    what: &str,
+) -> Result<Option<T>> {
+    let cmd = match Command::parse(&d.data, shared.settings.amqp.max_message_bytes) {
+        Ok(cmd) => cmd,
+        Err(why) => {
+            reject(shared, d, "unknown", &why, CommandError::Invalid(why.to_string())).await?;
+            return Ok(None);
+        }
+    };
+    let ty = cmd.type_name();
+    // `authorize` admits only the queue's types, and `T` is its only one; refuse anything else all the same rather
+    // than trust that.
+    let why = match (authorize(&shared.settings, d, &cmd, queue), cmd.downcast_ref::<T>()) {
+        (None, Some(m)) => return Ok(Some(m.clone())),
+        (Some(why), _) => why,
+        (None, None) => Poison::new(PoisonKind::Forbidden, format!("forbidden: `{ty}` is not {what}")),
+    };
+    reject(shared, d, ty, &why, CommandError::Forbidden(why.to_string())).await?;
+    Ok(None)
+}
+
 /// What the broker vouches for decides: the routing key (which the broker's topic permissions restrict per user)
 /// must be the message's `type`, so a user allowed only some routing keys can have only those types applied; the
 /// message must be consumed from its type's queue (only an extra binding someone added could bring it elsewhere);
