@@ -44,15 +44,10 @@ impl TraceContext {
     /// A new span in the trace of `traceparent` (its child), or a new trace when `traceparent` is absent or not a
     /// valid version-00 (or later, read as 00) value; `tracestate` is kept only with a valid parent.
     pub fn continue_from(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
-        match traceparent.and_then(parse) {
-            Some((trace_id, _, flags)) => TraceContext {
-                trace_id,
-                span_id: new_span_id(),
-                flags,
-                state: tracestate.filter(|s| s.len() <= TRACESTATE_MAX && s.is_ascii()).map(str::to_string),
-            },
-            None => Self::new_trace(),
-        }
+        traceparent
+            .and_then(|p| Self::from_traceparent(p, tracestate))
+            .map(|parent| TraceContext { span_id: new_span_id(), ..parent })
+            .unwrap_or_else(Self::new_trace)
     }
 
     /// Exactly the context of `traceparent` (its span id kept: the caller's own span, as a client sends it), when
@@ -87,10 +82,15 @@ impl TraceContext {
 
     /// Adds `traceparent` (and `tracestate`, when there is one) to `headers`.
     pub fn insert_into(&self, headers: &mut FieldTable) {
-        headers.insert(TRACEPARENT.into(), AMQPValue::LongString(self.traceparent().into()));
-        if let Some(s) = &self.state {
-            headers.insert(TRACESTATE.into(), AMQPValue::LongString(s.as_str().into()));
-        }
+        insert_headers(headers, &self.traceparent(), self.state.as_deref());
+    }
+}
+
+/// Adds a `traceparent` (and a `tracestate`, when given) to `headers`, as stored text (the relay's events).
+pub fn insert_headers(headers: &mut FieldTable, traceparent: &str, tracestate: Option<&str>) {
+    headers.insert(TRACEPARENT.into(), AMQPValue::LongString(traceparent.into()));
+    if let Some(s) = tracestate {
+        headers.insert(TRACESTATE.into(), AMQPValue::LongString(s.into()));
     }
 }
 

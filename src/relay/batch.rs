@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 use tokio::sync::oneshot;
 
@@ -14,7 +14,7 @@ use super::{Flying, Publishing};
 use crate::amqp::json_properties;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::trace_context::{TRACEPARENT, TRACESTATE};
+use crate::trace_context::insert_headers;
 
 /// What a claim came to, told to the relay loop once the batch is handed to the channel.
 #[derive(Debug)]
@@ -98,10 +98,7 @@ async fn publish(channel: &Channel, exchange: &str, batch: Vec<Claimed>, handed:
         let mut props = json_properties().with_message_id(ShortString::from(e.event_id.to_string()));
         if let (Some(parent), state) = &e.trace {
             let mut headers = FieldTable::default();
-            headers.insert(TRACEPARENT.into(), AMQPValue::LongString(parent.as_str().into()));
-            if let Some(state) = state {
-                headers.insert(TRACESTATE.into(), AMQPValue::LongString(state.as_str().into()));
-            }
+            insert_headers(&mut headers, parent, state.as_deref());
             props = props.with_headers(headers);
         }
         let confirm = channel
