@@ -3,7 +3,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use acm::trace_context::{self, TraceContext};
 use agent_connection_manager as acm;
@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::awaitable::{awaitable, Json};
 use crate::config::load_settings;
-use crate::connection::{ClientState, BROKER_CONNECT_TIMEOUT};
+use crate::connection::ClientState;
 use crate::convert::{non_empty, py_to_json, py_to_object};
 use crate::errors::{invalid, to_py, AgentConnectionManagerError};
 use crate::subscription::{Subscription, SubscriptionInner};
@@ -87,8 +87,7 @@ impl Client {
         let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
-            let guard = state.connected().await?;
-            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            let client = state.connected().await?;
             traced(trace, client.heartbeat_with(&agent_id, &session_id, &connection_id, client_info))
                 .await
                 .map_err(to_py)
@@ -111,18 +110,12 @@ impl Client {
             non_empty(id, "message_id")?;
         }
         let body = command_body(body)?;
-        if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(invalid("timeout must be a positive number of seconds"));
-        }
-        let timeout = Duration::from_secs_f64(timeout);
+        let timeout = call_timeout(timeout)?;
         let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
             // `timeout` bounds the whole call: connecting (when this is the first) and waiting for the reply.
-            let began = Instant::now();
-            let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
-            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
+            let (client, left) = state.connected_for(timeout).await?;
             let body = Value::Object(body);
             let reply = traced(trace, client.request(&body, message_id.as_deref(), left)).await.map_err(to_py)?;
             Ok(Json(reply))
@@ -145,8 +138,7 @@ impl Client {
         let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
-            let guard = state.connected().await?;
-            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            let client = state.connected().await?;
             traced(trace, client.send(&Value::Object(body), message_id.as_deref())).await.map_err(to_py)
         })
     }
@@ -171,8 +163,7 @@ impl Client {
         let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
-            let guard = state.connected().await?;
-            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+            let client = state.connected().await?;
             traced(trace, client.log(&agent_id, &session_id, &entries)).await.map_err(to_py)
         })
     }
@@ -195,9 +186,7 @@ impl Client {
         if agent_id.is_none() && session_id.is_none() {
             return Err(invalid("get_logs needs agent_id or session_id"));
         }
-        if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(invalid("timeout must be a positive number of seconds"));
-        }
+        let timeout = call_timeout(timeout)?;
         let mut query = Map::new();
         let fields = [
             ("agent_id", agent_id.map(Value::from)),
@@ -211,14 +200,10 @@ impl Client {
                 query.insert(key.to_string(), v);
             }
         }
-        let timeout = Duration::from_secs_f64(timeout);
         let trace = caller_trace(py);
         let state = self.state.clone();
         awaitable(py, async move {
-            let began = Instant::now();
-            let guard = state.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
-            let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
-            let left = timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1));
+            let (client, left) = state.connected_for(timeout).await?;
             let lines = traced(trace, client.get_logs(&Value::Object(query), left)).await.map_err(to_py)?;
             serde_json::to_value(lines).map(Json).map_err(|e| AgentConnectionManagerError::new_err(e.to_string()))
         })
@@ -296,6 +281,14 @@ async fn traced<T>(trace: Option<TraceContext>, work: impl std::future::Future<O
         Some(t) => trace_context::scope(t, work).await,
         None => work.await,
     }
+}
+
+/// A call's `timeout` in seconds: a positive finite number.
+fn call_timeout(seconds: f64) -> PyResult<Duration> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(invalid("timeout must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// A command body: a dict with a non-empty string `type`.

@@ -2,18 +2,18 @@
 //! own module, below both, so that `client` uses `subscription` and neither uses the other the other way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use acm::client::Client as EngineClient;
 use agent_connection_manager as acm;
 
 use pyo3::prelude::*;
-use tokio::sync::RwLock;
+use tokio::sync::{RwLock, RwLockReadGuard};
 
 use crate::errors::{to_py, AgentConnectionManagerError, BrokerError};
 
 /// Longest wait for a broker connection from `Client`.
-pub(crate) const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection behind a `Client`: made on first use, gone after `close`.
 pub(crate) struct ClientState {
@@ -23,17 +23,25 @@ pub(crate) struct ClientState {
     pub(crate) closed: AtomicBool,
 }
 
+/// The connected engine client, borrowed from a [`ClientState`] for one call.
+pub(crate) type Connected<'a> = RwLockReadGuard<'a, EngineClient>;
+
 impl ClientState {
     /// Connects when not yet connected, waiting at most `BROKER_CONNECT_TIMEOUT`.
-    pub(crate) async fn connected(&self) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
+    pub(crate) async fn connected(&self) -> PyResult<Connected<'_>> {
         self.connected_within(BROKER_CONNECT_TIMEOUT).await
     }
 
+    /// Connects within `timeout` (and at most `BROKER_CONNECT_TIMEOUT`), and returns the client with what is left of
+    /// `timeout` (at least 1 ms), so that `timeout` bounds a whole call, connecting included.
+    pub(crate) async fn connected_for(&self, timeout: Duration) -> PyResult<(Connected<'_>, Duration)> {
+        let began = Instant::now();
+        let client = self.connected_within(timeout.min(BROKER_CONNECT_TIMEOUT)).await?;
+        Ok((client, timeout.saturating_sub(began.elapsed()).max(Duration::from_millis(1))))
+    }
+
     /// Connects when not yet connected, waiting at most `limit` for the broker.
-    pub(crate) async fn connected_within(
-        &self,
-        limit: Duration,
-    ) -> PyResult<tokio::sync::RwLockReadGuard<'_, Option<EngineClient>>> {
+    pub(crate) async fn connected_within(&self, limit: Duration) -> PyResult<Connected<'_>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(AgentConnectionManagerError::new_err("the client is closed"));
         }
@@ -51,10 +59,7 @@ impl ClientState {
                 *slot = Some(client.map_err(to_py)?);
             }
         }
-        let guard = self.client.read().await;
-        if guard.is_none() {
-            return Err(AgentConnectionManagerError::new_err("the client is closed"));
-        }
-        Ok(guard)
+        RwLockReadGuard::try_map(self.client.read().await, Option::as_ref)
+            .map_err(|_| AgentConnectionManagerError::new_err("the client is closed"))
     }
 }

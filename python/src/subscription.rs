@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Mutex, OnceCell};
 
 use crate::awaitable::{awaitable, Json};
 use crate::connection::ClientState;
-use crate::errors::{invalid, to_py, AgentConnectionManagerError, SubscriptionClosedError};
+use crate::errors::{invalid, to_py, SubscriptionClosedError};
 
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.
 const DEDUP_WINDOW: usize = 4096;
@@ -34,8 +34,7 @@ impl SubscriptionInner {
     async fn bind(&self) -> PyResult<&Mutex<mpsc::Receiver<RawEvent>>> {
         self.events
             .get_or_try_init(|| async {
-                let guard = self.client.connected().await?;
-                let Some(client) = guard.as_ref() else { return Err(AgentConnectionManagerError::new_err("closed")) };
+                let client = self.client.connected().await?;
                 let (tx, rx) = mpsc::channel(1024);
                 for pattern in &self.patterns {
                     let mut sub = client.subscribe(pattern).await.map_err(to_py)?;
