@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::Topology;
-use agent_connection_manager::client::{reply_result, Client};
+use agent_connection_manager::client::Client;
 use agent_connection_manager::config::{Pooler, Settings};
 use agent_connection_manager::{db, AgentConnectionManager};
 use serde_json::json;
@@ -104,19 +104,7 @@ async fn ten_workers_behind_pgbouncer_in_transaction_mode_close_each_stale_conne
     tokio::spawn(conn);
 
     // Commands through PgBouncer, each with its reply.
-    let timeout = Duration::from_secs(30);
-    for s in 0..sessions {
-        let body = json!({"type": "session.create", "agent_id": format!("a-{s}"), "session_id": format!("s-{s}")});
-        let reply = client.request(&body, None, timeout).await.expect("session.create is answered");
-        reply_result(&reply).expect("session.create succeeds");
-    }
-    for j in 0..instructions {
-        let k = j % sessions;
-        let body = json!({"type": "instruction.create", "agent_id": format!("a-{k}"), "session_id": format!("s-{k}"),
-            "instruction_type": "pgbouncer", "payload": {"j": j}, "expires_at": null});
-        let reply = client.request(&body, None, timeout).await.expect("instruction.create is answered");
-        reply_result(&reply).expect("instruction.create succeeds");
-    }
+    crate::workload::create_through(&client, sessions, instructions, "pgbouncer", Duration::from_secs(30)).await;
 
     // Heartbeats in rounds about a second apart; connection c beats in rounds 0..=c % rounds, so connections go
     // quiet at staggered times. Each round waits until its heartbeats are applied, so no beating connection is ever

@@ -6,9 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use agent_connection_manager::client::{reply_result, Client};
+use agent_connection_manager::client::Client;
 use agent_connection_manager::db;
-use serde_json::json;
 use tokio_postgres::NoTls;
 
 use crate::common;
@@ -51,19 +50,7 @@ async fn pgbouncer_in_transaction_mode_with_pooler_none_one_warning_no_error() {
 
     // Commands, each answered within the client's timeout.
     let (sessions, instructions, connections) = (crate::count(10, 50), crate::count(40, 400), crate::count(20, 200));
-    let timeout = Duration::from_secs(20);
-    for s in 0..sessions {
-        let body = json!({"type": "session.create", "agent_id": format!("a-{s}"), "session_id": format!("s-{s}")});
-        let reply = client.request(&body, None, timeout).await.expect("session.create is answered");
-        reply_result(&reply).expect("session.create succeeds");
-    }
-    for j in 0..instructions {
-        let k = j % sessions;
-        let body = json!({"type": "instruction.create", "agent_id": format!("a-{k}"), "session_id": format!("s-{k}"),
-            "instruction_type": "pooler", "payload": {"j": j}, "expires_at": null});
-        let reply = client.request(&body, None, timeout).await.expect("instruction.create is answered");
-        reply_result(&reply).expect("instruction.create succeeds");
-    }
+    crate::workload::create_through(&client, sessions, instructions, "pooler", Duration::from_secs(20)).await;
     // Heartbeats open connections; once they stop, sweeps close every one as stale.
     for c in 0..connections {
         let k = c % sessions;

@@ -1,6 +1,9 @@
 //! The workload's messages: sessions, instructions, acknowledgements, heartbeats and malformed messages, each
 //! identifiable afterwards.
 
+use std::time::Duration;
+
+use agent_connection_manager::client::{reply_result, Client};
 use serde_json::{json, Value};
 
 use crate::instruction_uuid;
@@ -67,5 +70,28 @@ pub fn malformed_msg(i: usize, max_bytes: usize) -> Msg {
             id,
         ),
         _ => Msg::raw("session.create", vec![0xff, 0xfe, b'{', 0x80], id),
+    }
+}
+
+/// Creates sessions `s-<k>` of agents `a-<k>` (k < `sessions`), then `instructions` instructions of `instruction_type`
+/// spread over them in turn, through `client`: each answered within `timeout`, and each a success.
+pub async fn create_through(
+    client: &Client,
+    sessions: usize,
+    instructions: usize,
+    instruction_type: &str,
+    timeout: Duration,
+) {
+    for s in 0..sessions {
+        let body = json!({"type": "session.create", "agent_id": format!("a-{s}"), "session_id": format!("s-{s}")});
+        let reply = client.request(&body, None, timeout).await.expect("session.create is answered");
+        reply_result(&reply).expect("session.create succeeds");
+    }
+    for j in 0..instructions {
+        let k = j % sessions;
+        let body = json!({"type": "instruction.create", "agent_id": format!("a-{k}"), "session_id": format!("s-{k}"),
+            "instruction_type": instruction_type, "payload": {"j": j}, "expires_at": null});
+        let reply = client.request(&body, None, timeout).await.expect("instruction.create is answered");
+        reply_result(&reply).expect("instruction.create succeeds");
     }
 }
