@@ -124,13 +124,15 @@ async fn run_all(o: Opts) {
             let started = Instant::now();
             let (limit, fut): (u64, std::pin::Pin<Box<dyn std::future::Future<Output = Res<()>> + '_>>) =
                 match s.as_str() {
-                    "ingest" => (900, Box::pin(scenario_ingest(&o, run, &mut res, false))),
-                    "ingest-transient" => (900, Box::pin(scenario_ingest(&o, run, &mut res, true))),
+                    "ingest" => (900, Box::pin(scenario_ingest(&o, run, &mut res, false, false))),
+                    "ingest-transient" => (900, Box::pin(scenario_ingest(&o, run, &mut res, true, false))),
+                    "ingest-traced" => (900, Box::pin(scenario_ingest(&o, run, &mut res, false, true))),
                     "backlog" => (900, Box::pin(scenario_backlog(&o, run, &mut res))),
                     "stale1m" => (900, Box::pin(scenario_stale1m(&o, run, &mut res))),
                     "metrics" => (900, Box::pin(scenario_metrics(&o, run, &mut res))),
                     "latency" => (300 + o.latency_secs, Box::pin(scenario_latency(&o, run, &mut res))),
-                    "commands" => (180 + o.command_secs, Box::pin(scenario_commands(&o, run, &mut res))),
+                    "commands" => (180 + o.command_secs, Box::pin(scenario_commands(&o, run, &mut res, false))),
+                    "commands-traced" => (180 + o.command_secs, Box::pin(scenario_commands(&o, run, &mut res, true))),
                     _ => (900, Box::pin(scenario_sweep(&o, run, &mut res))),
                 };
             let outcome = tokio::time::timeout(Duration::from_secs(limit), fut).await;

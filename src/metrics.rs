@@ -94,7 +94,15 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Messages waiting in the heartbeat queues, as the sweeper last read them (once per cycle).
     pub heartbeat_backlog: Gauge,
+    /// Spans the OTLP collector accepted.
+    pub trace_spans_exported: Counter,
+    /// Spans not exported, by reason: `queue_full` (the exporter's queue was full: the collector is slower than the
+    /// work) or `export_failed` (the collector was unreachable, too slow or refused the batch).
+    pub trace_spans_dropped: Family<NameLabel, Counter>,
 }
+
+/// Reasons a span is dropped ([`Metrics::trace_spans_dropped`]).
+pub const SPAN_DROP_REASONS: [&str; 2] = ["queue_full", "export_failed"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -136,6 +144,8 @@ impl Metrics {
             broker_blocks: Counter::default(),
             ready: Gauge::default(),
             heartbeat_backlog: Gauge::default(),
+            trace_spans_exported: Counter::default(),
+            trace_spans_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register("messages_consumed", "Messages consumed by type and outcome", m.messages.clone());
@@ -201,6 +211,15 @@ impl Metrics {
             "Messages in the heartbeat queues, as the sweeper last read them",
             m.heartbeat_backlog.clone(),
         );
+        registry.register("trace_spans_exported", "Spans the OTLP collector accepted", m.trace_spans_exported.clone());
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not exported, by reason (queue_full, export_failed)",
+            m.trace_spans_dropped.clone(),
+        );
+        for reason in SPAN_DROP_REASONS {
+            m.trace_spans_dropped.get_or_create(&NameLabel { name: reason.into() }).inc_by(0);
+        }
         // Every reason starts at 0, so that the first dead letter of a reason is an increase Prometheus sees (a
         // series that appears at 1 has no earlier sample to increase from).
         for kind in crate::error::PoisonKind::ALL {

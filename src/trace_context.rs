@@ -5,8 +5,9 @@
 //! a heartbeat batch and a sweeper cycle each start a trace of their own. The context is task-local ([`scope`]):
 //! every event written to the outbox inside it keeps it (`event_outbox.traceparent`, `tracestate`), and the relay
 //! publishes the event with it; a reply carries it too. So a caller's trace id comes back on the reply and on every
-//! event its command caused. Spans are not exported from here (yet): the ids link the messages of one operation and
-//! appear in the log lines of the command that continued them (`trace_id`).
+//! event its command caused. The spans themselves (names, times, links) are recorded and exported by
+//! `telemetry::otlp` when `telemetry.otlp_endpoint` is set; the trace id also appears in the log lines of the command
+//! that continued it (`trace_id`).
 
 use std::future::Future;
 
@@ -27,6 +28,8 @@ pub struct TraceContext {
     pub trace_id: [u8; 16],
     /// 8 bytes, never all zero: the span this work is.
     pub span_id: [u8; 8],
+    /// The span this one continued (the sender's), when it continued one.
+    pub parent_span_id: Option<[u8; 8]>,
     /// Trace flags (bit 0: sampled).
     pub flags: u8,
     /// The incoming `tracestate`, when there was one.
@@ -38,7 +41,7 @@ impl TraceContext {
     pub fn new_trace() -> Self {
         let mut trace_id = [0u8; 16];
         trace_id.copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        TraceContext { trace_id, span_id: new_span_id(), flags: 1, state: None }
+        TraceContext { trace_id, span_id: new_span_id(), parent_span_id: None, flags: 1, state: None }
     }
 
     /// A new span in the trace of `traceparent` (its child), or a new trace when `traceparent` is absent or not a
@@ -46,7 +49,7 @@ impl TraceContext {
     pub fn continue_from(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
         traceparent
             .and_then(|p| Self::from_traceparent(p, tracestate))
-            .map(|parent| TraceContext { span_id: new_span_id(), ..parent })
+            .map(|parent| TraceContext { span_id: new_span_id(), parent_span_id: Some(parent.span_id), ..parent })
             .unwrap_or_else(Self::new_trace)
     }
 
@@ -55,19 +58,18 @@ impl TraceContext {
     pub fn from_traceparent(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
         let (trace_id, span_id, flags) = parse(traceparent)?;
         let state = tracestate.filter(|s| s.len() <= TRACESTATE_MAX && s.is_ascii()).map(str::to_string);
-        Some(TraceContext { trace_id, span_id, flags, state })
+        Some(TraceContext { trace_id, span_id, parent_span_id: None, flags, state })
     }
 
     /// The context of a delivery's headers (see [`TraceContext::continue_from`]).
     pub fn from_headers(headers: Option<&FieldTable>) -> Self {
-        let text = |key: &str| {
-            headers.and_then(|h| h.inner().get(key)).and_then(|v| match v {
-                AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_string),
-                AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-                _ => None,
-            })
-        };
-        Self::continue_from(text(TRACEPARENT).as_deref(), text(TRACESTATE).as_deref())
+        Self::continue_from(header(headers, TRACEPARENT).as_deref(), header(headers, TRACESTATE).as_deref())
+    }
+
+    /// Exactly the context a delivery's headers carry (the sender's span), when they carry a valid one: what a
+    /// batch's span links to.
+    pub fn sent_with(headers: Option<&FieldTable>) -> Option<Self> {
+        Self::from_traceparent(&header(headers, TRACEPARENT)?, header(headers, TRACESTATE).as_deref())
     }
 
     /// `00-<trace id>-<span id>-<flags>`, lowercase hex.
@@ -84,6 +86,15 @@ impl TraceContext {
     pub fn insert_into(&self, headers: &mut FieldTable) {
         insert_headers(headers, &self.traceparent(), self.state.as_deref());
     }
+}
+
+/// A text header of a delivery.
+fn header(headers: Option<&FieldTable>, key: &str) -> Option<String> {
+    headers.and_then(|h| h.inner().get(key)).and_then(|v| match v {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_string),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    })
 }
 
 /// Adds a `traceparent` (and a `tracestate`, when given) to `headers`, as stored text (the relay's events).
@@ -160,11 +171,17 @@ mod tests {
         assert_ne!(hex(&c.span_id), "00f067aa0ba902b7");
         assert_eq!(c.flags, 1);
         assert_eq!(c.state.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(c.parent_span_id.map(|p| hex(&p)).as_deref(), Some("00f067aa0ba902b7"), "the sender's span");
         let text = c.traceparent();
         assert!(text.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && text.ends_with("-01"), "{text}");
         assert_eq!(parse(&text).map(|p| p.0), Some(c.trace_id));
         let exact = TraceContext::from_traceparent(PARENT, None).expect("valid");
         assert_eq!(exact.traceparent(), PARENT, "a client sends its caller's context as it is");
+        assert_eq!(exact.parent_span_id, None);
+        let mut headers = FieldTable::default();
+        insert_headers(&mut headers, PARENT, None);
+        assert_eq!(TraceContext::sent_with(Some(&headers)), Some(exact));
+        assert_eq!(TraceContext::sent_with(None), None);
         assert_eq!(TraceContext::from_traceparent("00-0-0-0", None), None);
     }
 

@@ -33,10 +33,14 @@ use crate::metrics::Metrics;
 use crate::relay;
 use crate::retry::Backoff;
 use crate::sweeper::{BacklogProbe, Sweeper};
+use crate::telemetry::otlp::Tracer;
 
 /// How long the consumers of a failed broker session get to stop before they are abandoned (their deliveries are
 /// redelivered by the broker).
 const CONSUMERS_GONE: Duration = Duration::from_secs(10);
+
+/// How long a stopping worker gives the span exporter to post what is queued.
+const SPAN_FLUSH_AT_STOP: Duration = Duration::from_secs(3);
 
 /// Liveness of the parts `/readyz` reports on.
 #[derive(Debug, Default)]
@@ -117,13 +121,22 @@ impl Worker {
         let probe = BacklogProbe::broker();
         // One identity for the worker's life: the relay of a new broker session renews the lease of the last one.
         let relay_identity = relay::relay_identity(&self.settings.worker.id);
+        // Spans go to the OTLP collector when `telemetry.otlp_endpoint` is set (validated at start).
+        let (tracer, exporter) = match self.settings.telemetry.traces_url().ok().flatten() {
+            Some(url) => {
+                let (tracer, exporter) = Tracer::start(&url, &self.settings.worker.id, &self.metrics);
+                (tracer, Some(exporter))
+            }
+            None => (Tracer::default(), None),
+        };
         let sweeper = Sweeper::new(
             self.pool.clone(),
             self.settings.clone(),
             probe.clone(),
             self.metrics.clone(),
             self.outbox.clone(),
-        );
+        )
+        .with_tracer(tracer.clone());
         let sweeper = tokio::spawn(sweeper.run(shutdown.clone()));
         let mut backoff = Backoff::default();
         // The broker node (of `amqp.url`'s list) to try first: after a session ends, the next one.
@@ -156,7 +169,7 @@ impl Worker {
             };
             reached = true;
             node = index;
-            match self.session(conn, index, &probe, &relay_identity, &shutdown).await {
+            match self.session(conn, index, &probe, &relay_identity, &tracer, &shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.health.set(false, false);
@@ -179,6 +192,11 @@ impl Worker {
             }
         }
         let _ = sweeper.await;
+        // The last spans (this shutdown's) are posted, within a bound.
+        drop(tracer);
+        if let Some(exporter) = exporter {
+            exporter.finish(SPAN_FLUSH_AT_STOP).await;
+        }
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -189,6 +207,7 @@ impl Worker {
         connected: usize,
         probe: &BacklogProbe,
         relay_identity: &relay::RelayIdentity,
+        tracer: &Tracer,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let s = &self.settings;
@@ -249,6 +268,7 @@ impl Worker {
             metrics: self.metrics.clone(),
             outbox: self.outbox.clone(),
             progress: probe.progress(),
+            tracer: tracer.clone(),
         });
         let stop_consumers = shutdown.child_token();
         let stop_relay = CancellationToken::new();

@@ -62,7 +62,10 @@ pub async fn echo_responder() -> Res<()> {
     Ok(())
 }
 
-pub async fn scenario_commands(o: &Opts, run: usize, res: &mut Results) -> Res<()> {
+/// `traced`: the worker exports spans to a collector that is down ([`Env::traced_collector_down`]); the figures go
+/// under "3b commands (traced, collector down)".
+pub async fn scenario_commands(o: &Opts, run: usize, res: &mut Results, traced: bool) -> Res<()> {
+    let sc: &'static str = if traced { "3b commands (traced, collector down)" } else { "3 commands" };
     let mut env = Env::new(o, "commands");
     env.migrate().await?;
     // The ceiling: the same clients against the echo responder on a queue declared like <prefix>.commands.
@@ -92,7 +95,7 @@ pub async fn scenario_commands(o: &Opts, run: usize, res: &mut Results) -> Res<(
     let (echo_all, echo_secs) = echo?;
     let echo_rts = echo_all.iter().map(Vec::len).sum::<usize>() as f64 / echo_secs;
 
-    env.start_worker(&[]).await?;
+    env.start_worker(&if traced { Env::traced_collector_down() } else { Vec::new() }).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let worker = drive(o, run, &env.prefix.clone()).await;
     env.cleanup().await;
@@ -100,17 +103,17 @@ pub async fn scenario_commands(o: &Opts, run: usize, res: &mut Results) -> Res<(
     let every = sorted(all.iter().flatten().copied().collect());
     let rts = every.len() as f64 / elapsed;
     println!("    {} round trips in {elapsed:.2} s (echo responder: {echo_rts:.0}/s)", every.len());
-    res.record("3 commands", "round trips/s (16 clients)", "1/s", Target::None, rts);
-    res.record("3 commands", "ceiling: echo responder round trips/s", "1/s", Target::None, echo_rts);
-    res.record("3 commands", "worker / echo responder", "ratio", Target::AtLeast(0.7), rts / echo_rts);
+    res.record(sc, "round trips/s (16 clients)", "1/s", Target::None, rts);
+    res.record(sc, "ceiling: echo responder round trips/s", "1/s", Target::None, echo_rts);
+    res.record(sc, "worker / echo responder", "ratio", Target::AtLeast(0.7), rts / echo_rts);
     let echo_every = sorted(echo_all.iter().flatten().copied().collect());
-    res.record("3 commands", "echo responder round trip p50", "ms", Target::None, percentile(&echo_every, 50.0));
-    res.record("3 commands", "round trip p50", "ms", Target::None, percentile(&every, 50.0));
-    res.record("3 commands", "round trip p99", "ms", Target::None, percentile(&every, 99.0));
+    res.record(sc, "echo responder round trip p50", "ms", Target::None, percentile(&echo_every, 50.0));
+    res.record(sc, "round trip p50", "ms", Target::None, percentile(&every, 50.0));
+    res.record(sc, "round trip p99", "ms", Target::None, percentile(&every, 99.0));
     let names = ["session.create p99", "instruction.create p99", "instruction.ack p99"];
     for (k, name) in names.into_iter().enumerate() {
         let v = sorted(std::mem::take(&mut all[k]));
-        res.record("3 commands", name, "ms", Target::None, percentile(&v, 99.0));
+        res.record(sc, name, "ms", Target::None, percentile(&v, 99.0));
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ fn random_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(19090)
 }
 
@@ -70,6 +70,12 @@ impl Env {
 
     pub fn topology(&self) -> Topology {
         Topology::new(&self.prefix)
+    }
+
+    /// The worker's variables that turn span export on, towards a collector that is down (a port nothing listens
+    /// on): what tracing costs the work when every export fails (`ingest-traced`, `commands-traced`).
+    pub fn traced_collector_down() -> Vec<(&'static str, String)> {
+        vec![("ACM_TELEMETRY__OTLP_ENDPOINT", format!("http://127.0.0.1:{}", free_port()))]
     }
 
     fn command(&self, extra: &[(&str, String)]) -> Command {

@@ -121,9 +121,15 @@ pub async fn bare_consumer() -> Res<()> {
 }
 
 /// `transient`: the heartbeats are published with `delivery_mode` 1 (not persisted by the broker), to both the
-/// ceiling and the worker; the figures go under "1b ingest (transient)".
-pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient: bool) -> Res<()> {
-    let sc: &'static str = if transient { "1b ingest (transient)" } else { "1 ingest" };
+/// ceiling and the worker; the figures go under "1b ingest (transient)". `traced`: the worker exports spans to a
+/// collector that is down ([`Env::traced_collector_down`]); the figures go under "1c ingest (traced, collector
+/// down)".
+pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient: bool, traced: bool) -> Res<()> {
+    let sc: &'static str = match (transient, traced) {
+        (true, _) => "1b ingest (transient)",
+        (false, true) => "1c ingest (traced, collector down)",
+        (false, false) => "1 ingest",
+    };
     let mut env = Env::new(o, "ingest");
     env.migrate().await?;
     let db = env.db().await?;
@@ -175,7 +181,7 @@ pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient:
     }
 
     // The worker.
-    let pid = env.start_worker(&[]).await?;
+    let pid = env.start_worker(&if traced { Env::traced_collector_down() } else { Vec::new() }).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let tag = format!("final-{run}");
     let cpu0 = cpu_sample(Some(pid));

@@ -2,8 +2,18 @@
 
 use clap::{ArgAction, Parser};
 
-const SCENARIOS: [&str; 8] =
-    ["ingest", "ingest-transient", "backlog", "latency", "commands", "sweep", "stale1m", "metrics"];
+const SCENARIOS: [&str; 10] = [
+    "ingest",
+    "ingest-transient",
+    "ingest-traced",
+    "backlog",
+    "latency",
+    "commands",
+    "commands-traced",
+    "sweep",
+    "stale1m",
+    "metrics",
+];
 
 const ENV_HELP: &str = "Environment: ACM_BENCH_KEEP_LOGS (set: keep every worker log, not only those of failed \
 scenarios), ACM_BENCH_WORKER_BIN (another worker binary to start instead of the one built with the benchmark).";

@@ -17,6 +17,7 @@ pub mod logs;
 mod messages;
 mod redact;
 pub mod sweeper;
+pub mod telemetry;
 mod validate;
 pub mod worker;
 
@@ -36,6 +37,7 @@ pub use limits::LimitSettings;
 pub use logs::LogsSettings;
 pub use redact::redact_url;
 pub use sweeper::SweeperSettings;
+pub use telemetry::TelemetrySettings;
 pub use worker::WorkerSettings;
 
 /// Path of the documented defaults file, relative to the working directory.
@@ -72,6 +74,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Agents' log lines.
     pub logs: LogsSettings,
+    /// Span export.
+    pub telemetry: TelemetrySettings,
 }
 
 /// `instructions.*`
@@ -232,8 +236,20 @@ impl Settings {
 }
 
 /// The configuration sections; `ACM_<SECTION>__<KEY>` variables configure them.
-pub const SECTIONS: [&str; 10] =
-    ["database", "amqp", "sweeper", "instructions", "outbox", "worker", "http", "log", "security", "limits"];
+pub const SECTIONS: [&str; 12] = [
+    "database",
+    "amqp",
+    "sweeper",
+    "instructions",
+    "outbox",
+    "worker",
+    "http",
+    "log",
+    "security",
+    "limits",
+    "logs",
+    "telemetry",
+];
 
 /// `ACM_<SECTION>__<KEY>` variables; the project's other `ACM_*` variables ([`env::NOT_CONFIGURATION`]) are left
 /// out here and every other one is refused before ([`env::check_environment`]).

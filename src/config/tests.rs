@@ -151,6 +151,26 @@ fn only_section_variables_are_keys() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
+fn every_section_is_configured_by_its_variables() {
+    let value = toml::Value::try_from(Settings::default()).expect("settings serialize");
+    let sections: Vec<&str> = value.as_table().expect("a table").keys().map(String::as_str).collect();
+    let mut known: Vec<&str> = SECTIONS.to_vec();
+    known.sort_unstable();
+    let mut sections = sections.clone();
+    sections.sort_unstable();
+    assert_eq!(known, sections, "SECTIONS lists exactly the sections of Settings");
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ACM_LOGS__RETENTION_DAYS", "3");
+        jail.set_env("ACM_TELEMETRY__OTLP_ENDPOINT", "http://collector:4318");
+        let s = Settings::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(s.logs.retention_days, 3);
+        assert_eq!(s.telemetry.otlp_endpoint, "http://collector:4318");
+        Ok(())
+    });
+}
+
+#[test]
 fn redaction_hides_the_password_of_every_broker_node() {
     let mut s = Settings::default();
     s.amqp.url = "amqp://u:secret-one@a:5672/%2f, amqp://u:secret-two@b:5672/%2f".into();

@@ -121,6 +121,7 @@ impl Settings {
             return bad("http.listen", "must be an address such as 127.0.0.1:9090, or empty");
         }
         self.logs.validate()?;
+        self.telemetry.validate()?;
         Ok(())
     }
 

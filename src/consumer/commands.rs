@@ -19,6 +19,7 @@ use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::metrics::TypeLabel;
 use crate::retry::retry_transient;
+use crate::telemetry::otlp::SpanKind;
 use crate::trace_context::{self, TraceContext};
 
 /// A delivery and what parsing made of it.
@@ -127,12 +128,28 @@ async fn key_task(
         // Applying it continues the trace of its `traceparent` header (a new trace without one): its reply and the
         // events it writes carry that trace.
         let trace = TraceContext::from_headers(d.properties.headers().as_ref());
-        let span = tracing::info_span!("command", trace_id = %trace.trace_id_hex());
-        let applied = trace_context::scope(trace, Box::pin(command(shared, &d, parsed, shutdown)));
-        match tracing::Instrument::instrument(applied, span).await {
-            Err(Error::Shutdown) => return Ok(()),
-            other => other?,
+        let ty = parsed.as_ref().map_or("unknown", |c| c.type_name());
+        let mut span = shared.tracer.span(&format!("process {ty}"), SpanKind::Consumer, &trace);
+        if span.is_recording() {
+            span.set_text("messaging.system", "rabbitmq");
+            span.set_text("messaging.operation.type", "process");
+            span.set_text("messaging.destination.name", shared.topology.queue_name(Queue::Commands));
+            span.set_text("messaging.rabbitmq.destination.routing_key", d.routing_key.as_str());
+            if let Some(id) = d.properties.message_id() {
+                span.set_text("messaging.message.id", id.as_str());
+            }
         }
+        let log_span = tracing::info_span!("command", trace_id = %trace.trace_id_hex());
+        let applied = trace_context::scope(trace, Box::pin(command(shared, &d, parsed, shutdown)));
+        match tracing::Instrument::instrument(applied, log_span).await {
+            Err(Error::Shutdown) => return Ok(()),
+            Err(e) => {
+                span.set_error(&e.to_string());
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        drop(span);
         drop(slot);
         match keys.next(&key) {
             Some(next) => job = next,

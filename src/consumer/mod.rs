@@ -54,6 +54,8 @@ pub struct Shared {
     pub outbox: crate::events::OutboxSignal,
     /// The heartbeat consumer's progress, for the stale sweep.
     pub progress: Arc<crate::sweeper::catch_up::Progress>,
+    /// Records the spans of commands and heartbeat batches (disabled without `telemetry.otlp_endpoint`).
+    pub tracer: crate::telemetry::otlp::Tracer,
 }
 
 /// A short-string AMQP property as text.

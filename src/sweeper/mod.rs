@@ -33,6 +33,7 @@ use crate::db::{Sql, Unnamed};
 use crate::error::Result;
 use crate::events::{write_outbox, EventBody, OutboxSignal};
 use crate::metrics::{Metrics, NameLabel};
+use crate::telemetry::otlp::{SpanKind, Tracer};
 use crate::trace_context::{self, TraceContext};
 use lease::Claim;
 
@@ -256,6 +257,7 @@ pub struct Sweeper {
     metrics: Arc<Metrics>,
     lease: Arc<Lease>,
     outbox: OutboxSignal,
+    tracer: Tracer,
 }
 
 impl Sweeper {
@@ -282,7 +284,12 @@ impl Sweeper {
             metrics.sweeper_failures.get_or_create(&label).inc_by(0);
             metrics.sweeper_changes.get_or_create(&label).inc_by(0);
         }
-        Self { pool, settings, probe, metrics, lease, outbox }
+        Self { pool, settings, probe, metrics, lease, outbox, tracer: Tracer::default() }
+    }
+
+    /// The same sweeper, recording a span for each cycle with `tracer`.
+    pub fn with_tracer(self, tracer: Tracer) -> Self {
+        Self { tracer, ..self }
     }
 
     /// The holder name and lease length this sweeper claims its tasks with.
@@ -308,8 +315,28 @@ impl Sweeper {
     /// writes carry it (`traceparent`).
     pub async fn run_once(&self) -> Result<SweepReport> {
         let trace = TraceContext::new_trace();
-        let span = tracing::info_span!("sweeper_cycle", trace_id = %trace.trace_id_hex());
-        tracing::Instrument::instrument(trace_context::scope(trace, self.cycle()), span).await
+        let mut span = self.tracer.span("sweeper cycle", SpanKind::Internal, &trace);
+        let log_span = tracing::info_span!("sweeper_cycle", trace_id = %trace.trace_id_hex());
+        let report = tracing::Instrument::instrument(trace_context::scope(trace, self.cycle()), log_span).await;
+        if span.is_recording() {
+            match &report {
+                Ok(r) => {
+                    span.set_int("acm.sweeper.stale_connections", r.stale_connections as i64);
+                    span.set_int("acm.sweeper.inactive_sessions", r.inactive_sessions as i64);
+                    span.set_int("acm.sweeper.instructions_retried", r.instructions_retried as i64);
+                    span.set_int("acm.sweeper.instructions_expired", r.instructions_expired as i64);
+                    if r.held.is_some() {
+                        span.set_text("acm.sweeper.brake", "held");
+                    }
+                    if !r.failed_tasks.is_empty() {
+                        let failed: Vec<&str> = r.failed_tasks.iter().map(|(task, _)| task.as_str()).collect();
+                        span.set_error(&format!("tasks failed: {}", failed.join(", ")));
+                    }
+                }
+                Err(e) => span.set_error(&e.to_string()),
+            }
+        }
+        report
     }
 
     async fn cycle(&self) -> Result<SweepReport> {

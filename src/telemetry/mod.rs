@@ -1,4 +1,7 @@
-//! Logging: one place that sets up `tracing`, as text or one JSON object per line, on standard error.
+//! Logging: one place that sets up `tracing`, as text or one JSON object per line, on standard error; and the export
+//! of spans over OTLP/HTTP ([`otlp`]).
+
+pub mod otlp;
 
 use tracing_subscriber::EnvFilter;
 
