@@ -230,7 +230,7 @@ impl Client {
         let reply = self.request(&body, None, timeout).await?;
         match reply_result(&reply) {
             Ok(result) => Ok(serde_json::from_value::<Logs>(result)
-                .map_err(|e| Error::Disconnected(format!("a logs.get reply that is not its schema: {e}")))?
+                .map_err(|e| Error::Reply(format!("a logs.get reply that is not its schema: {e}")))?
                 .logs),
             Err(e) => Err(Error::Command(match e.code.as_str() {
                 "not_found" => CommandError::NotFound(e.message),

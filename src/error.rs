@@ -44,6 +44,17 @@ pub enum Error {
     /// Applying migrations failed.
     #[error("migration: {0}")]
     Migration(String),
+    /// A row the migrations create, or a statement that always returns one, is missing: the database is not as the
+    /// migrations leave it (a row deleted by hand, another schema).
+    #[error("missing row: {0}")]
+    MissingRow(String),
+    /// A reply that does not follow the protocol, or refuses what the caller could not have got wrong (the
+    /// simulator's own requests).
+    #[error("unexpected reply: {0}")]
+    Reply(String),
+    /// A task panicked or was cancelled: a fault in this program, not in its input or its services.
+    #[error("task failed: {0}")]
+    TaskFailed(String),
     /// A command refused with input the caller gave (library calls).
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -234,7 +245,13 @@ impl Error {
             | Error::Nack(_)
             | Error::Disconnected(_)
             | Error::Timeout(_) => true,
-            Error::Config(_) | Error::Migration(_) | Error::Command(_) | Error::Shutdown => false,
+            Error::Config(_)
+            | Error::Migration(_)
+            | Error::MissingRow(_)
+            | Error::Reply(_)
+            | Error::TaskFailed(_)
+            | Error::Command(_)
+            | Error::Shutdown => false,
         }
     }
 }

@@ -137,6 +137,9 @@ impl AgentConnectionManager {
             })?;
             Some(connected)
         };
+        for (old, new) in &self.settings.renamed {
+            tracing::warn!(old, new, "configuration key {old} is now called {new}; read as {new}: rename it");
+        }
         let worker = Worker {
             pool: self.pool.clone(),
             settings: self.settings.clone(),
@@ -160,7 +163,7 @@ impl AgentConnectionManager {
         shutdown.cancel();
         let grace = self.settings.shutdown_grace();
         let result = match tokio::time::timeout(grace, &mut task).await {
-            Ok(done) => done.unwrap_or_else(|e| Err(Error::Disconnected(format!("worker task failed: {e}")))),
+            Ok(done) => done.unwrap_or_else(|e| Err(Error::TaskFailed(format!("the worker: {e}")))),
             Err(_) => {
                 task.abort();
                 tracing::warn!(

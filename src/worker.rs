@@ -299,7 +299,7 @@ impl Worker {
         self.health.set(true, true);
 
         let flatten = |r: std::result::Result<Result<()>, tokio::task::JoinError>| {
-            r.unwrap_or_else(|e| Err(Error::Disconnected(format!("task failed: {e}"))))
+            r.unwrap_or_else(|e| Err(Error::TaskFailed(format!("a worker task: {e}"))))
         };
         let mut failure: Option<Error> = None;
         let mut relay_done = false;

@@ -26,12 +26,14 @@ pub(crate) fn invalid(message: impl Into<String>) -> PyErr {
 pub(crate) fn to_py(e: Error) -> PyErr {
     let text = e.to_string();
     match e {
-        Error::Db(_) | Error::DbUnreachable(_) | Error::Pool(_) | Error::Migration(_) => DatabaseError::new_err(text),
+        Error::Db(_) | Error::DbUnreachable(_) | Error::Pool(_) | Error::Migration(_) | Error::MissingRow(_) => {
+            DatabaseError::new_err(text)
+        }
         Error::Amqp(_) | Error::Nack(_) | Error::Disconnected(_) => BrokerError::new_err(text),
         Error::Timeout(_) => RequestTimeoutError::new_err(text),
         Error::Config(_) => ConfigurationError::new_err(text),
         Error::Command(CommandError::Invalid(m)) => invalid(m),
         Error::Command(c) => CommandRefusedError::new_err((c.to_string(), c.code())),
-        Error::Shutdown => AgentConnectionManagerError::new_err(text),
+        Error::Reply(_) | Error::TaskFailed(_) | Error::Shutdown => AgentConnectionManagerError::new_err(text),
     }
 }

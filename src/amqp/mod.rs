@@ -61,7 +61,7 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection> {
 /// the last failure is the error, naming its node ([`describe_node`]) and why (refused, no answer, credentials).
 pub async fn connect_from(urls: &str, start: usize, name: &str) -> Result<(Connection, usize)> {
     let list = broker_urls(urls);
-    let mut last = Error::Disconnected("no broker URL is configured".into());
+    let mut last = Error::Config(crate::error::ConfigError("amqp.url: no broker URL is configured".into()));
     for step in 0..list.len() {
         let i = (start + step) % list.len();
         let props = ConnectionProperties::default().with_connection_name(name.into());

@@ -26,7 +26,7 @@ pub struct WorkerSettings {
     /// `sweeper.session_inactive_after_secs`.
     pub session_activity_granularity_secs: u64,
     /// Commands applied at once (commands on one connection, instruction or session keep their order; a command waits
-    /// only for its own object's earlier commands and a free place).
+    /// only for its own object's earlier commands and a free lane).
     pub command_lanes: usize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
     /// broker redelivers it) and the process exits.

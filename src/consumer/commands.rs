@@ -60,11 +60,11 @@ impl Keys {
 /// Consumes the command queue until shutdown. Commands with the same order key (the object they change) are applied
 /// one after another in the order this worker received them, by one task of that key; commands with different keys
 /// are applied concurrently, at most `worker.command_lanes` at once, so that a command waits only for its own
-/// object's earlier commands and a free place, never behind another object's.
+/// object's earlier commands and a free lane, never behind another object's.
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
-    let slots = Arc::new(Semaphore::new(s.worker.command_lanes));
+    let lanes = Arc::new(Semaphore::new(s.worker.command_lanes));
     let keys = Arc::new(Keys::default());
     let mut set = JoinSet::new();
     let result = loop {
@@ -74,7 +74,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             Some(done) = set.join_next() => match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => break Err(e),
-                Err(e) => break Err(Error::Disconnected(format!("command task failed: {e}"))),
+                Err(e) => break Err(Error::TaskFailed(format!("a command task: {e}"))),
             },
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
@@ -85,9 +85,9 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
                         Err(_) => format!("\0{}", d.delivery_tag),
                     };
                     if let Some(job) = keys.enqueue(&key, (d, parsed)) {
-                        let (shared, keys, slots, shutdown) =
-                            (shared.clone(), keys.clone(), slots.clone(), shutdown.clone());
-                        set.spawn(async move { key_task(&shared, key, job, &keys, &slots, &shutdown).await });
+                        let (shared, keys, lanes, shutdown) =
+                            (shared.clone(), keys.clone(), lanes.clone(), shutdown.clone());
+                        set.spawn(async move { key_task(&shared, key, job, &keys, &lanes, &shutdown).await });
                     }
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -100,7 +100,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
     let mut first_err = result.err();
     while let Some(done) = set.join_next().await {
-        let r = done.unwrap_or_else(|e| Err(Error::Disconnected(format!("command task failed: {e}"))));
+        let r = done.unwrap_or_else(|e| Err(Error::TaskFailed(format!("a command task: {e}"))));
         if let (Err(e), None) = (r, &first_err) {
             first_err = Some(e);
         }
@@ -109,21 +109,21 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
     first_err.map_or(Ok(()), Err)
 }
 
-/// Applies `first`, then whatever was received for the same key meanwhile, in order, each with a slot; ends (and
+/// Applies `first`, then whatever was received for the same key meanwhile, in order, each in a lane; ends (and
 /// gives up the key) when nothing is left behind it.
 async fn key_task(
     shared: &Shared,
     key: String,
     first: Job,
     keys: &Keys,
-    slots: &Semaphore,
+    lanes: &Semaphore,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut job = first;
     loop {
-        let slot = slots.acquire().await.map_err(|_| Error::Shutdown)?;
+        let lane = lanes.acquire().await.map_err(|_| Error::Shutdown)?;
         let (d, parsed) = job;
-        // Boxed: a task waiting for a place holds only a pointer, not room for a whole command's state (up to
+        // Boxed: a task waiting for a lane holds only a pointer, not room for a whole command's state (up to
         // `amqp.prefetch` tasks can wait).
         // Applying it continues the trace of its `traceparent` header (a new trace without one): its reply and the
         // events it writes carry that trace.
@@ -150,7 +150,7 @@ async fn key_task(
             Ok(()) => {}
         }
         drop(span);
-        drop(slot);
+        drop(lane);
         match keys.next(&key) {
             Some(next) => job = next,
             None => return Ok(()),

@@ -60,7 +60,7 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
     }
     let mut merged = stream::select_all(streams);
     // Deliveries are stamped as they arrive, by a task that only forwards them, so the time a heartbeat then waits
-    // (for a place in the pipeline, for the database) counts against its freshness.
+    // (for its turn in the pipeline, for the database) counts against its freshness.
     let progress = shared.progress.clone();
     progress.restarted();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Stamped>();
@@ -235,7 +235,7 @@ async fn finish_batch(shared: &Shared, done: std::result::Result<Finished, tokio
             Ok(())
         }
         Ok((_, _, Err(e))) => Err(e),
-        Err(e) => Err(Error::Disconnected(format!("heartbeat batch task failed: {e}"))),
+        Err(e) => Err(Error::TaskFailed(format!("a heartbeat batch: {e}"))),
     }
 }
 

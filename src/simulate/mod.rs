@@ -87,7 +87,7 @@ async fn open_sessions(client: &Client, agents: impl Iterator<Item = String>) ->
     for agent_id in agents {
         let reply =
             client.request(&json!({"type": "session.create", "agent_id": agent_id}), None, REPLY_WITHIN).await?;
-        let result = reply_result(&reply).map_err(|e| Error::Disconnected(format!("session.create: {}", e.message)))?;
+        let result = reply_result(&reply).map_err(|e| Error::Reply(format!("session.create: {}", e.message)))?;
         let session_id = result["session_id"].as_str().unwrap_or_default().to_string();
         members.push(Member { agent_id, session_id });
     }
@@ -141,7 +141,7 @@ impl Watch {
             }
             self.progress.tick(&self.tally);
             if let Some(done) = tasks.try_join_next() {
-                done.map_err(|e| Error::Disconnected(format!("a simulated agent failed: {e}")))??;
+                done.map_err(|e| Error::TaskFailed(format!("a simulated agent: {e}")))??;
             }
         }
         Ok(())
@@ -155,8 +155,7 @@ impl Watch {
         for m in members {
             let close = json!({"type": "session.close", "session_id": m.session_id});
             let reply = client.request(&close, None, REPLY_WITHIN).await?;
-            reply_result(&reply)
-                .map_err(|e| Error::Disconnected(format!("session.close {}: {}", m.session_id, e.message)))?;
+            reply_result(&reply).map_err(|e| Error::Reply(format!("session.close {}: {}", m.session_id, e.message)))?;
         }
         let deadline = Instant::now() + LAST_EVENTS_WITHIN;
         let expected = closed_before + members.len() as u64;

@@ -152,9 +152,7 @@ async fn open(client: &Client, m: &Member, connection_id: &str) -> Result<()> {
 /// Sends a command and fails unless the worker accepted it.
 async fn expect_ok(client: &Client, body: serde_json::Value) -> Result<()> {
     let reply = client.request(&body, None, REPLY_WITHIN).await?;
-    reply_result(&reply)
-        .map(|_| ())
-        .map_err(|e| Error::Disconnected(format!("{}: {}: {}", body["type"], e.code, e.message)))
+    reply_result(&reply).map(|_| ()).map_err(|e| Error::Reply(format!("{}: {}: {}", body["type"], e.code, e.message)))
 }
 
 /// The backend: an instruction every half second to the agents in turn, each with a 2 s deadline and one retry.

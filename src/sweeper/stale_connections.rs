@@ -202,7 +202,7 @@ async fn judge_and_close(
             )
             .await?
             .pop()
-            .ok_or_else(|| Error::Migration("sweeper_state has no row for the stale task".into()))?;
+            .ok_or_else(|| Error::MissingRow("sweeper_state has no row for the stale task".into()))?;
         let within_hold: bool = row.get(0);
         let now: DateTime<Utc> = row.get(1);
         let first: bool = row.get(2);
@@ -245,7 +245,7 @@ async fn judge_and_close(
 
 /// The one row of a statement run with `query_typed` (unnamed, one round trip).
 async fn one(client: &tokio_postgres::Client, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row> {
-    client.query_typed(sql, params).await?.pop().ok_or_else(|| Error::Migration(format!("expected a row from: {sql}")))
+    client.query_typed(sql, params).await?.pop().ok_or_else(|| Error::MissingRow(format!("no row from: {sql}")))
 }
 
 #[cfg(test)]
