@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::TestApp;
 use serde_json::json;
 
@@ -325,86 +323,6 @@ async fn stats_are_one_snapshot_of_the_counts() {
     let lib = app.manager.get_connection_stats().await.unwrap();
     assert_eq!(lib.total_instructions_pending, 4);
     assert_eq!(lib.active_sessions, 2);
-    app.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_message_id_gets_the_first_reply_and_changes_nothing() {
-    let mut app = TestApp::start().await;
-    let body = json!({"type": "session.create", "agent_id": "a1"});
-    let first = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
-    let second = app.client.request(&body, Some("msg-1"), Duration::from_secs(20)).await.unwrap();
-    assert_eq!(first, second, "the repeat gets the first reply");
-    let sessions: i64 = app.scalar("SELECT count(*) FROM agent_session").await;
-    assert_eq!(sessions, 1);
-    let sid = first["result"]["session_id"].as_str().unwrap().to_string();
-    let create = json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t", "payload": 1});
-    let a = app.client.request(&create, Some("msg-2"), Duration::from_secs(20)).await.unwrap();
-    let b = app.client.request(&create, Some("msg-2"), Duration::from_secs(20)).await.unwrap();
-    assert_eq!(a, b);
-    let ack = json!({"type": "instruction.ack", "instruction_id": a["result"]["instruction_id"], "agent_id": "a1",
-                     "session_id": sid, "status": "processed"});
-    let a1 = app.client.request(&ack, Some("msg-3"), Duration::from_secs(20)).await.unwrap();
-    let a2 = app.client.request(&ack, Some("msg-3"), Duration::from_secs(20)).await.unwrap();
-    assert_eq!(a1, a2);
-    assert_eq!(a1["result"]["accepted"], true);
-    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction").await, 1);
-    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction_acknowledgement").await, 1);
-    assert_eq!(app.published(|_| true).await, 3, "created, created, acknowledged");
-    app.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inactive_sessions_accept_commands_and_wake_up() {
-    let app = TestApp::start().await;
-    let sid = app.session("a1").await;
-    app.db
-        .execute(
-            "UPDATE agent_session SET last_activity_at = now() - interval '2 hours' WHERE session_id = $1",
-            &[&sid],
-        )
-        .await
-        .unwrap();
-    assert_eq!(app.sweep().await.inactive_sessions, 1);
-    let i = app
-        .ok(json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t", "payload": 1}))
-        .await;
-    let status: String =
-        app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
-    assert_eq!(status, "inactive", "a backend command is not agent activity");
-    app.ok(json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": "a1", "session_id": sid, "status": "received"}))
-        .await;
-    let status: String =
-        app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
-    assert_eq!(status, "active", "an ack is agent activity");
-    app.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ack_moves_session_activity_only_when_older_than_the_granularity() {
-    let app = TestApp::start().await;
-    let sid = app.session("a1").await;
-    let version_sql = format!("SELECT xmin::text FROM agent_session WHERE session_id = '{sid}'");
-    let ack = |i: &serde_json::Value| {
-        json!({"type": "instruction.ack", "instruction_id": i["instruction_id"], "agent_id": "a1",
-               "session_id": sid, "status": "received"})
-    };
-    let create = json!({"type": "instruction.create", "agent_id": "a1", "session_id": sid, "instruction_type": "t",
-                        "payload": 1});
-    // Heard from 30 s ago, within the default granularity (60 s): the ack leaves the session row alone.
-    app.set_session_activity_ago(&sid, "30 seconds").await;
-    let i = app.ok(create.clone()).await;
-    let before: String = app.scalar(&version_sql).await;
-    app.ok(ack(&i)).await;
-    let kept = app.session_activity_age_secs(&sid).await;
-    assert!((29.0..40.0).contains(&kept), "activity within the granularity was rewritten: now {kept} s old");
-    assert_eq!(app.scalar::<String>(&version_sql).await, before, "the session row got a new version");
-    // Heard from 2 minutes ago: the ack moves the activity to now.
-    app.set_session_activity_ago(&sid, "2 minutes").await;
-    let i = app.ok(create).await;
-    app.ok(ack(&i)).await;
-    let moved = app.session_activity_age_secs(&sid).await;
-    assert!(moved < 10.0, "activity older than the granularity was not moved forward: {moved} s old");
     app.cleanup().await;
 }
 

@@ -364,30 +364,6 @@ async fn a_client_cannot_close_with_the_workers_reasons() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reused_message_id_with_another_body_is_a_conflict_and_changes_nothing() {
-    let mut app = TestApp::start().await;
-    let t = Duration::from_secs(20);
-    let first = json!({"type": "session.create", "agent_id": "a1", "session_id": "s1"});
-    let other = json!({"type": "session.create", "agent_id": "a1", "session_id": "s2"});
-    let a = app.client.request(&first, Some("m-1"), t).await.unwrap();
-    assert_eq!(a["result"]["session_id"], "s1", "{a}");
-    let b = app.client.request(&other, Some("m-1"), t).await.unwrap();
-    assert_eq!(b["error"]["code"], "conflict", "{b}");
-    assert_eq!(b["error"]["message"], "message_id m-1 was already used for a different message");
-    // The same body again is a redelivery: the first reply.
-    assert_eq!(app.client.request(&first, Some("m-1"), t).await.unwrap(), a);
-    let ids: Vec<String> =
-        app.db.query("SELECT session_id FROM agent_session", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(ids, ["s1"], "the second command was not applied");
-    assert_eq!(app.published(|_| true).await, 1);
-    // The same message_id for another type is another key.
-    let close =
-        app.client.request(&json!({"type": "session.close", "session_id": "s1"}), Some("m-1"), t).await.unwrap();
-    assert_eq!(close["result"]["closed"], true, "{close}");
-    app.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_senders_may_use_the_same_message_id() {
     let app = TestApp::start().await;
     let prefix = app.settings.amqp.prefix.clone();

@@ -122,12 +122,12 @@ pub async fn bare_consumer() -> Res<()> {
 
 /// `transient`: the heartbeats are published with `delivery_mode` 1 (not persisted by the broker), to both the
 /// ceiling and the worker; the figures go under "1b ingest (transient)". `traced`: the worker exports spans to a
-/// collector that is down ([`Env::traced_collector_down`]); the figures go under "1c ingest (traced, collector
+/// collector that is down ([`Env::traced_collector_down`]); the figures go under "1d ingest (traced, collector
 /// down)".
 pub async fn scenario_ingest(o: &Opts, run: usize, res: &mut Results, transient: bool, traced: bool) -> Res<()> {
     let sc: &'static str = match (transient, traced) {
         (true, _) => "1b ingest (transient)",
-        (false, true) => "1c ingest (traced, collector down)",
+        (false, true) => "1d ingest (traced, collector down)",
         (false, false) => "1 ingest",
     };
     let mut env = Env::new(o, "ingest");

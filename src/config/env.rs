@@ -95,7 +95,8 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
         let k = closest(key, in_section).unwrap_or_default();
         return refuse(format!("unknown section `{section}`"), variable(s, k));
     }
-    if !keys.iter().any(|(s, k)| *s == section && k == key) {
+    let renamed = super::RENAMED.iter().any(|(old, _)| old.split_once('.') == Some((section, key)));
+    if !renamed && !keys.iter().any(|(s, k)| *s == section && k == key) {
         let in_section = keys.iter().filter(|(s, _)| *s == section).map(|(_, k)| k.as_str());
         let k = closest(key, in_section).unwrap_or_default();
         return refuse(format!("unknown key `{key}` in section `{section}`"), variable(section, k));

@@ -76,6 +76,9 @@ pub struct Settings {
     pub logs: LogsSettings,
     /// Span export.
     pub telemetry: TelemetrySettings,
+    /// Old key names this configuration used, each with its new name (read as the new one; the worker warns once).
+    #[serde(skip)]
+    pub renamed: Vec<(&'static str, &'static str)>,
 }
 
 /// `instructions.*`
@@ -99,8 +102,9 @@ pub struct OutboxSettings {
     /// How often the relay looks for events committed by other processes (its own process wakes it at once), and a
     /// standing-by relay whether the relay lease has expired.
     pub poll_interval_ms: u64,
-    /// Idempotency (processed-message) records are deleted after this long.
-    pub retention_secs: u64,
+    /// The old name of `sweeper.idempotency_retention_secs`, still read ([`Settings::renamed`]); never written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
     /// The relay lease: one relay publishes at a time and renews it every third of this (as it claims, and while
     /// its batches await their confirms); when it has not for this long, another relay takes over and publishes
     /// again what the first had not deleted. At least 2.
@@ -152,13 +156,7 @@ impl Default for InstructionSettings {
 
 impl Default for OutboxSettings {
     fn default() -> Self {
-        Self {
-            batch_size: 2000,
-            pipeline: 4,
-            poll_interval_ms: 250,
-            retention_secs: sweeper::RETENTION_DEFAULT.as_secs(),
-            lease_secs: 3,
-        }
+        Self { batch_size: 2000, pipeline: 4, poll_interval_ms: 250, retention_secs: None, lease_secs: 3 }
     }
 }
 
@@ -206,9 +204,27 @@ impl Settings {
 
     /// Extracts and validates settings from any figment (tests build their own).
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let settings: Settings = figment.extract().map_err(|e| ConfigError(one_line(&e)))?;
+        let mut settings: Settings = figment.extract().map_err(|e| ConfigError(one_line(&e)))?;
+        settings.read_old_names()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Moves the values of renamed keys to their new names (recorded in [`Settings::renamed`]); refuses a
+    /// configuration that sets both names to different values.
+    fn read_old_names(&mut self) -> Result<(), ConfigError> {
+        if let Some(old) = self.outbox.retention_secs.take() {
+            let (old_key, new_key) = RENAMED[0];
+            let new = &mut self.sweeper.idempotency_retention_secs;
+            if *new != sweeper::RETENTION_DEFAULT.as_secs() && *new != old {
+                return Err(ConfigError(format!(
+                    "{old_key} (the old name of {new_key}) is {old} and {new_key} is {new}: set only {new_key}"
+                )));
+            }
+            *new = old;
+            self.renamed.push((old_key, new_key));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, with passwords replaced by `***`.
@@ -234,6 +250,10 @@ impl Settings {
         Duration::from_secs(self.sweeper.check_interval_secs)
     }
 }
+
+/// Keys that were renamed, `(old, new)`: the old name is still read, as the new one, with a warning
+/// ([`Settings::renamed`]).
+pub const RENAMED: [(&str, &str); 1] = [("outbox.retention_secs", "sweeper.idempotency_retention_secs")];
 
 /// The configuration sections; `ACM_<SECTION>__<KEY>` variables configure them.
 pub const SECTIONS: [&str; 12] = [

@@ -1,5 +1,5 @@
 //! `sweeper.*`: the cycle and the thresholds of the sweeper's tasks, with their defaults (and the retention task's
-//! `outbox.retention_secs` default). The tasks (`crate::sweeper`) read them from here.
+//! `sweeper.idempotency_retention_secs` default). The tasks (`crate::sweeper`) read them from here.
 
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ pub const INACTIVE_AFTER_DEFAULT: Duration = Duration::from_secs(3600);
 pub const RETRY_WINDOW_DEFAULT: Duration = Duration::from_secs(300);
 
 // The retention task (`sweeper::retention`).
-/// Default `outbox.retention_secs`: one day.
+/// Default `sweeper.idempotency_retention_secs`: one day.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(86_400);
 
 /// `sweeper.*`
@@ -65,6 +65,9 @@ pub struct SweeperSettings {
     pub parallel_batches: usize,
     /// Length of a task's lease; 0: derived from `check_interval_secs` ([`crate::sweeper::lease::length`]).
     pub task_lease_secs: u64,
+    /// Idempotency records (the `message_id`s of applied commands) are deleted after this long: a command sent
+    /// again with the same `message_id` within it is answered with the first reply and not applied again.
+    pub idempotency_retention_secs: u64,
 }
 
 impl Default for SweeperSettings {
@@ -82,6 +85,7 @@ impl Default for SweeperSettings {
             batch_size: BATCH_SIZE_DEFAULT,
             parallel_batches: PARALLEL_BATCHES_DEFAULT,
             task_lease_secs: 0,
+            idempotency_retention_secs: RETENTION_DEFAULT.as_secs(),
         }
     }
 }

@@ -171,6 +171,30 @@ fn every_section_is_configured_by_its_variables() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's own
+fn the_old_name_of_the_idempotency_retention_is_read_and_recorded() {
+    let s = from_toml("[outbox]\nretention_secs = 600\n").unwrap();
+    assert_eq!(s.sweeper.idempotency_retention_secs, 600);
+    assert_eq!(s.renamed, vec![("outbox.retention_secs", "sweeper.idempotency_retention_secs")]);
+    assert_eq!(s.outbox.retention_secs, None, "moved, not kept");
+    let printed = s.to_redacted_toml();
+    assert!(!printed.lines().any(|l| l.starts_with("retention_secs")), "the old name is never printed:\n{printed}");
+    let both = from_toml("[outbox]\nretention_secs = 600\n[sweeper]\nidempotency_retention_secs = 60\n");
+    let e = both.unwrap_err().to_string();
+    assert!(e.contains("outbox.retention_secs") && e.contains("set only sweeper.idempotency_retention_secs"), "{e}");
+    let same = from_toml("[outbox]\nretention_secs = 60\n[sweeper]\nidempotency_retention_secs = 60\n").unwrap();
+    assert_eq!(same.sweeper.idempotency_retention_secs, 60);
+    assert!(Settings::default().renamed.is_empty());
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ACM_OUTBOX__RETENTION_SECS", "120");
+        let s = Settings::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(s.sweeper.idempotency_retention_secs, 120);
+        assert_eq!(s.renamed.len(), 1);
+        Ok(())
+    });
+}
+
+#[test]
 fn redaction_hides_the_password_of_every_broker_node() {
     let mut s = Settings::default();
     s.amqp.url = "amqp://u:secret-one@a:5672/%2f, amqp://u:secret-two@b:5672/%2f".into();

@@ -1,4 +1,4 @@
-//! Deletes idempotency records older than `outbox.retention_secs`, in bounded batches. (Published events are not
+//! Deletes idempotency records older than `sweeper.idempotency_retention_secs`, in bounded batches. (Published events are not
 //! kept: the relay deletes each batch once the broker confirmed it.)
 
 use std::sync::Arc;
@@ -26,7 +26,7 @@ pub struct Config {
 
 impl From<&Settings> for Config {
     fn from(s: &Settings) -> Self {
-        Self { retention: secs(s.outbox.retention_secs), batch_size: s.sweeper.batch_size }
+        Self { retention: secs(s.sweeper.idempotency_retention_secs), batch_size: s.sweeper.batch_size }
     }
 }
 
