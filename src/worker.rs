@@ -289,7 +289,7 @@ impl Worker {
                 confirm_timeout: s.confirm_timeout(),
                 identity: relay_identity.clone(),
             },
-            pipeline: s.outbox.pipeline,
+            pipeline: s.outbox.pipeline.get(),
             poll: Duration::from_millis(s.outbox.poll_interval_ms),
             wake: self.outbox.clone(),
             blocked: self.health.broker_blocked.clone(),

@@ -103,7 +103,7 @@ async fn two_workers_decide_each_transition_once() {
     let mut app = TestApp::start_with(|s| {
         s.sweeper.check_interval_secs = 1;
         s.sweeper.instruction_retry_window_secs = 1;
-        s.worker.command_lanes = 2;
+        s.worker.command_lanes = 2.try_into().unwrap();
     })
     .await;
     let second = Arc::new(AgentConnectionManager::new(app.settings.clone()).unwrap());
@@ -148,7 +148,7 @@ async fn two_workers_decide_each_transition_once() {
 async fn a_relay_with_batches_in_flight_publishes_each_event_once_in_outbox_order() {
     let mut app = TestApp::start_with(|s| {
         s.outbox.batch_size = 7;
-        s.outbox.pipeline = 3;
+        s.outbox.pipeline = 3.try_into().unwrap();
     })
     .await;
     const N: i64 = 500;

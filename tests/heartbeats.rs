@@ -290,8 +290,8 @@ async fn one_mixed_batch_takes_the_fast_and_the_slow_path_correctly() {
 async fn pipelined_batches_keep_the_latest_client_info() {
     // Small batches, two in flight: many consecutive batches touch the same three connections.
     let app = TestApp::unstarted_with(|s| {
-        s.worker.heartbeat_batch_size = 5;
-        s.worker.heartbeat_pipeline = 2;
+        s.worker.heartbeat_batch_size = 5.try_into().unwrap();
+        s.worker.heartbeat_pipeline = 2.try_into().unwrap();
     })
     .await;
     let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();

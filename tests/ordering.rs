@@ -98,7 +98,7 @@ async fn a_heartbeat_before_the_open_is_completed_by_the_open() {
 /// hash of the object would have queued about half of them behind it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_held_up_holds_up_only_its_own_objects_commands() {
-    let app = TestApp::start_with(|s| s.worker.command_lanes = 2).await;
+    let app = TestApp::start_with(|s| s.worker.command_lanes = 2.try_into().unwrap()).await;
     let held = app.session("a0").await;
     let mut others = Vec::new();
     for i in 1..=10 {

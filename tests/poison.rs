@@ -11,7 +11,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_dead_lettered_with_their_reason() {
-    let app = TestApp::start_with(|s| s.amqp.max_message_bytes = 2048).await;
+    let app = TestApp::start_with(|s| s.amqp.max_message_bytes = 2048.try_into().unwrap()).await;
     let sid = app.session("a1").await;
     let big = format!(r#"{{"type":"session.close","session_id":"{}"}}"#, "x".repeat(4096));
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![

@@ -37,7 +37,7 @@ async fn broker_latency_floor(o: &Opts, prefix: &str) -> Res<Vec<f64>> {
         ..Settings::default()
     };
     topology.declare(&conn, &settings).await?;
-    ch.basic_qos(defaults.amqp.prefetch, BasicQosOptions::default()).await?;
+    ch.basic_qos(defaults.amqp.prefetch.get(), BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
             topology.heartbeat_queue.as_str().into(),
@@ -49,7 +49,7 @@ async fn broker_latency_floor(o: &Opts, prefix: &str) -> Res<Vec<f64>> {
     let total = (o.rate * o.latency_secs) as usize;
     let stamps: Arc<Vec<Mutex<Option<Instant>>>> = Arc::new((0..total).map(|_| Mutex::new(None)).collect());
     let received = {
-        let (stamps, max) = (stamps.clone(), defaults.worker.heartbeat_batch_size);
+        let (stamps, max) = (stamps.clone(), defaults.worker.heartbeat_batch_size.get());
         tokio::spawn(async move {
             let mut out = Vec::with_capacity(total);
             let deadline = Instant::now() + Duration::from_secs(o_latency_deadline(total));

@@ -102,7 +102,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     let defaults = Settings::default();
     let env_or = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let batch = env_or("ACM_OUTBOX__BATCH_SIZE", defaults.outbox.batch_size as usize);
-    let pipeline = env_or("ACM_OUTBOX__PIPELINE", defaults.outbox.pipeline);
+    let pipeline = env_or("ACM_OUTBOX__PIPELINE", defaults.outbox.pipeline.get());
     let floor = broker_floor(o, &env.topology().event_exchange, events, batch, pipeline, 1).await?;
     println!("    broker floor, the relay's pattern ({pipeline} x {batch} unconfirmed, 1 connection): {floor:.2} s");
     let wide = broker_floor(o, &env.topology().event_exchange, events, 5000, 4, 4).await?;

@@ -144,7 +144,10 @@ impl Topology {
         cmd_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter.as_str().into()));
         if amqp.command_queue_type == QueueType::Quorum {
             cmd_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-            cmd_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(amqp.command_delivery_limit as i64));
+            cmd_args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(amqp.command_delivery_limit.get())),
+            );
         }
         ch.queue_declare(self.command_queue.as_str().into(), durable_q, cmd_args).await?;
         self.bind(&ch, Queue::Commands).await?;

@@ -1,6 +1,8 @@
 //! `amqp.*`: the broker, the names and types of the queues, and publishing limits (used by `amqp`, the consumers
 //! and the relay).
 
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
+
 use serde::{Deserialize, Serialize};
 
 /// `amqp.*`
@@ -11,8 +13,8 @@ pub struct AmqpSettings {
     pub url: String,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
-    /// Prefetch per consumer.
-    pub prefetch: u16,
+    /// Prefetch per consumer (at least 1: the type refuses 0).
+    pub prefetch: NonZeroU16,
     /// Type of the command queue.
     pub command_queue_type: QueueType,
     /// Type of the heartbeat queue: `classic` (one node) or `quorum` (replicated over a cluster's nodes).
@@ -20,9 +22,9 @@ pub struct AmqpSettings {
     /// Heartbeat queues, spread by agent with the consistent-hash exchange when more than 1.
     pub heartbeat_shards: u32,
     /// Largest accepted message body in bytes.
-    pub max_message_bytes: usize,
+    pub max_message_bytes: NonZeroUsize,
     /// Deliveries of one command message before the broker dead-letters it (quorum queues only).
-    pub command_delivery_limit: u32,
+    pub command_delivery_limit: NonZeroU32,
     /// Longest wait for the broker's confirm of a publish (reply, dead letter, relay batch); then it counts as not
     /// published.
     pub confirm_timeout_secs: u64,
@@ -43,12 +45,12 @@ impl Default for AmqpSettings {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "agent".into(),
-            prefetch: 2000,
+            prefetch: NonZeroU16::new(2000).expect("not zero"),
             command_queue_type: QueueType::Quorum,
             heartbeat_queue_type: QueueType::Classic,
             heartbeat_shards: 1,
-            max_message_bytes: 1_048_576,
-            command_delivery_limit: 20,
+            max_message_bytes: NonZeroUsize::new(1_048_576).expect("not zero"),
+            command_delivery_limit: NonZeroU32::new(20).expect("not zero"),
             confirm_timeout_secs: 10,
         }
     }

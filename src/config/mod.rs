@@ -98,7 +98,7 @@ pub struct OutboxSettings {
     /// Events claimed, published and deleted per relay batch.
     pub batch_size: i64,
     /// Relay batches in flight at once: the next is claimed and published while the broker confirms the previous.
-    pub pipeline: usize,
+    pub pipeline: std::num::NonZeroUsize,
     /// How often the relay looks for events committed by other processes (its own process wakes it at once), and a
     /// standing-by relay whether the relay lease has expired.
     pub poll_interval_ms: u64,
@@ -156,7 +156,13 @@ impl Default for InstructionSettings {
 
 impl Default for OutboxSettings {
     fn default() -> Self {
-        Self { batch_size: 2000, pipeline: 4, poll_interval_ms: 250, retention_secs: None, lease_secs: 3 }
+        Self {
+            batch_size: 2000,
+            pipeline: std::num::NonZeroUsize::new(4).expect("not zero"),
+            poll_interval_ms: 250,
+            retention_secs: None,
+            lease_secs: 3,
+        }
     }
 }
 

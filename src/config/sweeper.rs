@@ -10,7 +10,7 @@ pub const CHECK_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// Default `sweeper.batch_size`: rows changed per statement (and transaction).
 pub const BATCH_SIZE_DEFAULT: i64 = 1000;
 /// Default `sweeper.parallel_batches`: batch transactions a task runs at once.
-pub const PARALLEL_BATCHES_DEFAULT: usize = 3;
+pub const PARALLEL_BATCHES_DEFAULT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(3).expect("not zero");
 
 // The stale-connection task (`sweeper::stale_connections`).
 /// Default `connection_stale_after_secs`.
@@ -62,7 +62,7 @@ pub struct SweeperSettings {
     /// Rows changed per statement (and transaction).
     pub batch_size: i64,
     /// Batch transactions a task runs at once when more than one batch is due.
-    pub parallel_batches: usize,
+    pub parallel_batches: std::num::NonZeroUsize,
     /// Length of a task's lease; 0: derived from `check_interval_secs` ([`crate::sweeper::lease::length`]).
     pub task_lease_secs: u64,
     /// Idempotency records (the `message_id`s of applied commands) are deleted after this long: a command sent

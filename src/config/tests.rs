@@ -13,13 +13,13 @@ fn defaults_are_valid_and_as_documented() {
     s.validate_worker().unwrap();
     assert_eq!(s.database.pool_size, 20);
     assert_eq!(s.amqp.prefix, "agent");
-    assert_eq!(s.amqp.prefetch, 2000);
+    assert_eq!(s.amqp.prefetch.get(), 2000);
     assert_eq!(s.amqp.command_queue_type, QueueType::Quorum);
     assert_eq!(s.sweeper.check_interval_secs, 30);
     assert_eq!(s.sweeper.connection_stale_after_secs, 120);
     assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
     assert_eq!(s.http.listen, "");
-    assert_eq!(s.amqp.max_message_bytes, 1_048_576);
+    assert_eq!(s.amqp.max_message_bytes.get(), 1_048_576);
     assert_eq!(s.amqp.confirm_timeout_secs, 10);
     assert_eq!(s.outbox.lease_secs, 3);
     assert_eq!(s.database.statement_timeout_secs, 30);
@@ -67,7 +67,7 @@ fn the_session_activity_granularity_must_be_below_the_inactivity_threshold() {
 #[test]
 fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
     let mut s = Settings::default();
-    s.amqp.prefetch = 1000;
+    s.amqp.prefetch = 1000.try_into().unwrap();
     let e = s.validate_worker().unwrap_err().to_string();
     assert!(e.contains("amqp.prefetch:") && e.contains("worker.heartbeat_pipeline"), "{e}");
     let mut s = Settings::default();
@@ -75,7 +75,7 @@ fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
     let e = s.validate_worker().unwrap_err().to_string();
     assert!(e.contains("database.pool_size:") && e.contains("19"), "{e}");
     assert!(!e.contains('\n'));
-    s.worker.command_lanes = 7;
+    s.worker.command_lanes = 7.try_into().unwrap();
     s.validate_worker().unwrap();
 }
 
@@ -91,7 +91,21 @@ fn a_bad_value_names_its_key_on_one_line() {
     let e = from_toml("[amqp]\nurl = \"http://x\"").unwrap_err().to_string();
     assert!(e.contains("amqp.url"), "{e}");
     let e = from_toml("[amqp]\nnope = 1").unwrap_err().to_string();
-    assert!(e.contains("nope"), "{e}");
+    assert!(e.contains("nope"), "{e}"); // What a type says (not zero) is refused by the type, naming the key too.
+    for (section, key) in [
+        ("amqp", "prefetch"),
+        ("amqp", "max_message_bytes"),
+        ("amqp", "command_delivery_limit"),
+        ("worker", "heartbeat_batch_size"),
+        ("worker", "heartbeat_pipeline"),
+        ("worker", "command_lanes"),
+        ("outbox", "pipeline"),
+        ("sweeper", "parallel_batches"),
+    ] {
+        let e = from_toml(&format!("[{section}]\n{key} = 0")).unwrap_err().to_string();
+        assert!(e.contains(&format!("{section}.{key}")) && e.contains("nonzero"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
 }
 
 #[test]

@@ -36,17 +36,8 @@ impl Settings {
         if !prefix_ok {
             return bad("amqp.prefix", "must be 1-200 characters of letters, digits, '-', '_', '.', ':'");
         }
-        if self.amqp.prefetch == 0 {
-            return bad("amqp.prefetch", "must be at least 1");
-        }
         if !(1..=MAX_HEARTBEAT_SHARDS).contains(&self.amqp.heartbeat_shards) {
             return bad("amqp.heartbeat_shards", &format!("must be from 1 to {MAX_HEARTBEAT_SHARDS}"));
-        }
-        if self.amqp.max_message_bytes == 0 {
-            return bad("amqp.max_message_bytes", "must be at least 1");
-        }
-        if self.amqp.command_delivery_limit == 0 {
-            return bad("amqp.command_delivery_limit", "must be at least 1");
         }
         let s = &self.sweeper;
         for (key, v) in [
@@ -87,29 +78,14 @@ impl Settings {
         if s.batch_size < 1 {
             return bad("sweeper.batch_size", "must be at least 1");
         }
-        if s.parallel_batches == 0 {
-            return bad("sweeper.parallel_batches", "must be at least 1");
-        }
         if self.outbox.batch_size < 1 {
             return bad("outbox.batch_size", "must be at least 1");
-        }
-        if self.worker.heartbeat_batch_size == 0 {
-            return bad("worker.heartbeat_batch_size", "must be at least 1");
-        }
-        if self.outbox.pipeline == 0 {
-            return bad("outbox.pipeline", "must be at least 1");
-        }
-        if self.worker.heartbeat_pipeline == 0 {
-            return bad("worker.heartbeat_pipeline", "must be at least 1");
         }
         if self.worker.session_activity_granularity_secs >= s.session_inactive_after_secs {
             return bad(
                 "worker.session_activity_granularity_secs",
                 "must be below sweeper.session_inactive_after_secs (a session heard from must not look inactive)",
             );
-        }
-        if self.worker.command_lanes == 0 {
-            return bad("worker.command_lanes", "must be at least 1");
         }
         if self.outbox.lease_secs < 2 {
             return bad("outbox.lease_secs", "must be at least 2 (the holder renews it every third of it)");
@@ -129,10 +105,10 @@ impl Settings {
     /// applied at once, relay batch in flight and sweeper batch transaction, plus one for the statistics of `/metrics`
     /// and one for the log consumer's batch.
     pub fn worker_connections(&self) -> usize {
-        self.worker.heartbeat_pipeline
-            + self.worker.command_lanes
-            + self.outbox.pipeline
-            + self.sweeper.parallel_batches
+        self.worker.heartbeat_pipeline.get()
+            + self.worker.command_lanes.get()
+            + self.outbox.pipeline.get()
+            + self.sweeper.parallel_batches.get()
             + 2
     }
 
@@ -141,8 +117,8 @@ impl Settings {
     /// need them.
     pub fn validate_worker(&self) -> Result<(), ConfigError> {
         let w = &self.worker;
-        let needed = w.heartbeat_batch_size.saturating_mul(w.heartbeat_pipeline);
-        if usize::from(self.amqp.prefetch) < needed {
+        let needed = w.heartbeat_batch_size.get().saturating_mul(w.heartbeat_pipeline.get());
+        if usize::from(self.amqp.prefetch.get()) < needed {
             return Err(ConfigError(format!(
                 "amqp.prefetch: {} is below worker.heartbeat_batch_size x worker.heartbeat_pipeline ({needed}); \
                  the later batches of the pipeline would never fill",

@@ -1,6 +1,7 @@
 //! `worker.*`: the worker's identity, how much it applies at once, and its shutdown grace (used by the consumers,
 //! the heartbeat batches and the worker).
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,16 +19,16 @@ pub struct WorkerSettings {
     /// random id, unique to each process (a restarted worker then waits for its old lease to expire).
     pub id: String,
     /// Heartbeat deliveries applied in one transaction at most.
-    pub heartbeat_batch_size: usize,
+    pub heartbeat_batch_size: NonZeroUsize,
     /// Heartbeat batches in flight at once: the next batch is applied while the previous one commits.
-    pub heartbeat_pipeline: usize,
+    pub heartbeat_pipeline: NonZeroUsize,
     /// Agent activity (a heartbeat, `connection.open`/`close`, `instruction.ack`) moves its session's
     /// `last_activity_at` only when that is older than this, in seconds; must be below
     /// `sweeper.session_inactive_after_secs`.
     pub session_activity_granularity_secs: u64,
     /// Commands applied at once (commands on one connection, instruction or session keep their order; a command waits
     /// only for its own object's earlier commands and a free lane).
-    pub command_lanes: usize,
+    pub command_lanes: NonZeroUsize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
     /// broker redelivers it) and the process exits.
     pub shutdown_grace_secs: u64,
@@ -37,10 +38,10 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             id: String::new(),
-            heartbeat_batch_size: 1000,
-            heartbeat_pipeline: 2,
+            heartbeat_batch_size: NonZeroUsize::new(1000).expect("not zero"),
+            heartbeat_pipeline: NonZeroUsize::new(2).expect("not zero"),
             session_activity_granularity_secs: ACTIVITY_GRANULARITY_DEFAULT.as_secs(),
-            command_lanes: 8,
+            command_lanes: NonZeroUsize::new(8).expect("not zero"),
             shutdown_grace_secs: 20,
         }
     }

@@ -64,7 +64,7 @@ impl Keys {
 pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let mut consumer = consume(&shared, &channel, Queue::Commands).await?;
-    let lanes = Arc::new(Semaphore::new(s.worker.command_lanes));
+    let lanes = Arc::new(Semaphore::new(s.worker.command_lanes.get()));
     let keys = Arc::new(Keys::default());
     let mut set = JoinSet::new();
     let result = loop {
@@ -78,7 +78,7 @@ pub async fn commands(shared: Arc<Shared>, channel: Channel, shutdown: Cancellat
             },
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
-                    let parsed = Command::parse(&d.data, s.amqp.max_message_bytes);
+                    let parsed = Command::parse(&d.data, s.amqp.max_message_bytes.get());
                     // Poison has no order to keep: each gets a key of its own (no order key starts with NUL).
                     let key = match &parsed {
                         Ok(cmd) => cmd.order_key(),

@@ -50,7 +50,7 @@ pub fn shard_prefetch(prefetch: u16, shards: usize) -> u16 {
 pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: CancellationToken) -> Result<()> {
     let s = &shared.settings;
     let queues = shared.topology.heartbeat_queues();
-    let prefetch = shard_prefetch(s.amqp.prefetch, queues.len());
+    let prefetch = shard_prefetch(s.amqp.prefetch.get(), queues.len());
     let mut streams: Vec<BoxStream<'static, ShardItem>> = Vec::with_capacity(queues.len());
     let mut tags = Vec::with_capacity(queues.len());
     for (i, (channel, queue)) in channels.iter().zip(&queues).enumerate() {
@@ -76,8 +76,8 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
     });
     let _forward = AbortOnDrop(forward);
     let mut consumer = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let depth = s.worker.heartbeat_pipeline.max(1);
-    let max = batch_limit(s.worker.heartbeat_batch_size, depth, s.amqp.prefetch);
+    let depth = s.worker.heartbeat_pipeline.get();
+    let max = batch_limit(s.worker.heartbeat_batch_size.get(), depth, s.amqp.prefetch.get());
     let mut in_flight: FuturesOrdered<tokio::task::JoinHandle<Finished>> = FuturesOrdered::new();
     let mut outcome = Ok(());
     // Cleared by the first batch that fails: acknowledging a later one (`multiple`) would acknowledge it too.

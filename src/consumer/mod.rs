@@ -65,7 +65,7 @@ pub(crate) fn prop(p: &Option<lapin::types::ShortString>) -> Option<String> {
 
 /// Starts consuming `queue` on `channel` with `amqp.prefetch` unacknowledged deliveries at most.
 pub(crate) async fn consume(shared: &Shared, channel: &Channel, queue: Queue) -> Result<Consumer> {
-    consume_queue(channel, shared.topology.queue_name(queue), shared.settings.amqp.prefetch).await
+    consume_queue(channel, shared.topology.queue_name(queue), shared.settings.amqp.prefetch.get()).await
 }
 
 /// Starts consuming the queue named `queue` on `channel` with `prefetch` unacknowledged deliveries at most.
@@ -109,7 +109,7 @@ pub(crate) async fn admit<T: Message + Clone>(
     queue: Queue,
     what: &str,
 ) -> Result<Option<T>> {
-    let cmd = match Command::parse(&d.data, shared.settings.amqp.max_message_bytes) {
+    let cmd = match Command::parse(&d.data, shared.settings.amqp.max_message_bytes.get()) {
         Ok(cmd) => cmd,
         Err(why) => {
             reject(shared, d, "unknown", &why, CommandError::Invalid(why.to_string())).await?;

@@ -30,7 +30,7 @@ impl From<&SweeperSettings> for Config {
         Self {
             inactive_after: secs(s.session_inactive_after_secs),
             batch_size: s.batch_size,
-            parallel: s.parallel_batches,
+            parallel: s.parallel_batches.get(),
         }
     }
 }

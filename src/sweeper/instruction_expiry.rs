@@ -35,7 +35,7 @@ impl From<&SweeperSettings> for Config {
         Self {
             retry_window: secs(s.instruction_retry_window_secs),
             batch_size: s.batch_size,
-            parallel: s.parallel_batches,
+            parallel: s.parallel_batches.get(),
         }
     }
 }

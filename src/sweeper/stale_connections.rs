@@ -62,7 +62,7 @@ impl From<&SweeperSettings> for Config {
             max_heartbeat_backlog: s.max_heartbeat_backlog,
             max_hold: secs(s.stale_brake_max_hold_secs),
             batch_size: s.batch_size,
-            parallel: s.parallel_batches,
+            parallel: s.parallel_batches.get(),
         }
     }
 }
