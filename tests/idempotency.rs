@@ -1,11 +1,13 @@
 //! Idempotency: a command sent again with its `message_id` gets the first reply and changes nothing; the same
-//! `message_id` with another body is a conflict. (Two senders' keys are apart: `tests/security.rs`, which has the
-//! broker users.)
+//! `message_id` with another body is a conflict; each sender's keys are its own, and one sender's flood of records or
+//! dead letters pushes out nothing of another's.
 
 mod common;
 
 use std::time::Duration;
 
+use agent_connection_manager::client::Client;
+use common::broker_user::BrokerUser;
 use common::TestApp;
 use serde_json::json;
 
@@ -56,5 +58,95 @@ async fn a_reused_message_id_with_another_body_is_a_conflict_and_changes_nothing
     let close =
         app.client.request(&json!({"type": "session.close", "session_id": "s1"}), Some("m-1"), t).await.unwrap();
     assert_eq!(close["result"]["closed"], true, "{close}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_may_use_the_same_message_id() {
+    let app = TestApp::start().await;
+    let prefix = app.settings.amqp.prefix.clone();
+    let one = BrokerUser::create("backend-one");
+    let two = BrokerUser::create("backend-two");
+    let as_one = Client::connect(&one.url(), &prefix).await.unwrap().with_user_id(&one.name);
+    let as_two = Client::connect(&two.url(), &prefix).await.unwrap().with_user_id(&two.name);
+    let t = Duration::from_secs(20);
+    let b1 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-one"});
+    let b2 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-two"});
+    let (r1, r2) = tokio::join!(as_one.request(&b1, Some("same"), t), as_two.request(&b2, Some("same"), t));
+    assert_eq!(r1.unwrap()["result"]["session_id"], "s-one");
+    assert_eq!(r2.unwrap()["result"]["session_id"], "s-two");
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 2, "both applied");
+    let senders: Vec<String> = app
+        .db
+        .query("SELECT sender FROM processed_message WHERE message_id = 'same' ORDER BY sender", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = vec![one.name.clone(), two.name.clone()];
+    expected.sort();
+    assert_eq!(senders, expected, "each sender's key is its own");
+    // Without a user_id the sender is '', a key of its own too.
+    let r = app
+        .client
+        .request(&json!({"type": "session.create", "agent_id": "x", "session_id": "s-anon"}), Some("same"), t)
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["session_id"], "s-anon", "{r}");
+    for c in [as_one, as_two] {
+        c.close().await;
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_senders_flood_pushes_out_nothing_of_anothers() {
+    const FLOOD: usize = 400;
+    let app = TestApp::start().await;
+    let prefix = app.settings.amqp.prefix.clone();
+    let quiet = BrokerUser::create("quiet-backend");
+    let greedy = BrokerUser::create("greedy-backend");
+    let as_quiet = Client::connect(&quiet.url(), &prefix).await.unwrap().with_user_id(&quiet.name);
+    let as_greedy = Client::connect(&greedy.url(), &prefix).await.unwrap().with_user_id(&greedy.name);
+    let t = Duration::from_secs(20);
+
+    // The quiet sender's one idempotency record and one dead letter, first.
+    let body = json!({"type": "session.create", "agent_id": "quiet", "session_id": "s-quiet"});
+    let first = as_quiet.request(&body, Some("keep-me"), t).await.unwrap();
+    assert_eq!(first["result"]["session_id"], "s-quiet", "{first}");
+    let quiet_poison = json!({"type": "session.create", "agent_id": "", "session_id": "quiet-poison"});
+    as_quiet.send(&quiet_poison, Some("quiet-poison")).await.unwrap();
+
+    // The greedy sender: a record and a dead letter for every one of FLOOD messages.
+    for chunk in (0..FLOOD).collect::<Vec<_>>().chunks(50) {
+        let requests = chunk.iter().map(|i| {
+            let b = json!({"type": "session.create", "agent_id": "greedy", "session_id": format!("s-greedy-{i}")});
+            let client = &as_greedy;
+            async move { client.request(&b, Some(&format!("greedy-{i}")), t).await }
+        });
+        for r in futures_util::future::join_all(requests).await {
+            assert_eq!(r.expect("a reply")["ok"], true);
+        }
+    }
+    for i in 0..FLOOD {
+        let poison = json!({"type": "session.create", "agent_id": "", "session_id": format!("greedy-poison-{i}")});
+        as_greedy.send(&poison, Some(&format!("poison-{i}"))).await.unwrap();
+    }
+
+    // Every dead letter is kept (no overflow pushes the oldest out), the quiet sender's among them.
+    let letters = common::dead_letters(&app.settings, FLOOD + 1).await;
+    let quiet_letters = letters.iter().filter(|(_, b)| b.as_slice() == quiet_poison.to_string().as_bytes()).count();
+    assert_eq!(letters.len(), FLOOD + 1);
+    assert_eq!(quiet_letters, 1, "the quiet sender's dead letter is kept");
+    assert!(letters.iter().all(|(reason, _)| !reason.is_empty()), "each dead letter says why");
+    // The quiet sender's record still answers its repeat with the first reply, and nothing is applied twice.
+    assert_eq!(as_quiet.request(&body, Some("keep-me"), t).await.unwrap(), first);
+    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session WHERE agent_id = 'quiet'").await, 1);
+    let records: i64 = app.scalar("SELECT count(*) FROM processed_message").await;
+    assert_eq!(records, FLOOD as i64 + 1, "every record is kept, each under its sender");
+    for c in [as_quiet, as_greedy] {
+        c.close().await;
+    }
     app.cleanup().await;
 }

@@ -2,50 +2,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use agent_connection_manager::amqp::json_properties;
 use agent_connection_manager::client::Client;
 use agent_connection_manager::{db, Settings};
-use common::{dead_letters, eventually, rabbitmqctl, random_suffix, TestApp};
+use common::broker_user::BrokerUser;
+use common::{dead_letters, eventually, TestApp};
 use serde_json::json;
-
-/// A RabbitMQ user that exists for the test's lifetime.
-struct BrokerUser {
-    name: String,
-    password: String,
-}
-
-impl BrokerUser {
-    fn create(prefix: &str) -> Self {
-        Self::with_permissions(prefix, [".*", ".*", ".*"])
-    }
-
-    fn with_permissions(prefix: &str, [configure, write, read]: [&str; 3]) -> Self {
-        let name = format!("{prefix}-{}", random_suffix());
-        let password = random_suffix();
-        rabbitmqctl(&["add_user", &name, &password]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &name, configure, write, read]);
-        Self { name, password }
-    }
-
-    fn topic_permissions(&self, exchange: &str, write: &str) {
-        rabbitmqctl(&["set_topic_permissions", "-p", "/", &self.name, exchange, write, "^$"]);
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
-    }
-}
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        if let Some(ctl) = common::programs::find_program_in("rabbitmqctl", &common::programs::rabbitmqctl_dirs()) {
-            let _ = Command::new(ctl).args(["delete_user", &self.name]).output();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_are_held_to_their_broker_identity() {
@@ -360,44 +324,5 @@ async fn a_client_cannot_close_with_the_workers_reasons() {
     assert_eq!(r["closed"], true);
     let reason: String = app.scalar("SELECT close_reason::text FROM agent_connection WHERE connection_id = 'c1'").await;
     assert_eq!(reason, "client_disconnect");
-    app.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_senders_may_use_the_same_message_id() {
-    let app = TestApp::start().await;
-    let prefix = app.settings.amqp.prefix.clone();
-    let one = BrokerUser::create("backend-one");
-    let two = BrokerUser::create("backend-two");
-    let as_one = Client::connect(&one.url(), &prefix).await.unwrap().with_user_id(&one.name);
-    let as_two = Client::connect(&two.url(), &prefix).await.unwrap().with_user_id(&two.name);
-    let t = Duration::from_secs(20);
-    let b1 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-one"});
-    let b2 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-two"});
-    let (r1, r2) = tokio::join!(as_one.request(&b1, Some("same"), t), as_two.request(&b2, Some("same"), t));
-    assert_eq!(r1.unwrap()["result"]["session_id"], "s-one");
-    assert_eq!(r2.unwrap()["result"]["session_id"], "s-two");
-    assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 2, "both applied");
-    let senders: Vec<String> = app
-        .db
-        .query("SELECT sender FROM processed_message WHERE message_id = 'same' ORDER BY sender", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut expected = vec![one.name.clone(), two.name.clone()];
-    expected.sort();
-    assert_eq!(senders, expected, "each sender's key is its own");
-    // Without a user_id the sender is '', a key of its own too.
-    let r = app
-        .client
-        .request(&json!({"type": "session.create", "agent_id": "x", "session_id": "s-anon"}), Some("same"), t)
-        .await
-        .unwrap();
-    assert_eq!(r["result"]["session_id"], "s-anon", "{r}");
-    for c in [as_one, as_two] {
-        c.close().await;
-    }
     app.cleanup().await;
 }

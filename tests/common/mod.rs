@@ -4,6 +4,8 @@
 
 #[path = "bounded.rs"]
 pub mod bounded;
+#[path = "broker_user.rs"]
+pub mod broker_user;
 #[path = "programs.rs"]
 pub mod programs;
 #[allow(unused_imports)] // each test binary uses some of them
