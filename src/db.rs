@@ -96,7 +96,7 @@ pub fn host_configs(settings: &DatabaseSettings, limits: Limits) -> Result<Vec<t
 
 /// The bound of one host's connection attempt: the URL's `connect_timeout`, else `database.checkout_timeout_secs`.
 pub fn per_host_timeout(settings: &DatabaseSettings, config: &tokio_postgres::Config) -> Duration {
-    config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(settings.checkout_timeout_secs))
+    config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(settings.checkout_timeout_secs.get()))
 }
 
 fn bounded(mut config: tokio_postgres::Config, settings: &DatabaseSettings, limits: Limits) -> tokio_postgres::Config {
@@ -134,7 +134,7 @@ fn bounded(mut config: tokio_postgres::Config, settings: &DatabaseSettings, limi
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(settings.checkout_timeout_secs));
+        config.connect_timeout(Duration::from_secs(settings.checkout_timeout_secs.get()));
     }
     config
 }
@@ -180,9 +180,9 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool> {
         Some(tls) => Manager::from_connect(first, hosts::HostsConnect { hosts, tls, per_host }, mc),
         None => Manager::from_connect(first, hosts::HostsConnect { hosts, tls: NoTls, per_host }, mc),
     };
-    let timeout = Some(Duration::from_secs(settings.checkout_timeout_secs));
+    let timeout = Some(Duration::from_secs(settings.checkout_timeout_secs.get()));
     let pool = Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(settings.pool_size.get())
         .wait_timeout(timeout)
         .create_timeout(Some(budget))
         .recycle_timeout(timeout)
@@ -203,7 +203,7 @@ fn hosts_of(settings: &DatabaseSettings) -> Result<Vec<tokio_postgres::Config>> 
 pub fn connect_budget(settings: &DatabaseSettings, hosts: &[tokio_postgres::Config]) -> Duration {
     let before_last = hosts.len().saturating_sub(1) as u32;
     let per_host = hosts.first().map(|c| per_host_timeout(settings, c)).unwrap_or_default();
-    Duration::from_secs(settings.checkout_timeout_secs) + per_host * before_last
+    Duration::from_secs(settings.checkout_timeout_secs.get()) + per_host * before_last
 }
 
 /// Opens one connection outside the pool (to `dbname` instead of the configured database when given), driving it

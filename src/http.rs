@@ -55,7 +55,7 @@ impl StatsCache {
         let refresh = tokio::spawn(async move {
             // Bounded like every other wait: a refresh that cannot finish within the interval is given up; the next
             // scrape after the interval starts another.
-            let limit = m.settings().http.stats_cache_secs.max(1);
+            let limit = m.settings().http.stats_cache_secs.get();
             match tokio::time::timeout(Duration::from_secs(limit), m.get_connection_stats()).await {
                 Ok(Ok(s)) => {
                     let metrics = m.metrics();
@@ -76,7 +76,7 @@ impl StatsCache {
 
 /// The router.
 pub fn router(manager: Shared) -> Router {
-    let every = Duration::from_secs(manager.settings().http.stats_cache_secs);
+    let every = Duration::from_secs(manager.settings().http.stats_cache_secs.get());
     let stats = Arc::new(StatsCache { every, last: std::sync::Mutex::new(None) });
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))

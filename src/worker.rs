@@ -290,7 +290,7 @@ impl Worker {
                 identity: relay_identity.clone(),
             },
             pipeline: s.outbox.pipeline.get(),
-            poll: Duration::from_millis(s.outbox.poll_interval_ms),
+            poll: Duration::from_millis(s.outbox.poll_interval_ms.get()),
             wake: self.outbox.clone(),
             blocked: self.health.broker_blocked.clone(),
             metrics: self.metrics.clone(),

@@ -101,8 +101,8 @@ async fn two_sweepers_and_two_relays_emit_each_event_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_workers_decide_each_transition_once() {
     let mut app = TestApp::start_with(|s| {
-        s.sweeper.check_interval_secs = 1;
-        s.sweeper.instruction_retry_window_secs = 1;
+        s.sweeper.check_interval_secs = 1.try_into().unwrap();
+        s.sweeper.instruction_retry_window_secs = 1.try_into().unwrap();
         s.worker.command_lanes = 2.try_into().unwrap();
     })
     .await;

@@ -281,9 +281,9 @@ async fn pooled_sessions_bound_statements_lock_waits_and_idle_transactions() {
     use agent_connection_manager::db;
     use tokio_postgres::error::SqlState;
     let mut settings = test_settings();
-    settings.database.statement_timeout_secs = 1;
-    settings.database.lock_timeout_secs = 2;
-    settings.database.idle_in_transaction_timeout_secs = 3;
+    settings.database.statement_timeout_secs = 1.try_into().unwrap();
+    settings.database.lock_timeout_secs = 2.try_into().unwrap();
+    settings.database.idle_in_transaction_timeout_secs = 3.try_into().unwrap();
     let _guard = common::CleanupGuard::new(&settings);
     db::migrate(&settings.database).await.unwrap();
     let pool = db::build_pool(&settings.database).unwrap();

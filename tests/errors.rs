@@ -66,7 +66,7 @@ fn assert_says(message: &str, place: &str, why: &str) {
 fn with_database(url: String) -> Settings {
     let mut s = test_settings();
     s.database.url = url;
-    s.database.checkout_timeout_secs = 1;
+    s.database.checkout_timeout_secs = 1.try_into().unwrap();
     s
 }
 

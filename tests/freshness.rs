@@ -149,7 +149,7 @@ async fn an_agent_clock_that_steps_back_is_judged_by_its_new_offset_within_half_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_counts_late_heartbeats() {
-    let app = TestApp::start_with(|s| s.sweeper.connection_stale_after_secs = 4).await;
+    let app = TestApp::start_with(|s| s.sweeper.connection_stale_after_secs = 4.try_into().unwrap()).await;
     let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
     app.client.heartbeat("a1", &sid, "c1").await.unwrap();
     eventually("the heartbeat to open its connection", Duration::from_secs(20), || async {
@@ -173,7 +173,7 @@ async fn the_worker_counts_late_heartbeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_that_waited_longer_than_the_stale_window_refreshes_nothing() {
-    let app = TestApp::unstarted_with(|s| s.sweeper.connection_stale_after_secs = 2).await;
+    let app = TestApp::unstarted_with(|s| s.sweeper.connection_stale_after_secs = 2.try_into().unwrap()).await;
     let sid = app.manager.create_session("a1", None, None, None, None).await.unwrap();
     // An agent last heard from an hour ago...
     app.db

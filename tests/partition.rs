@@ -36,8 +36,8 @@ async fn silent(app: &TestApp, from: usize, to: usize, age: impl Fn(usize) -> f6
 async fn a_group_gone_silent_together_is_held_as_one_before_any_member_is_closed() {
     // Stale after 60 s; the group is what goes stale within 30 s (the default: half the stale window).
     let mut app = TestApp::start_with(|s| {
-        s.sweeper.connection_stale_after_secs = 60;
-        s.sweeper.check_interval_secs = 3600;
+        s.sweeper.connection_stale_after_secs = 60.try_into().unwrap();
+        s.sweeper.check_interval_secs = 3600.try_into().unwrap();
     })
     .await;
     let sid = app.session("a1").await;
@@ -62,8 +62,8 @@ async fn a_group_gone_silent_together_is_held_as_one_before_any_member_is_closed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_silent_agents_beside_a_live_fleet_are_closed_at_once() {
     let mut app = TestApp::start_with(|s| {
-        s.sweeper.connection_stale_after_secs = 60;
-        s.sweeper.check_interval_secs = 3600;
+        s.sweeper.connection_stale_after_secs = 60.try_into().unwrap();
+        s.sweeper.check_interval_secs = 3600.try_into().unwrap();
     })
     .await;
     let sid = app.session("a1").await;

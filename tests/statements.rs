@@ -27,7 +27,7 @@ async fn direct_pools_keep_prepared_statements_until_a_pgbouncer_pool_exists() {
     let settings = common::test_settings();
     db::ensure_database(&settings.database).await.expect("test database");
     let mut direct = settings.database.clone();
-    direct.pool_size = 1;
+    direct.pool_size = 1.try_into().unwrap();
     assert!(db::named_statements_allowed(), "no PgBouncer pool was built yet");
     assert_eq!(kept_after_two_runs(&direct).await, 1, "a direct pooled connection keeps the statement it prepared");
 

@@ -223,8 +223,8 @@ async fn acknowledged_cancelled_and_never_expiring_instructions_are_left_alone()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_sweeps_on_its_own_schedule() {
     let mut app = TestApp::start_with(|s| {
-        s.sweeper.check_interval_secs = 1;
-        s.sweeper.instruction_retry_window_secs = 1;
+        s.sweeper.check_interval_secs = 1.try_into().unwrap();
+        s.sweeper.instruction_retry_window_secs = 1.try_into().unwrap();
     })
     .await;
     let sid = app.session("a1").await;

@@ -26,7 +26,7 @@ pub async fn scenario_stale1m(o: &Opts, _run: usize, res: &mut Results) -> Res<(
     println!("    seeded {} active connections in {:.1} s", o.big_connections, t.elapsed().as_secs_f64());
     let mut settings = Settings::default();
     settings.database.url = env.db_url.clone();
-    settings.database.pool_size = 4;
+    settings.database.pool_size = 4.try_into().unwrap();
     settings.amqp.url = o.amqp_url.clone();
     settings.amqp.prefix = env.prefix.clone();
     settings.http.listen = String::new();

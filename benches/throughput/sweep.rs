@@ -30,7 +30,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
     env.topology().declare(&conn, &Settings::default()).await?;
     let mut settings = Settings::default();
     settings.database.url = env.db_url.clone();
-    settings.database.pool_size = 2;
+    settings.database.pool_size = 2.try_into().unwrap();
     settings.amqp.url = o.amqp_url.clone();
     settings.amqp.prefix = env.prefix.clone();
     settings.http.listen = String::new();
@@ -116,7 +116,7 @@ pub async fn scenario_sweep(o: &Opts, run: usize, res: &mut Results) -> Res<()> 
         ])
         .await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stale_after: f64 = Settings::default().sweeper.connection_stale_after_secs as f64;
+    let stale_after: f64 = Settings::default().sweeper.connection_stale_after_secs.get() as f64;
 
     // Count the resulting events on a queue bound to <prefix>.events.
     let econn = amqp::connect(&o.amqp_url, "acm bench events").await?;

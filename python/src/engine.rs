@@ -43,7 +43,7 @@ impl Engine {
     /// the caller hears of it), then the migrations run, bounded by `MIGRATION_TIMEOUT`.
     async fn ensure_schema(&self) -> PyResult<()> {
         let db = &self.manager.settings().database;
-        let limit = Duration::from_secs(db.checkout_timeout_secs.max(1));
+        let limit = Duration::from_secs(db.checkout_timeout_secs.get());
         let no_answer = |what: &str, after: Duration| {
             DatabaseError::new_err(format!("database: no answer within {}s ({what})", after.as_secs()))
         };

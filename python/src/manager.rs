@@ -60,7 +60,8 @@ impl AgentConnectionManager {
         if let Some(url) = &url {
             settings.database.url = url.clone();
         }
-        settings.sweeper.check_interval_secs = check_interval as u64;
+        settings.sweeper.check_interval_secs = std::num::NonZeroU64::new(check_interval as u64)
+            .ok_or_else(|| invalid("check_interval must be positive (seconds)"))?;
         if let Some(days) = log_retention_days {
             settings.logs.retention_days =
                 u32::try_from(days).map_err(|_| invalid("log_retention_days is too large"))?;
@@ -112,7 +113,7 @@ impl AgentConnectionManager {
     /// The sweeper's interval in seconds.
     #[getter]
     fn check_interval(&self) -> u64 {
-        self.engine.manager.settings().sweeper.check_interval_secs
+        self.engine.manager.settings().sweeper.check_interval_secs.get()
     }
 
     fn get_connection_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {

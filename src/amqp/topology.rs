@@ -236,7 +236,7 @@ impl Topology {
         if settings.amqp.heartbeat_queue_type == QueueType::Quorum {
             args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         }
-        let ttl_ms = settings.sweeper.connection_stale_after_secs.saturating_mul(1000);
+        let ttl_ms = settings.sweeper.connection_stale_after_secs.get().saturating_mul(1000);
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64));
         args
     }

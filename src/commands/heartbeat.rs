@@ -124,7 +124,7 @@ impl From<&crate::config::Settings> for Rules {
     fn from(s: &crate::config::Settings) -> Self {
         Self {
             activity_every: Duration::from_secs(s.worker.session_activity_granularity_secs),
-            stale_after: Duration::from_secs(s.sweeper.connection_stale_after_secs),
+            stale_after: Duration::from_secs(s.sweeper.connection_stale_after_secs.get()),
             max_connections_per_agent: s.limits.max_connections_per_agent,
             began: None,
         }

@@ -179,7 +179,7 @@ pub async fn create(tx: &Transaction<'_>, cmd: &Create, ctx: &Context<'_>) -> Re
         (Some(Some(t)), _) => (Some(t.0), None),
         (Some(None), _) => (None, None),
         (None, Some(ttl)) => (None, Some(ttl)),
-        (None, None) => (None, Some(ctx.settings.instructions.default_ttl_secs as f64)),
+        (None, None) => (None, Some(ctx.settings.instructions.default_ttl_secs.get() as f64)),
     };
     let priority = cmd.priority.unwrap_or_default();
     let max_retries = cmd.max_retries.unwrap_or(ctx.settings.instructions.default_max_retries) as i32;

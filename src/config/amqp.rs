@@ -1,7 +1,7 @@
 //! `amqp.*`: the broker, the names and types of the queues, and publishing limits (used by `amqp`, the consumers
 //! and the relay).
 
-use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroU64, NonZeroUsize};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,7 @@ pub struct AmqpSettings {
     pub command_delivery_limit: NonZeroU32,
     /// Longest wait for the broker's confirm of a publish (reply, dead letter, relay batch); then it counts as not
     /// published.
-    pub confirm_timeout_secs: u64,
+    pub confirm_timeout_secs: NonZeroU64,
 }
 
 /// The type of a queue.
@@ -51,7 +51,7 @@ impl Default for AmqpSettings {
             heartbeat_shards: 1,
             max_message_bytes: NonZeroUsize::new(1_048_576).expect("not zero"),
             command_delivery_limit: NonZeroU32::new(20).expect("not zero"),
-            confirm_timeout_secs: 10,
+            confirm_timeout_secs: super::nonzero(10),
         }
     }
 }

@@ -9,20 +9,20 @@ pub struct DatabaseSettings {
     /// Connection URL (or libpq key=value string).
     pub url: String,
     /// Maximum pooled connections.
-    pub pool_size: usize,
+    pub pool_size: std::num::NonZeroUsize,
     /// How long a pool checkout, a connect or a recycle may wait.
-    pub checkout_timeout_secs: u64,
+    pub checkout_timeout_secs: std::num::NonZeroU64,
     /// Extra CA certificate (PEM) trusted for `sslmode=require`; empty for the system roots only.
     pub tls_ca_file: String,
     /// With `sslmode=require`, encrypt without verifying the server certificate (self-signed development servers).
     pub tls_accept_invalid_certs: bool,
     /// Longest a statement may run (PostgreSQL `statement_timeout` of every pooled session).
-    pub statement_timeout_secs: u64,
+    pub statement_timeout_secs: std::num::NonZeroU64,
     /// Longest a statement may wait for a lock (`lock_timeout`).
-    pub lock_timeout_secs: u64,
+    pub lock_timeout_secs: std::num::NonZeroU64,
     /// Longest a session may sit idle inside a transaction before the server ends it
     /// (`idle_in_transaction_session_timeout`).
-    pub idle_in_transaction_timeout_secs: u64,
+    pub idle_in_transaction_timeout_secs: std::num::NonZeroU64,
     /// What `url` points at: the server itself or PgBouncer (then no session settings go in the startup packet).
     pub pooler: Pooler,
 }
@@ -43,13 +43,13 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/agent_connections".into(),
-            pool_size: 20,
-            checkout_timeout_secs: 5,
+            pool_size: std::num::NonZeroUsize::new(20).expect("not zero"),
+            checkout_timeout_secs: super::nonzero(5),
             tls_ca_file: String::new(),
             tls_accept_invalid_certs: false,
-            statement_timeout_secs: 30,
-            lock_timeout_secs: 10,
-            idle_in_transaction_timeout_secs: 60,
+            statement_timeout_secs: super::nonzero(30),
+            lock_timeout_secs: super::nonzero(10),
+            idle_in_transaction_timeout_secs: super::nonzero(60),
             pooler: Pooler::None,
         }
     }

@@ -4,7 +4,9 @@
 //! working directory), the file named by `--config` or `ACM_CONFIG`, then `ACM_<SECTION>__<KEY>` environment
 //! variables. A bad value, an unknown key in a file or an `ACM_*` variable that is neither configuration nor one of
 //! the project's other variables ([`env::NOT_CONFIGURATION`]) stops the program with one line naming it and the
-//! closest key. Secrets (passwords in URLs) are redacted by [`Settings::to_redacted_toml`] and never logged.
+//! closest key. A count or duration that cannot be zero has a `NonZero*` type, so a 0 is refused while reading, with
+//! the key; what no type can say (formats, bounds, settings that must agree) is checked by `validate.rs`. Secrets
+//! (passwords in URLs) are redacted by [`Settings::to_redacted_toml`] and never logged.
 //!
 //! The command line ([`Settings::load_command_line`]) adds one default of its own below the files: `run` serves HTTP
 //! on [`WORKER_HTTP_LISTEN`]; the library ([`Settings::load`]) serves none unless `http.listen` is set.
@@ -86,7 +88,7 @@ pub struct Settings {
 #[serde(deny_unknown_fields, default)]
 pub struct InstructionSettings {
     /// Deadline of an instruction created without `expires_at` or `ttl_seconds`.
-    pub default_ttl_secs: u64,
+    pub default_ttl_secs: std::num::NonZeroU64,
     /// Retries of an instruction created without `max_retries`.
     pub default_max_retries: u32,
 }
@@ -101,7 +103,7 @@ pub struct OutboxSettings {
     pub pipeline: std::num::NonZeroUsize,
     /// How often the relay looks for events committed by other processes (its own process wakes it at once), and a
     /// standing-by relay whether the relay lease has expired.
-    pub poll_interval_ms: u64,
+    pub poll_interval_ms: std::num::NonZeroU64,
     /// The old name of `sweeper.idempotency_retention_secs`, still read ([`Settings::renamed`]); never written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_secs: Option<u64>,
@@ -119,7 +121,7 @@ pub struct HttpSettings {
     /// the command line's default is [`WORKER_HTTP_LISTEN`].
     pub listen: String,
     /// `/metrics` serves the statistics gauges from a cache refreshed at most once per this many seconds.
-    pub stats_cache_secs: u64,
+    pub stats_cache_secs: std::num::NonZeroU64,
 }
 
 /// `log.*`
@@ -150,7 +152,7 @@ pub struct SecuritySettings {
 
 impl Default for InstructionSettings {
     fn default() -> Self {
-        Self { default_ttl_secs: 300, default_max_retries: 3 }
+        Self { default_ttl_secs: nonzero(300), default_max_retries: 3 }
     }
 }
 
@@ -159,7 +161,7 @@ impl Default for OutboxSettings {
         Self {
             batch_size: 2000,
             pipeline: std::num::NonZeroUsize::new(4).expect("not zero"),
-            poll_interval_ms: 250,
+            poll_interval_ms: nonzero(250),
             retention_secs: None,
             lease_secs: 3,
         }
@@ -168,7 +170,7 @@ impl Default for OutboxSettings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: String::new(), stats_cache_secs: 5 }
+        Self { listen: String::new(), stats_cache_secs: nonzero(5) }
     }
 }
 
@@ -243,18 +245,23 @@ impl Settings {
 
     /// `amqp.confirm_timeout_secs` as a duration.
     pub fn confirm_timeout(&self) -> Duration {
-        Duration::from_secs(self.amqp.confirm_timeout_secs)
+        Duration::from_secs(self.amqp.confirm_timeout_secs.get())
     }
 
     /// `worker.shutdown_grace_secs` as a duration.
     pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.worker.shutdown_grace_secs)
+        Duration::from_secs(self.worker.shutdown_grace_secs.get())
     }
 
     /// `sweeper.check_interval_secs` as a duration.
     pub fn check_interval(&self) -> Duration {
-        Duration::from_secs(self.sweeper.check_interval_secs)
+        Duration::from_secs(self.sweeper.check_interval_secs.get())
     }
+}
+
+/// `n` as a [`std::num::NonZeroU64`], for the built-in defaults (none is 0).
+pub(crate) fn nonzero(n: u64) -> std::num::NonZeroU64 {
+    std::num::NonZeroU64::new(n).expect("a built-in default is not zero")
 }
 
 /// Keys that were renamed, `(old, new)`: the old name is still read, as the new one, with a warning

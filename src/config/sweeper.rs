@@ -41,13 +41,13 @@ pub const RETENTION_DEFAULT: Duration = Duration::from_secs(86_400);
 #[serde(deny_unknown_fields, default)]
 pub struct SweeperSettings {
     /// Seconds between cycles; the first runs at start.
-    pub check_interval_secs: u64,
+    pub check_interval_secs: std::num::NonZeroU64,
     /// A connection without a heartbeat for this long is stale.
-    pub connection_stale_after_secs: u64,
+    pub connection_stale_after_secs: std::num::NonZeroU64,
     /// A session without agent activity for this long is inactive.
-    pub session_inactive_after_secs: u64,
+    pub session_inactive_after_secs: std::num::NonZeroU64,
     /// A retried instruction's new deadline is now plus this.
-    pub instruction_retry_window_secs: u64,
+    pub instruction_retry_window_secs: std::num::NonZeroU64,
     /// The brake needs at least this many stale candidates.
     pub stale_brake_min_connections: u64,
     /// ... and at least this share of the active connections.
@@ -73,10 +73,10 @@ pub struct SweeperSettings {
 impl Default for SweeperSettings {
     fn default() -> Self {
         Self {
-            check_interval_secs: CHECK_INTERVAL_DEFAULT.as_secs(),
-            connection_stale_after_secs: STALE_AFTER_DEFAULT.as_secs(),
-            session_inactive_after_secs: INACTIVE_AFTER_DEFAULT.as_secs(),
-            instruction_retry_window_secs: RETRY_WINDOW_DEFAULT.as_secs(),
+            check_interval_secs: super::nonzero(CHECK_INTERVAL_DEFAULT.as_secs()),
+            connection_stale_after_secs: super::nonzero(STALE_AFTER_DEFAULT.as_secs()),
+            session_inactive_after_secs: super::nonzero(INACTIVE_AFTER_DEFAULT.as_secs()),
+            instruction_retry_window_secs: super::nonzero(RETRY_WINDOW_DEFAULT.as_secs()),
             stale_brake_min_connections: BRAKE_MIN_CONNECTIONS_DEFAULT,
             stale_brake_ratio: BRAKE_RATIO_DEFAULT,
             max_heartbeat_backlog: MAX_HEARTBEAT_BACKLOG_DEFAULT,

@@ -11,21 +11,21 @@ fn defaults_are_valid_and_as_documented() {
     let s = Settings::default();
     s.validate().unwrap();
     s.validate_worker().unwrap();
-    assert_eq!(s.database.pool_size, 20);
+    assert_eq!(s.database.pool_size.get(), 20);
     assert_eq!(s.amqp.prefix, "agent");
     assert_eq!(s.amqp.prefetch.get(), 2000);
     assert_eq!(s.amqp.command_queue_type, QueueType::Quorum);
-    assert_eq!(s.sweeper.check_interval_secs, 30);
-    assert_eq!(s.sweeper.connection_stale_after_secs, 120);
-    assert_eq!(s.sweeper.session_inactive_after_secs, 3600);
+    assert_eq!(s.sweeper.check_interval_secs.get(), 30);
+    assert_eq!(s.sweeper.connection_stale_after_secs.get(), 120);
+    assert_eq!(s.sweeper.session_inactive_after_secs.get(), 3600);
     assert_eq!(s.http.listen, "");
     assert_eq!(s.amqp.max_message_bytes.get(), 1_048_576);
-    assert_eq!(s.amqp.confirm_timeout_secs, 10);
+    assert_eq!(s.amqp.confirm_timeout_secs.get(), 10);
     assert_eq!(s.outbox.lease_secs, 3);
-    assert_eq!(s.database.statement_timeout_secs, 30);
-    assert_eq!(s.database.lock_timeout_secs, 10);
-    assert_eq!(s.database.idle_in_transaction_timeout_secs, 60);
-    assert_eq!(s.worker.shutdown_grace_secs, 20);
+    assert_eq!(s.database.statement_timeout_secs.get(), 30);
+    assert_eq!(s.database.lock_timeout_secs.get(), 10);
+    assert_eq!(s.database.idle_in_transaction_timeout_secs.get(), 60);
+    assert_eq!(s.worker.shutdown_grace_secs.get(), 20);
 }
 
 #[test]
@@ -55,13 +55,11 @@ fn the_repo_defaults_file_equals_the_built_in_defaults() {
 #[test]
 fn the_session_activity_granularity_must_be_below_the_inactivity_threshold() {
     let mut s = Settings::default();
-    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs;
+    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs.get();
     let e = s.validate().unwrap_err().to_string();
     assert!(e.contains("worker.session_activity_granularity_secs:"), "{e}");
-    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs - 1;
+    s.worker.session_activity_granularity_secs = s.sweeper.session_inactive_after_secs.get() - 1;
     s.validate().unwrap();
-    s.http.stats_cache_secs = 0;
-    assert!(s.validate().unwrap_err().to_string().contains("http.stats_cache_secs:"));
 }
 
 #[test]
@@ -71,7 +69,7 @@ fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
     let e = s.validate_worker().unwrap_err().to_string();
     assert!(e.contains("amqp.prefetch:") && e.contains("worker.heartbeat_pipeline"), "{e}");
     let mut s = Settings::default();
-    s.database.pool_size = 18;
+    s.database.pool_size = 18.try_into().unwrap();
     let e = s.validate_worker().unwrap_err().to_string();
     assert!(e.contains("database.pool_size:") && e.contains("19"), "{e}");
     assert!(!e.contains('\n'));
@@ -101,6 +99,20 @@ fn a_bad_value_names_its_key_on_one_line() {
         ("worker", "command_lanes"),
         ("outbox", "pipeline"),
         ("sweeper", "parallel_batches"),
+        ("sweeper", "check_interval_secs"),
+        ("sweeper", "connection_stale_after_secs"),
+        ("sweeper", "session_inactive_after_secs"),
+        ("sweeper", "instruction_retry_window_secs"),
+        ("instructions", "default_ttl_secs"),
+        ("outbox", "poll_interval_ms"),
+        ("database", "pool_size"),
+        ("database", "checkout_timeout_secs"),
+        ("database", "statement_timeout_secs"),
+        ("database", "lock_timeout_secs"),
+        ("database", "idle_in_transaction_timeout_secs"),
+        ("amqp", "confirm_timeout_secs"),
+        ("worker", "shutdown_grace_secs"),
+        ("http", "stats_cache_secs"),
     ] {
         let e = from_toml(&format!("[{section}]\n{key} = 0")).unwrap_err().to_string();
         assert!(e.contains(&format!("{section}.{key}")) && e.contains("nonzero"), "{e}");
@@ -154,7 +166,7 @@ fn only_section_variables_are_keys() {
         jail.set_env("ACM_CONFIG", "/nonexistent-but-not-read-here.toml");
         let s = Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
             .map_err(|e| e.to_string())?;
-        assert_eq!(s.database.pool_size, 3);
+        assert_eq!(s.database.pool_size.get(), 3);
         jail.set_env("ACM_DATABASE__POOL_SIZ", "3");
         let e = Settings::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env_provider()))
             .unwrap_err()

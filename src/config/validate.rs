@@ -14,12 +14,6 @@ impl Settings {
         if self.database.url.parse::<tokio_postgres::Config>().is_err() {
             return bad("database.url", "not a valid PostgreSQL URL or key=value string");
         }
-        if self.database.pool_size == 0 {
-            return bad("database.pool_size", "must be at least 1");
-        }
-        if self.database.checkout_timeout_secs == 0 {
-            return bad("database.checkout_timeout_secs", "must be at least 1");
-        }
         let urls = super::broker_urls(&self.amqp.url);
         if urls.is_empty() {
             return bad("amqp.url", "must be an amqp:// or amqps:// URL, or several separated by commas");
@@ -40,25 +34,6 @@ impl Settings {
             return bad("amqp.heartbeat_shards", &format!("must be from 1 to {MAX_HEARTBEAT_SHARDS}"));
         }
         let s = &self.sweeper;
-        for (key, v) in [
-            ("sweeper.check_interval_secs", s.check_interval_secs),
-            ("sweeper.connection_stale_after_secs", s.connection_stale_after_secs),
-            ("sweeper.session_inactive_after_secs", s.session_inactive_after_secs),
-            ("sweeper.instruction_retry_window_secs", s.instruction_retry_window_secs),
-            ("instructions.default_ttl_secs", self.instructions.default_ttl_secs),
-            ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
-            ("database.statement_timeout_secs", self.database.statement_timeout_secs),
-            ("database.lock_timeout_secs", self.database.lock_timeout_secs),
-            ("database.idle_in_transaction_timeout_secs", self.database.idle_in_transaction_timeout_secs),
-            ("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs),
-            ("outbox.lease_secs", self.outbox.lease_secs),
-            ("worker.shutdown_grace_secs", self.worker.shutdown_grace_secs),
-            ("http.stats_cache_secs", self.http.stats_cache_secs),
-        ] {
-            if v == 0 {
-                return bad(key, "must be at least 1");
-            }
-        }
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_connections_per_agent", l.max_connections_per_agent),
@@ -69,7 +44,7 @@ impl Settings {
                 return bad(key, "must be at least 1");
             }
         }
-        if s.stale_brake_window_secs >= s.connection_stale_after_secs {
+        if s.stale_brake_window_secs >= s.connection_stale_after_secs.get() {
             return bad("sweeper.stale_brake_window_secs", "must be below sweeper.connection_stale_after_secs");
         }
         if !(s.stale_brake_ratio > 0.0 && s.stale_brake_ratio <= 1.0) {
@@ -81,7 +56,7 @@ impl Settings {
         if self.outbox.batch_size < 1 {
             return bad("outbox.batch_size", "must be at least 1");
         }
-        if self.worker.session_activity_granularity_secs >= s.session_inactive_after_secs {
+        if self.worker.session_activity_granularity_secs >= s.session_inactive_after_secs.get() {
             return bad(
                 "worker.session_activity_granularity_secs",
                 "must be below sweeper.session_inactive_after_secs (a session heard from must not look inactive)",
@@ -126,7 +101,7 @@ impl Settings {
             )));
         }
         let held = self.worker_connections();
-        if self.database.pool_size < held {
+        if self.database.pool_size.get() < held {
             return Err(ConfigError(format!(
                 "database.pool_size: {} is below the {held} connections a worker holds at once \
                  (worker.heartbeat_pipeline + worker.command_lanes + outbox.pipeline + sweeper.parallel_batches + 2)",

@@ -31,7 +31,7 @@ pub struct WorkerSettings {
     pub command_lanes: NonZeroUsize,
     /// On shutdown, how long the worker may take to finish what it holds; the rest is left unacknowledged (the
     /// broker redelivers it) and the process exits.
-    pub shutdown_grace_secs: u64,
+    pub shutdown_grace_secs: std::num::NonZeroU64,
 }
 
 impl Default for WorkerSettings {
@@ -42,7 +42,7 @@ impl Default for WorkerSettings {
             heartbeat_pipeline: NonZeroUsize::new(2).expect("not zero"),
             session_activity_granularity_secs: ACTIVITY_GRANULARITY_DEFAULT.as_secs(),
             command_lanes: NonZeroUsize::new(8).expect("not zero"),
-            shutdown_grace_secs: 20,
+            shutdown_grace_secs: super::nonzero(20),
         }
     }
 }

@@ -14,7 +14,7 @@ use super::script::{self, role_of, CYCLE_SECS};
 use super::{open_sessions, Watch};
 use crate::amqp::Topology;
 use crate::client::Client;
-use crate::config::{ConfigError, Settings};
+use crate::config::{nonzero, ConfigError, Settings};
 use crate::error::{Error, Result};
 use crate::manager::AgentConnectionManager;
 
@@ -58,14 +58,14 @@ pub fn scaled(base: &Settings, suffix: &str, agents: usize) -> Settings {
     s.database.url = with_dbname(&base.database.url, &format!("acm_demo_{suffix}"));
     s.amqp.prefix = format!("acm-demo-{suffix}");
     s.http.listen = String::new();
-    s.sweeper.check_interval_secs = 1;
-    s.sweeper.connection_stale_after_secs = 3;
-    s.sweeper.session_inactive_after_secs = 9;
-    s.sweeper.instruction_retry_window_secs = 2;
+    s.sweeper.check_interval_secs = nonzero(1);
+    s.sweeper.connection_stale_after_secs = nonzero(3);
+    s.sweeper.session_inactive_after_secs = nonzero(9);
+    s.sweeper.instruction_retry_window_secs = nonzero(2);
     s.sweeper.stale_brake_min_connections = s.sweeper.stale_brake_min_connections.max(agents as u64 + 1);
     s.worker.session_activity_granularity_secs = 1;
-    s.worker.shutdown_grace_secs = 5;
-    s.instructions.default_ttl_secs = 2;
+    s.worker.shutdown_grace_secs = nonzero(5);
+    s.instructions.default_ttl_secs = nonzero(2);
     s
 }
 

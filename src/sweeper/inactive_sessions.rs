@@ -28,7 +28,7 @@ pub struct Config {
 impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
         Self {
-            inactive_after: secs(s.session_inactive_after_secs),
+            inactive_after: secs(s.session_inactive_after_secs.get()),
             batch_size: s.batch_size,
             parallel: s.parallel_batches.get(),
         }

@@ -33,7 +33,7 @@ pub struct Config {
 impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
         Self {
-            retry_window: secs(s.instruction_retry_window_secs),
+            retry_window: secs(s.instruction_retry_window_secs.get()),
             batch_size: s.batch_size,
             parallel: s.parallel_batches.get(),
         }

@@ -41,7 +41,7 @@ pub fn length(s: &SweeperSettings) -> Duration {
     if s.task_lease_secs > 0 {
         Duration::from_secs(s.task_lease_secs)
     } else {
-        Duration::from_secs(2 * s.check_interval_secs).max(MIN_DERIVED)
+        Duration::from_secs(2 * s.check_interval_secs.get()).max(MIN_DERIVED)
     }
 }
 
@@ -164,7 +164,7 @@ mod tests {
     fn the_lease_is_twice_the_check_interval_and_at_least_ten_seconds_unless_set() {
         let mut s = SweeperSettings::default();
         assert_eq!(length(&s), Duration::from_secs(60), "default: twice the 30 s interval");
-        s.check_interval_secs = 1;
+        s.check_interval_secs = 1.try_into().unwrap();
         assert_eq!(length(&s), MIN_DERIVED);
         s.task_lease_secs = 3;
         assert_eq!(length(&s), Duration::from_secs(3));

@@ -51,9 +51,9 @@ pub struct Config {
 impl From<&SweeperSettings> for Config {
     fn from(s: &SweeperSettings) -> Self {
         Self {
-            stale_after: secs(s.connection_stale_after_secs),
+            stale_after: secs(s.connection_stale_after_secs.get()),
             window: if s.stale_brake_window_secs == 0 {
-                secs(s.connection_stale_after_secs) / 2
+                secs(s.connection_stale_after_secs.get()) / 2
             } else {
                 secs(s.stale_brake_window_secs)
             },

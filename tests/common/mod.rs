@@ -45,12 +45,12 @@ pub fn test_settings() -> Settings {
     let suffix = random_suffix();
     let mut s = Settings::default();
     s.database.url = format!("{}/acm_test_{suffix}", pg_base());
-    s.database.pool_size = s.worker_connections();
+    s.database.pool_size = (s.worker_connections()).try_into().unwrap();
     s.amqp.url = amqp_url();
     s.amqp.prefix = format!("acm-test-{suffix}");
     s.http.listen = String::new();
-    s.sweeper.check_interval_secs = 3600;
-    s.outbox.poll_interval_ms = 200;
+    s.sweeper.check_interval_secs = 3600.try_into().unwrap();
+    s.outbox.poll_interval_ms = 200.try_into().unwrap();
     s
 }
 

@@ -239,7 +239,7 @@ async fn a_host_that_never_answers_costs_its_connect_timeout_then_the_next_host_
             "postgres://postgres@127.0.0.1:{hung_port},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=1",
             pg.port()
         ),
-        checkout_timeout_secs: 5,
+        checkout_timeout_secs: 5.try_into().unwrap(),
         ..DatabaseSettings::default()
     };
     let pool = agent_connection_manager::db::build_pool(&settings).expect("pool");

@@ -139,7 +139,7 @@ impl Lab {
         let (conn, ch) = lab.amqp().await;
         // The heartbeat queues' TTL is the workers' stale window (set above), so that they find them as they are.
         let mut settings = settings.clone();
-        settings.sweeper.connection_stale_after_secs = 3600;
+        settings.sweeper.connection_stale_after_secs = 3600.try_into().unwrap();
         within("declaring the topology", SETUP_LIMIT, lab.topology.declare(&conn, &settings))
             .await
             .expect("topology declares");

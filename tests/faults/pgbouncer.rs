@@ -68,11 +68,11 @@ async fn ten_workers_behind_pgbouncer_in_transaction_mode_close_each_stale_conne
     let bouncer = PgBouncer::start(dir.path(), ("127.0.0.1", 5432), &dbname, "transaction", SERVER_CONNECTIONS).await;
     settings.database.url = bouncer.url(&dbname);
     settings.database.pooler = Pooler::Pgbouncer;
-    settings.sweeper.check_interval_secs = CHECK_INTERVAL_SECS;
-    settings.sweeper.connection_stale_after_secs = STALE_AFTER_SECS;
+    settings.sweeper.check_interval_secs = CHECK_INTERVAL_SECS.try_into().unwrap();
+    settings.sweeper.connection_stale_after_secs = STALE_AFTER_SECS.try_into().unwrap();
     // The brake would hold the mass verdicts this workload makes on purpose.
     settings.sweeper.stale_brake_min_connections = 1_000_000;
-    settings.worker.shutdown_grace_secs = 5;
+    settings.worker.shutdown_grace_secs = 5.try_into().unwrap();
     let direct_url = format!("{direct_url}?application_name={DIRECT_APP}");
     let peak_backends = Arc::new(AtomicI64::new(0));
     let sampler = sample_backends(direct_url.clone(), dbname.clone(), peak_backends.clone());
