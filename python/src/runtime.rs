@@ -95,7 +95,17 @@ pub(crate) fn close_gate(py: Python<'_>) {
     gate().closed = true;
     py.detach(|| {
         let g = gate();
-        let (g, _) = EMPTY.wait_timeout_while(g, LEAVE_WAIT, |g| g.inside > 0).unwrap_or_else(PoisonError::into_inner);
+        let (g, waited) =
+            EMPTY.wait_timeout_while(g, LEAVE_WAIT, |g| g.inside > 0).unwrap_or_else(PoisonError::into_inner);
+        if waited.timed_out() {
+            // Said on stderr (Python's logging may be gone by now): should the process then die in finalization,
+            // this line says which bound was too short.
+            eprintln!(
+                "agent_connection_manager: {} engine thread(s) still inside Python {} s after exit began",
+                g.inside,
+                LEAVE_WAIT.as_secs()
+            );
+        }
         drop(g);
     });
 }
