@@ -64,7 +64,7 @@ pub enum Error {
 }
 
 /// An error and its causes on one line (tokio-postgres keeps the detail, such as a TLS reason, in the source).
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

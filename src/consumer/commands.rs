@@ -19,7 +19,7 @@ use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::metrics::TypeLabel;
 use crate::retry::retry_transient;
-use crate::telemetry::otlp::SpanKind;
+use crate::telemetry::otlp::{Span, SpanKind};
 use crate::trace_context::{self, TraceContext};
 
 /// A delivery and what parsing made of it.
@@ -129,7 +129,11 @@ async fn key_task(
         // events it writes carry that trace.
         let trace = TraceContext::from_headers(d.properties.headers().as_ref());
         let ty = parsed.as_ref().map_or("unknown", |c| c.type_name());
-        let mut span = shared.tracer.span(&format!("process {ty}"), SpanKind::Consumer, &trace);
+        // The name is formatted only when spans are exported.
+        let mut span = match shared.tracer.is_enabled() {
+            true => shared.tracer.span(&format!("process {ty}"), SpanKind::Consumer, &trace),
+            false => Span::disabled(),
+        };
         if span.is_recording() {
             span.set_text("messaging.system", "rabbitmq");
             span.set_text("messaging.operation.type", "process");
