@@ -19,7 +19,6 @@ use crate::commands::{body_digest, execute, Command, Meta, Queue};
 use crate::error::{CommandError, Error, Poison, Result};
 use crate::metrics::TypeLabel;
 use crate::retry::retry_transient;
-use crate::telemetry::otlp::{Span, SpanKind};
 use crate::trace_context::{self, TraceContext};
 
 /// A delivery and what parsing made of it.
@@ -129,14 +128,8 @@ async fn key_task(
         // events it writes carry that trace.
         let trace = TraceContext::from_headers(d.properties.headers().as_ref());
         let ty = parsed.as_ref().map_or("unknown", |c| c.type_name());
-        // The name is formatted only when spans are exported.
-        let mut span = match shared.tracer.is_enabled() {
-            true => shared.tracer.span(&format!("process {ty}"), SpanKind::Consumer, &trace),
-            false => Span::disabled(),
-        };
+        let mut span = shared.tracer.process_span(ty, &trace);
         if span.is_recording() {
-            span.set_text("messaging.system", "rabbitmq");
-            span.set_text("messaging.operation.type", "process");
             span.set_text("messaging.destination.name", shared.topology.queue_name(Queue::Commands));
             span.set_text("messaging.rabbitmq.destination.routing_key", d.routing_key.as_str());
             if let Some(id) = d.properties.message_id() {

@@ -18,7 +18,6 @@ use crate::commands::heartbeat::{apply_batch_isolating, apply_batch_then, Heartb
 use crate::commands::Queue;
 use crate::error::{CommandError, Error, Poison, PoisonKind, Result};
 use crate::retry::retry_transient;
-use crate::telemetry::otlp::SpanKind;
 use crate::trace_context::{self, TraceContext};
 
 /// A delivery of shard `.0`, or `None` once that shard's consumer ended.
@@ -137,10 +136,8 @@ pub async fn heartbeats(shared: Arc<Shared>, channels: Vec<Channel>, shutdown: C
                     // A batch is a trace of its own: the events it writes (connections opened or restored) carry it.
                     // Its span links to the context each heartbeat was sent with.
                     let trace = TraceContext::new_trace();
-                    let mut span = shared.tracer.span("process heartbeats", SpanKind::Consumer, &trace);
+                    let mut span = shared.tracer.process_span("heartbeats", &trace);
                     if span.is_recording() {
-                        span.set_text("messaging.system", "rabbitmq");
-                        span.set_text("messaging.operation.type", "process");
                         span.set_int("messaging.batch.message_count", deliveries.len() as i64);
                         for d in &deliveries {
                             if let Some(sent) = TraceContext::sent_with(d.properties.headers().as_ref()) {

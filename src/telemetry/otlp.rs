@@ -78,14 +78,22 @@ impl Tracer {
         (Tracer { queue: Some((tx, full)) }, Exporter { task: tokio::spawn(target.run(rx)) })
     }
 
-    /// Whether spans are exported at all.
-    pub fn is_enabled(&self) -> bool {
-        self.queue.is_some()
-    }
-
     /// Starts a span `name` of `kind` for the work of `context` (its trace id, span id, parent and state). It is
     /// recorded when the tracer is enabled and the context is sampled, and ends when dropped.
     pub fn span(&self, name: &str, kind: SpanKind, context: &TraceContext) -> Span {
+        self.begin(|| name.to_string(), kind, context)
+    }
+
+    /// Starts the consumer span of processing `what` from the broker: named `process <what>` (formatted only when
+    /// recorded), with `messaging.system` = `rabbitmq` and `messaging.operation.type` = `process`.
+    pub fn process_span(&self, what: &str, context: &TraceContext) -> Span {
+        let mut span = self.begin(|| format!("process {what}"), SpanKind::Consumer, context);
+        span.set_text("messaging.system", "rabbitmq");
+        span.set_text("messaging.operation.type", "process");
+        span
+    }
+
+    fn begin(&self, name: impl FnOnce() -> String, kind: SpanKind, context: &TraceContext) -> Span {
         let Some((queue, full)) = self.queue.as_ref().filter(|_| context.flags & 1 == 1) else {
             return Span { recording: None };
         };
@@ -100,7 +108,7 @@ impl Tracer {
             trace_state: context.state.clone().unwrap_or_default(),
             parent_span_id: context.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
             flags: u32::from(context.flags) | remote,
-            name: name.to_string(),
+            name: name(),
             kind: kind as i32,
             start_time_unix_nano: unix_nanos(),
             ..Default::default()
@@ -133,11 +141,6 @@ struct Recording {
 }
 
 impl Span {
-    /// A span that records nothing (what a disabled tracer gives), for work that skips even naming its span.
-    pub fn disabled() -> Span {
-        Span { recording: None }
-    }
-
     /// Whether this span is recorded: when not, there is no point in computing its attributes or links.
     pub fn is_recording(&self) -> bool {
         self.recording.is_some()
