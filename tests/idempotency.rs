@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use agent_connection_manager::client::Client;
 use common::broker_user::BrokerUser;
 use common::TestApp;
 use serde_json::json;
@@ -67,8 +66,8 @@ async fn two_senders_may_use_the_same_message_id() {
     let prefix = app.settings.amqp.prefix.clone();
     let one = BrokerUser::create("backend-one");
     let two = BrokerUser::create("backend-two");
-    let as_one = Client::connect(&one.url(), &prefix).await.unwrap().with_user_id(&one.name);
-    let as_two = Client::connect(&two.url(), &prefix).await.unwrap().with_user_id(&two.name);
+    let as_one = one.client(&prefix).await;
+    let as_two = two.client(&prefix).await;
     let t = Duration::from_secs(20);
     let b1 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-one"});
     let b2 = json!({"type": "session.create", "agent_id": "x", "session_id": "s-two"});
@@ -107,8 +106,8 @@ async fn one_senders_flood_pushes_out_nothing_of_anothers() {
     let prefix = app.settings.amqp.prefix.clone();
     let quiet = BrokerUser::create("quiet-backend");
     let greedy = BrokerUser::create("greedy-backend");
-    let as_quiet = Client::connect(&quiet.url(), &prefix).await.unwrap().with_user_id(&quiet.name);
-    let as_greedy = Client::connect(&greedy.url(), &prefix).await.unwrap().with_user_id(&greedy.name);
+    let as_quiet = quiet.client(&prefix).await;
+    let as_greedy = greedy.client(&prefix).await;
     let t = Duration::from_secs(20);
 
     // The quiet sender's one idempotency record and one dead letter, first.

@@ -17,8 +17,8 @@ async fn agents_are_held_to_their_broker_identity() {
     let alice = BrokerUser::create("agent-alice");
     let bob = BrokerUser::create("agent-bob");
     let prefix = &app.settings.amqp.prefix;
-    let as_alice = Client::connect(&alice.url(), prefix).await.unwrap().with_user_id(&alice.name);
-    let as_bob = Client::connect(&bob.url(), prefix).await.unwrap().with_user_id(&bob.name);
+    let as_alice = alice.client(prefix).await;
+    let as_bob = bob.client(prefix).await;
 
     // The backend (no user_id) creates sessions; backend commands are not agent messages.
     let sa = app.session(&alice.name).await;
@@ -137,7 +137,7 @@ async fn the_documented_least_privilege_permissions_work() {
         .await
         .unwrap();
     let iid = reply["result"]["instruction_id"].as_str().expect("the backend creates instructions").to_string();
-    let as_agent = Client::connect(&agent.url(), prefix).await.unwrap().with_user_id(&agent.name);
+    let as_agent = agent.client(prefix).await;
     as_agent.heartbeat(&agent.name, &sid, "perm-conn").await.unwrap();
     let reply = as_agent
         .request(&json!({"type": "instruction.ack", "agent_id": agent.name, "session_id": sid, "instruction_id": iid, "status": "processed"}), None, t)

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use agent_connection_manager::client::Client;
+
 /// A RabbitMQ user that exists for the test's lifetime.
 pub struct BrokerUser {
     pub name: String,
@@ -27,6 +29,11 @@ impl BrokerUser {
 
     pub fn url(&self) -> String {
         format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+
+    /// A client connected as this user, sending its name as every message's `user_id` (as the broker requires).
+    pub async fn client(&self, prefix: &str) -> Client {
+        Client::connect(&self.url(), prefix).await.expect("the user connects").with_user_id(&self.name)
     }
 }
 
