@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::convert::json_to_py;
-use crate::runtime::{attach, runtime};
+use crate::runtime::{attach, enter, runtime};
 
 /// An answer that becomes a Python value on a thread attached to the interpreter.
 pub(crate) trait IntoPython: Send + 'static {
@@ -85,6 +85,8 @@ impl IntoPython for Stats {
 /// Sets an asyncio future's outcome, unless it is already done (cancelled by its awaiter). Called by the loop.
 #[pyfunction]
 fn resolve(future: &Bound<'_, PyAny>, ok: bool, value: Bound<'_, PyAny>) -> PyResult<()> {
+    // Once the interpreter is shutting down nobody awaits the answer.
+    let Ok(_pass) = enter() else { return Ok(()) };
     if future.call_method0("done")?.is_truthy()? {
         return Ok(());
     }
@@ -109,6 +111,7 @@ where
     F: Future<Output = PyResult<T>> + Send + 'static,
     T: IntoPython,
 {
+    let _pass = enter()?;
     let work: Work =
         runtime().spawn(async move { fut.await.map(|v| Box::new(move |py: Python<'_>| v.into_python(py)) as Answer) });
     match py.import("asyncio")?.call_method0("get_running_loop") {
@@ -157,6 +160,7 @@ pub(crate) struct Pending {
 #[pymethods]
 impl Pending {
     fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let work = self.work.lock().unwrap_or_else(PoisonError::into_inner).take();
         let work = work.ok_or_else(|| PyRuntimeError::new_err("this call's answer was already awaited"))?;
         let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;

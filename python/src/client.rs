@@ -18,6 +18,7 @@ use crate::config::load_settings;
 use crate::connection::ClientState;
 use crate::convert::{non_empty, py_to_json, py_to_object};
 use crate::errors::{invalid, to_py, AgentConnectionManagerError};
+use crate::runtime::enter;
 use crate::subscription::{Subscription, SubscriptionInner};
 
 /// Publishes heartbeats and commands, awaits replies and subscribes to events, over the engine's own client.
@@ -60,6 +61,7 @@ impl Client {
 
     /// Connects now (otherwise the first call connects).
     fn connect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let state = self.state.clone();
         awaitable(py, async move {
             drop(state.connected().await?);
@@ -77,6 +79,7 @@ impl Client {
         connection_id: String,
         client_info: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         non_empty(&agent_id, "agent_id")?;
         non_empty(&session_id, "session_id")?;
         non_empty(&connection_id, "connection_id")?;
@@ -106,6 +109,7 @@ impl Client {
         timeout: f64,
         message_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         if let Some(id) = &message_id {
             non_empty(id, "message_id")?;
         }
@@ -131,6 +135,7 @@ impl Client {
         body: &Bound<'py, PyAny>,
         message_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let body = command_body(body)?;
         if let Some(id) = &message_id {
             non_empty(id, "message_id")?;
@@ -152,6 +157,7 @@ impl Client {
         session_id: String,
         entries: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         non_empty(&agent_id, "agent_id")?;
         non_empty(&session_id, "session_id")?;
         let Value::Array(entries) = py_to_json(entries, "entries")? else {
@@ -183,6 +189,7 @@ impl Client {
         min_level: Option<String>,
         timeout: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         if agent_id.is_none() && session_id.is_none() {
             return Err(invalid("get_logs needs agent_id or session_id"));
         }
@@ -230,6 +237,7 @@ impl Client {
 
     /// Closes the connection; its subscriptions end.
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let state = self.state.clone();
         awaitable(py, async move {
             state.closed.store(true, Ordering::Release);
@@ -242,6 +250,7 @@ impl Client {
     }
 
     fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let state = slf.get().state.clone();
         let object = slf.clone().into_any().unbind();
         awaitable(slf.py(), async move {
@@ -252,6 +261,7 @@ impl Client {
 
     #[pyo3(signature = (*_exc))]
     fn __aexit__<'py>(&self, py: Python<'py>, _exc: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         self.close(py)
     }
 

@@ -12,7 +12,7 @@ use crate::awaitable::{awaitable, IntoPython};
 use crate::config::{engine_url, load_settings};
 use crate::engine::{Engine, SessionArgs};
 use crate::errors::{invalid, to_py};
-use crate::runtime::wait;
+use crate::runtime::{enter, wait};
 
 /// Manages agent connections, health monitoring and the instruction lifecycle (the engine inside this process).
 #[pyclass(module = "agent_connection_manager", frozen)]
@@ -33,6 +33,7 @@ impl AgentConnectionManager {
         check_interval: Option<&Bound<'_, PyAny>>,
         log_retention_days: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let _pass = enter()?;
         // `None` keeps `logs.retention_days` of the layered configuration.
         let log_retention_days: Option<i64> = match log_retention_days {
             None => None,
@@ -75,18 +76,21 @@ impl AgentConnectionManager {
 
     /// Migrates the database if needed, then runs the worker (consumers, sweeper, relay, HTTP when configured).
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         crate::pylog::refresh(py)?;
         awaitable(py, self.engine.clone().start())
     }
 
     /// Stops the worker gracefully.
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         awaitable(py, self.engine.clone().stop())
     }
 
     /// Whether the worker runs.
     #[getter]
     fn running(&self, py: Python<'_>) -> PyResult<bool> {
+        let _pass = enter()?;
         let engine = self.engine.clone();
         wait(py, async move { Ok(engine.manager.is_running().await) })
     }
@@ -117,10 +121,12 @@ impl AgentConnectionManager {
     }
 
     fn get_connection_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let _pass = enter()?;
         wait(py, self.engine.clone().stats())?.into_python(py)
     }
 
     fn aget_connection_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         awaitable(py, self.engine.clone().stats())
     }
 
@@ -134,6 +140,7 @@ impl AgentConnectionManager {
         description: Option<String>,
         experimental_parameters: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
+        let _pass = enter()?;
         let args = SessionArgs::new(agent_id, acquisition_uuid, name, description, experimental_parameters)?;
         wait(py, self.engine.clone().create_session(args))
     }
@@ -148,15 +155,18 @@ impl AgentConnectionManager {
         description: Option<String>,
         experimental_parameters: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let args = SessionArgs::new(agent_id, acquisition_uuid, name, description, experimental_parameters)?;
         awaitable(py, self.engine.clone().create_session(args))
     }
 
     fn close_session(&self, py: Python<'_>, session_id: String) -> PyResult<bool> {
+        let _pass = enter()?;
         wait(py, self.engine.clone().close_session(session_id))
     }
 
     fn aclose_session<'py>(&self, py: Python<'py>, session_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         awaitable(py, self.engine.clone().close_session(session_id))
     }
 
@@ -178,6 +188,7 @@ impl AgentConnectionManager {
         limit: Option<i64>,
         min_level: Option<String>,
     ) -> PyResult<Py<PyAny>> {
+        let _pass = enter()?;
         let engine = self.engine.clone();
         wait(py, engine.get_logs(agent_id, session_id, since_id, limit, min_level))?.into_python(py)
     }
@@ -193,6 +204,7 @@ impl AgentConnectionManager {
         limit: Option<i64>,
         min_level: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         awaitable(py, self.engine.clone().get_logs(agent_id, session_id, since_id, limit, min_level))
     }
 
@@ -212,6 +224,7 @@ static GLOBAL: OnceLock<Py<AgentConnectionManager>> = OnceLock::new();
 /// The process-wide manager, configured from the layered configuration on first use.
 #[pyfunction]
 pub(crate) fn get_connection_manager(py: Python<'_>) -> PyResult<Py<AgentConnectionManager>> {
+    let _pass = enter()?;
     if let Some(m) = GLOBAL.get() {
         return Ok(m.clone_ref(py));
     }
@@ -223,6 +236,7 @@ pub(crate) fn get_connection_manager(py: Python<'_>) -> PyResult<Py<AgentConnect
 /// Starts the process-wide manager.
 #[pyfunction]
 pub(crate) fn start_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let _pass = enter()?;
     let m = get_connection_manager(py)?;
     let engine = m.get().engine.clone();
     awaitable(py, engine.start())
@@ -231,6 +245,7 @@ pub(crate) fn start_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyA
 /// Stops the process-wide manager, if it was made.
 #[pyfunction]
 pub(crate) fn stop_connection_manager(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let _pass = enter()?;
     let engine = GLOBAL.get().map(|m| m.get().engine.clone());
     awaitable(py, async move {
         match engine {

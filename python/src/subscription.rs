@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, Mutex, OnceCell};
 use crate::awaitable::{awaitable, Json};
 use crate::connection::ClientState;
 use crate::errors::{invalid, to_py, SubscriptionClosedError};
+use crate::runtime::enter;
 
 /// How many recent event ids a subscription with several patterns remembers, to deliver each event once.
 const DEDUP_WINDOW: usize = 4096;
@@ -101,6 +102,7 @@ impl Subscription {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let inner = self.inner.clone();
         awaitable(py, async move {
             match inner.next().await? {
@@ -112,6 +114,7 @@ impl Subscription {
 
     /// Binds the queues, then gives the subscription itself.
     fn __await__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, PyAny>> {
+        let _pass = enter()?;
         let inner = slf.get().inner.clone();
         let object = slf.clone().into_any().unbind();
         let fut = awaitable(slf.py(), async move {
@@ -124,6 +127,7 @@ impl Subscription {
     /// Binds the subscription's queues now (awaitable); events published from then on are delivered. Awaiting the
     /// subscription itself does the same and gives the subscription.
     fn bind<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         let inner = self.inner.clone();
         awaitable(py, async move {
             inner.bind().await?;
@@ -135,6 +139,7 @@ impl Subscription {
     /// subscription ended (none will come).
     #[pyo3(signature = (timeout))]
     fn next<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+        let _pass = enter()?;
         if !(timeout.is_finite() && timeout >= 0.0) {
             return Err(invalid("timeout must be a non-negative number of seconds"));
         }
