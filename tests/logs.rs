@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use agent_connection_manager::commands::log::{apply_batch, AgentLog};
 use agent_connection_manager::error::{CommandError, Error};
+use agent_connection_manager::sweeper::log_partitions;
 use common::{eventually, TestApp};
 use serde_json::{json, Value};
 
@@ -187,8 +188,32 @@ async fn partitions_are_created_ahead_and_dropped_after_the_retention() {
     let left: Vec<String> = app.scalar(names).await;
     assert!(!left.contains(&app.scalar::<String>(&day(5)).await), "the day past the retention is dropped");
     assert!(left.contains(&app.scalar::<String>(&day(2)).await), "the day within it is kept");
+    let gone = format!("SELECT to_regclass(({}))::text", day(5));
+    assert_eq!(app.scalar::<Option<String>>(&gone).await, None, "the dropped day's table is gone, not only detached");
     let lines = app.manager.get_logs(None, Some(&sid), Some(0), None, None).await.unwrap();
     let lines: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
     assert_eq!(lines, ["from 2 days ago"]);
+
+    // A run that stopped between detaching and dropping left a table marked as the task's own (6 days ago): the next
+    // run drops it. A day an operator detached to keep (7 days ago, no mark) is left alone.
+    for (ago, mark) in [(6, log_partitions::DETACHED), (7, "kept by an operator")] {
+        app.db
+            .batch_execute(&format!(
+                "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - {ago}; n text := 'agent_log_' || \
+                 to_char(d, 'YYYYMMDD'); BEGIN \
+                 EXECUTE format('CREATE TABLE %I PARTITION OF agent_log FOR VALUES FROM (%L) TO (%L)', \
+                   n, d::text || ' 00:00+00', (d + 1)::text || ' 00:00+00'); \
+                 EXECUTE format('ALTER TABLE agent_log DETACH PARTITION %I', n); \
+                 EXECUTE format('COMMENT ON TABLE %I IS %L', n, '{mark}'); END $$"
+            ))
+            .await
+            .unwrap();
+    }
+    let r = app.sweep().await;
+    assert_eq!((r.log_partitions.created, r.log_partitions.dropped), (0, 1), "the left-over table dropped");
+    let exists = |ago: i32| format!("SELECT to_regclass(({})) IS NOT NULL", day(ago));
+    assert!(!app.scalar::<bool>(&exists(6)).await, "the task's left-over table is dropped");
+    assert!(app.scalar::<bool>(&exists(7)).await, "the operator's table is kept");
+    assert_eq!(app.sweep().await.log_partitions, Default::default(), "nothing more to do");
     app.cleanup().await;
 }
