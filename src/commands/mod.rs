@@ -103,6 +103,7 @@ trait Dispatch: Debug + Send + Sync {
     fn agent_id(&self) -> Option<&Ident>;
     fn apply<'a>(&'a self, tx: &'a Transaction<'a>, ctx: &'a Context<'a>) -> BoxFuture<'a, Result<Outcome>>;
     fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
 impl<T: Message> Dispatch for T {
@@ -116,6 +117,9 @@ impl<T: Message> Dispatch for T {
         Box::pin(Message::apply(self, tx, ctx))
     }
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
 }
@@ -262,6 +266,11 @@ impl Command {
     /// The typed message, when it is a `T`.
     pub fn downcast_ref<T: Message>(&self) -> Option<&T> {
         self.msg.as_any().downcast_ref()
+    }
+
+    /// The typed message itself, when it is a `T` (no copy: a batch of log lines is large).
+    pub fn downcast<T: Message>(self) -> Option<T> {
+        self.msg.into_any().downcast().ok().map(|m| *m)
     }
 }
 

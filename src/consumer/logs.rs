@@ -75,23 +75,24 @@ pub async fn logs(shared: Arc<Shared>, channel: Channel, shutdown: CancellationT
 
 /// Parses, authorizes and applies one batch; poison is dead-lettered on the way.
 async fn log_batch(shared: &Shared, batch: &[Delivery], shutdown: &CancellationToken) -> Result<()> {
-    let mut valid: Vec<(usize, AgentLog)> = Vec::with_capacity(batch.len());
+    // The admitted messages, and the index of each one's delivery in `batch`.
+    let (mut msgs, mut at): (Vec<AgentLog>, Vec<usize>) = (Vec::with_capacity(batch.len()), Vec::new());
     for (i, d) in batch.iter().enumerate() {
         if let Some(m) = admit::<AgentLog>(shared, d, Queue::Logs, "agent.log").await? {
-            valid.push((i, m));
+            msgs.push(m);
+            at.push(i);
         }
     }
-    if valid.is_empty() {
+    if msgs.is_empty() {
         return Ok(());
     }
-    let msgs: Vec<AgentLog> = valid.iter().map(|(_, m)| m.clone()).collect();
     let started = Instant::now();
     match retry_transient("applying agent logs", shutdown, || apply_batch(&shared.pool, &msgs)).await {
         Ok(report) => count(shared, &report),
         Err(e) if e.poison_reason().is_some() => {
             // A value the database refuses (the entry checks should leave none): each message alone, so that only the
             // refused ones are dead-lettered.
-            for ((i, _), m) in valid.iter().zip(msgs.chunks(1)) {
+            for (i, m) in at.iter().zip(msgs.chunks(1)) {
                 match retry_transient("applying an agent log", shutdown, || apply_batch(&shared.pool, m)).await {
                     Ok(report) => count(shared, &report),
                     Err(e) => match e.poison_reason() {

@@ -103,12 +103,7 @@ pub(crate) async fn ack(d: &Delivery, multiple: bool) -> Result<()> {
 ///
 /// One delivery of a batched queue (`queue`, whose one type is `T`, named `what` in a refusal): parsed and
 /// authorized, or dead-lettered with its reason (answered when it has a `reply_to`), then `None`.
-pub(crate) async fn admit<T: Message + Clone>(
-    shared: &Shared,
-    d: &Delivery,
-    queue: Queue,
-    what: &str,
-) -> Result<Option<T>> {
+pub(crate) async fn admit<T: Message>(shared: &Shared, d: &Delivery, queue: Queue, what: &str) -> Result<Option<T>> {
     let cmd = match Command::parse(&d.data, shared.settings.amqp.max_message_bytes.get()) {
         Ok(cmd) => cmd,
         Err(why) => {
@@ -119,10 +114,12 @@ pub(crate) async fn admit<T: Message + Clone>(
     let ty = cmd.type_name();
     // `authorize` admits only the queue's types, and `T` is its only one; refuse anything else all the same rather
     // than trust that.
-    let why = match (authorize(&shared.settings, d, &cmd, queue), cmd.downcast_ref::<T>()) {
-        (None, Some(m)) => return Ok(Some(m.clone())),
-        (Some(why), _) => why,
-        (None, None) => Poison::new(PoisonKind::Forbidden, format!("forbidden: `{ty}` is not {what}")),
+    let why = match authorize(&shared.settings, d, &cmd, queue) {
+        Some(why) => why,
+        None => match cmd.downcast::<T>() {
+            Some(m) => return Ok(Some(m)),
+            None => Poison::new(PoisonKind::Forbidden, format!("forbidden: `{ty}` is not {what}")),
+        },
     };
     reject(shared, d, ty, &why, CommandError::Forbidden(why.to_string())).await?;
     Ok(None)
