@@ -12,7 +12,9 @@
 //! 1. `ingest`: `ACM_LOGS_MESSAGES` (2,000) `agent.log` messages of 100 lines each for one session are queued, then
 //!    the worker (in this process) drains `<prefix>.logs`; lines/s from its start to the last line stored. The same
 //!    messages queued again on a plain queue are drained by a bare consumer (batches acknowledged with one `multiple`
-//!    ack, nothing applied); the ratio of the two rates has the target >= 0.8.
+//!    ack, nothing applied); the ratio of the two rates has the target >= 0.8. Then the database's own ceiling: as
+//!    many lines stored with the worker's lock and `INSERT`, a batch's worth per transaction, from arrays built
+//!    beforehand (no broker, no parsing), against which both rates are also given.
 //! 2. `read`: `ACM_LOGS_LINES` (10,000,000) lines over 1,000 sessions inserted into the partition of 8 days ago with
 //!    one `INSERT ... SELECT generate_series`; then the newest 1,000 lines of one session read with `logs.get`'s
 //!    statement (median of 21 reads; target <= 10 ms).
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_connection_manager::amqp::{self, json_properties, Topology};
-use agent_connection_manager::commands::log::LOG_LOCK;
+use agent_connection_manager::commands::log::{INSERT, LOG_LOCK};
 use agent_connection_manager::commands::log_get::{self, Get};
 use agent_connection_manager::config::Settings;
 use agent_connection_manager::domain::Ident;
@@ -189,6 +191,33 @@ async fn run(s: &Settings) -> Res<()> {
         rate(bare),
         bare.as_secs_f64(),
         rate(worker) / rate(bare)
+    );
+    // The database's own ceiling here: the same number of lines, a batch's worth per transaction, stored with the
+    // worker's lock and statement from arrays built beforehand: no broker, no parsing, no checks.
+    let per_tx = s.logs.batch_messages * 100;
+    let texts: Vec<String> =
+        (0..per_tx).map(|i| format!("message 0 line {i}: the quick brown fox jumps over the lazy dog")).collect();
+    let now = chrono::Utc::now();
+    let (aids, sids) = (vec!["bench-agent"; per_tx], vec![session.as_str(); per_tx]);
+    let (times, levels, loggers) = (vec![now; per_tx], vec![20i16; per_tx], vec!["bench.agent"; per_tx]);
+    let mut c = manager.pool().get().await?;
+    let t = Instant::now();
+    let mut stored = 0;
+    while stored < want as u64 {
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOG_LOCK]).await?;
+        stored += tx.execute(INSERT, &[&aids, &sids, &times, &levels, &loggers, &texts]).await?;
+        tx.commit().await?;
+    }
+    let ceiling = t.elapsed();
+    drop(c);
+    println!(
+        "ingest: the database alone stores {:.0} lines/s ({stored} lines, {per_tx} per transaction, {:.2} s): \
+         {:.2} of the bare consumer; the worker is at {:.2} of it",
+        stored as f64 / ceiling.as_secs_f64(),
+        ceiling.as_secs_f64(),
+        (stored as f64 / ceiling.as_secs_f64()) / rate(bare),
+        rate(worker) / (stored as f64 / ceiling.as_secs_f64()),
     );
     println!(
         "ingest: of which the worker's start took {:.2} s; from start() returned to the last line stored {:.2} s \

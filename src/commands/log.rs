@@ -205,8 +205,8 @@ const LOCK_AND_CHECK: &str =
     "SELECT now(), to_regclass('agent_log_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')) \
      IS NOT NULL FROM (SELECT pg_advisory_xact_lock($1)) AS l";
 
-/// Stores lines, received now.
-const INSERT: &str = "INSERT INTO agent_log (agent_id, session_id, logged_at, level, logger_name, message) \
+/// Stores lines, received now (public for the logs bench, which measures it alone).
+pub const INSERT: &str = "INSERT INTO agent_log (agent_id, session_id, logged_at, level, logger_name, message) \
      SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int2[], $5::text[], $6::text[])";
 
 /// The name of a day's partition.
