@@ -57,6 +57,36 @@ async fn lines_posted_by_an_agent_are_read_back_oldest_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_a_row_are_stored_in_order_once_and_all_acknowledged() {
+    // Small batches, so that many follow each other: the next is parsed while the one before commits.
+    let app = TestApp::start_with(|s| s.logs.batch_messages = 3).await;
+    let sid = app.session("a1").await;
+    let (messages, per) = (60, 5);
+    for m in 0..messages {
+        let lines: Vec<Value> = (0..per).map(|i| entry(m * per + i, "INFO")).collect();
+        app.client.log("a1", &sid, &lines).await.unwrap();
+    }
+    let want = (messages * per) as i64;
+    wait_for_lines(&app, &sid, want).await;
+    let stored: Vec<String> = app
+        .db
+        .query("SELECT message FROM agent_log WHERE session_id = $1 ORDER BY id", &[&sid])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let sent: Vec<String> = (0..messages * per).map(|i| format!("line {i}")).collect();
+    assert_eq!(stored, sent, "every line once, in the order sent (ids increasing with it)");
+    // Every delivery was acknowledged: once the worker stops, nothing comes back to the queue.
+    app.manager.stop().await.unwrap();
+    let (_c, ch) = common::amqp_channel(&app.settings).await;
+    let (ready, _) = common::queue_counts(&ch, &app.topology().log_queue).await;
+    assert_eq!(ready, 0, "deliveries left unacknowledged after their lines were stored");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_for_another_agents_or_an_unknown_session_are_not_stored() {
     let app = TestApp::start().await;
     let sid = app.session("a1").await;
