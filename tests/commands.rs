@@ -224,13 +224,8 @@ async fn instructions_are_created_sent_and_acknowledged() {
     assert_eq!(fixed["expires_at"], "2031-01-02T03:04:05Z", "a timestamp without offset is UTC");
     // Priority sorts as an order, not as text.
     let order: Vec<String> = app
-        .db
-        .query("SELECT x.p::text FROM (SELECT DISTINCT priority AS p FROM agent_instruction) x ORDER BY x.p DESC", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT x.p::text FROM (SELECT DISTINCT priority AS p FROM agent_instruction) x ORDER BY x.p DESC")
+        .await;
     assert_eq!(order, ["critical", "high", "normal", "low"]);
     // Idempotent by instruction_id.
     let fixed_id = uuid::Uuid::new_v4().to_string();
@@ -276,14 +271,7 @@ async fn instructions_are_created_sent_and_acknowledged() {
     // A second ack is recorded and changes nothing.
     let r = app.ok(ack).await;
     assert_eq!(r, json!({"status": "acknowledged", "accepted": false}));
-    let acks: Vec<bool> = app
-        .db
-        .query("SELECT accepted FROM agent_instruction_acknowledgement ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let acks: Vec<bool> = app.column("SELECT accepted FROM agent_instruction_acknowledgement ORDER BY id").await;
     assert_eq!(acks, [true, false]);
     assert_eq!(
         app.refused(json!({"type": "instruction.ack", "instruction_id": iid, "agent_id": "a2", "session_id": sid, "status": "received"}))

@@ -169,14 +169,7 @@ async fn heartbeats_for_ended_or_foreign_sessions_change_nothing() {
             .then_some(())
     })
     .await;
-    let ids: Vec<String> = app
-        .db
-        .query("SELECT connection_id FROM agent_connection ORDER BY connection_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<String> = app.column("SELECT connection_id FROM agent_connection ORDER BY connection_id").await;
     assert_eq!(ids, ["c-mine", "marker"]);
     let owner: String = app.scalar("SELECT session_id FROM agent_connection WHERE connection_id = 'c-mine'").await;
     assert_eq!(owner, mine);

@@ -49,8 +49,7 @@ async fn a_reused_message_id_with_another_body_is_a_conflict_and_changes_nothing
     assert_eq!(b["error"]["message"], "message_id m-1 was already used for a different message");
     // The same body again is a redelivery: the first reply.
     assert_eq!(app.client.request(&first, Some("m-1"), t).await.unwrap(), a);
-    let ids: Vec<String> =
-        app.db.query("SELECT session_id FROM agent_session", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let ids: Vec<String> = app.column("SELECT session_id FROM agent_session").await;
     assert_eq!(ids, ["s1"], "the second command was not applied");
     assert_eq!(app.published(|_| true).await, 1);
     // The same message_id for another type is another key.
@@ -75,14 +74,8 @@ async fn two_senders_may_use_the_same_message_id() {
     assert_eq!(r1.unwrap()["result"]["session_id"], "s-one");
     assert_eq!(r2.unwrap()["result"]["session_id"], "s-two");
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_session").await, 2, "both applied");
-    let senders: Vec<String> = app
-        .db
-        .query("SELECT sender FROM processed_message WHERE message_id = 'same' ORDER BY sender", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let senders: Vec<String> =
+        app.column("SELECT sender FROM processed_message WHERE message_id = 'same' ORDER BY sender").await;
     let mut expected = vec![one.name.clone(), two.name.clone()];
     expected.sort();
     assert_eq!(senders, expected, "each sender's key is its own");

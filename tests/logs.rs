@@ -68,14 +68,8 @@ async fn batches_in_a_row_are_stored_in_order_once_and_all_acknowledged() {
     }
     let want = (messages * per) as i64;
     wait_for_lines(&app, &sid, want).await;
-    let stored: Vec<String> = app
-        .db
-        .query("SELECT message FROM agent_log WHERE session_id = $1 ORDER BY id", &[&sid])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let stored: Vec<String> =
+        app.column(&format!("SELECT message FROM agent_log WHERE session_id = '{sid}' ORDER BY id")).await;
     let sent: Vec<String> = (0..messages * per).map(|i| format!("line {i}")).collect();
     assert_eq!(stored, sent, "every line once, in the order sent (ids increasing with it)");
     // Every delivery was acknowledged: once the worker stops, nothing comes back to the queue.

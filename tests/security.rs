@@ -267,14 +267,7 @@ async fn a_routing_key_that_is_not_the_type_is_forbidden_and_changes_nothing() {
         app.scalar(&format!("SELECT status::text FROM agent_session WHERE session_id = '{sid}'")).await;
     assert_eq!(status, "active", "the session was not closed");
     assert_eq!(app.scalar::<i64>("SELECT count(*) FROM agent_instruction").await, 0, "no instruction created");
-    let ids: Vec<String> = app
-        .db
-        .query("SELECT connection_id FROM agent_connection", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<String> = app.column("SELECT connection_id FROM agent_connection").await;
     assert_eq!(ids, ["ok"]);
     as_agent.close().await;
     app.cleanup().await;

@@ -208,14 +208,7 @@ async fn acknowledged_cancelled_and_never_expiring_instructions_are_left_alone()
         .unwrap();
     let r = app.sweep().await;
     assert_eq!((r.instructions_retried, r.instructions_expired), (0, 0));
-    let statuses: Vec<String> = app
-        .db
-        .query("SELECT status::text FROM agent_instruction ORDER BY status::text", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let statuses: Vec<String> = app.column("SELECT status::text FROM agent_instruction ORDER BY status::text").await;
     assert_eq!(statuses, ["acknowledged", "cancelled", "pending"]);
     app.cleanup().await;
 }

@@ -302,6 +302,12 @@ impl TestApp {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
+    /// The first column of every row a query returns, in its order.
+    pub async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> Vec<T> {
+        let rows = self.db.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
     /// Stops the worker and removes the database and the broker objects.
     pub async fn cleanup(mut self) {
         self.guard.disarm();
